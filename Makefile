@@ -1,0 +1,50 @@
+# make run   - the main job end to end on the embedded default (SQLite, inline jobs,
+#              local MLflow store under var/, the offline tiny model)
+# make test  - the test suite (PostgreSQL/Redis when DATABASE_URL/REDIS_URL are set)
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export RAGAS_DO_NOT_TRACK ?= true
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: run test lint serve migrate worker-gpu worker-cpu reaper mlflow-ui clean
+
+$(VENV)/.installed: requirements/web.txt requirements/worker.txt requirements/dev.txt requirements/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r requirements/dev.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+migrate: $(VENV)/.installed
+	$(PY) manage.py migrate --noinput
+
+run: migrate
+	$(PY) manage.py run_pipeline configs/finetune_rag_qa.yaml
+
+test: $(VENV)/.installed
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
+serve: migrate
+	$(PY) manage.py runserver 127.0.0.1:8000
+
+worker-gpu: $(VENV)/.installed
+	$(PY) manage.py rqworker gpu
+
+worker-cpu: $(VENV)/.installed
+	$(PY) manage.py rqworker cpu
+
+reaper: $(VENV)/.installed
+	$(PY) manage.py reap_runs --every 30
+
+mlflow-ui: $(VENV)/.installed
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///var/mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf var/runs var/mlartifacts var/mlflow.db var/db.sqlite3 var/data

@@ -1,0 +1,160 @@
+from __future__ import annotations
+
+import json
+
+from django import forms
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.utils.html import format_html
+
+from .config import ConfigError, validate_config
+from .models import TERMINAL_STATUSES, PipelineRun, RunEvent, RunResult, SampleResult
+from .services import InvalidTransition, dataset_name_types, run_cancel, run_create
+
+
+class RunEventInline(admin.TabularInline):
+    model = RunEvent
+    extra = 0
+    can_delete = False
+    readonly_fields = ["from_status", "to_status", "message", "at"]
+
+    def has_add_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+
+class RunResultInline(admin.TabularInline):
+    model = RunResult
+    extra = 0
+    can_delete = False
+    readonly_fields = ["dataset", "variant", "metric", "value", "n_scored", "n_failed", "failure_reasons"]
+
+    def has_add_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+
+class RunCreateForm(forms.ModelForm):
+    """Admin add form: a config (JSON) validated like the API's, then run_create."""
+
+    config = forms.JSONField(help_text="Same schema as configs/*.yaml, as JSON.")
+
+    class Meta:
+        model = PipelineRun
+        fields = ["config"]
+
+    def clean_config(self):
+        try:
+            return validate_config(self.cleaned_data["config"], known_datasets=dataset_name_types(self.request_user))
+        except ConfigError as exc:
+            raise forms.ValidationError([f"{e['field']}: {e['message']}" if e["field"] else e["message"] for e in exc.errors]) from None
+
+
+@admin.register(PipelineRun)
+class PipelineRunAdmin(admin.ModelAdmin):
+    list_display = ["id", "name", "kind", "status", "stage", "progress", "base_model", "owner", "created_at", "finished_at"]
+    list_filter = ["status", "kind", "created_at"]
+    search_fields = ["name", "base_model", "mlflow_run_id", "owner__username"]
+    date_hierarchy = "created_at"
+    list_select_related = ["owner"]
+    actions = ["cancel_runs"]
+    inlines = [RunEventInline, RunResultInline]
+    readonly_fields = [
+        "name", "kind", "status", "stage", "progress", "pretty_config", "base_model", "train_datasets", "eval_datasets",
+        "error", "logs", "mlflow_experiment_id", "mlflow_run_id", "registered_model_name", "registered_model_version",
+        "reproducibility", "heartbeat_at", "created_at", "started_at", "finished_at", "owner",
+    ]
+    exclude = ["config", "train_history"]
+
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        if obj is None:
+            form = RunCreateForm
+            form.request_user = request.user
+            return form
+        return super().get_form(request, obj, change, **kwargs)
+
+    def get_readonly_fields(self, request, obj=None):
+        return [] if obj is None else self.readonly_fields
+
+    def get_exclude(self, request, obj=None):
+        return [] if obj is None else self.exclude
+
+    def get_inlines(self, request, obj):
+        return [] if obj is None else self.inlines
+
+    def save_model(self, request, obj, form, change) -> None:
+        if change:
+            return  # Every field is read-only: status changes go through the actions.
+        created = run_create(config=form.cleaned_data["config"], owner=request.user)
+        obj.pk = created.pk
+        obj.__dict__.update(PipelineRun.objects.filter(pk=created.pk).values()[0])
+
+    def save_related(self, request, form, formsets, change) -> None:
+        if change:
+            super().save_related(request, form, formsets, change)
+
+    @admin.display(description="config")
+    def pretty_config(self, obj: PipelineRun) -> str:
+        return format_html("<pre>{}</pre>", json.dumps(obj.config, indent=2))
+
+    @admin.action(description="Cancel selected runs (through the status machine)")
+    def cancel_runs(self, request: HttpRequest, queryset: QuerySet[PipelineRun]) -> None:
+        cancelled, refused = 0, []
+        for run in queryset:
+            if run.status in TERMINAL_STATUSES:
+                refused.append(f"#{run.pk} is {run.status}")
+                continue
+            try:
+                run_cancel(run_id=run.pk, message=f"cancelled by {request.user.get_username()} (admin)")
+                cancelled += 1
+            except InvalidTransition as exc:
+                refused.append(str(exc))
+        if cancelled:
+            self.message_user(request, f"Cancelled {cancelled} run(s).", messages.SUCCESS)
+        if refused:
+            self.message_user(request, "Not cancelled: " + "; ".join(refused), messages.WARNING)
+
+
+@admin.register(RunEvent)
+class RunEventAdmin(admin.ModelAdmin):
+    list_display = ["run", "from_status", "to_status", "message", "at"]
+    list_filter = ["to_status", "from_status"]
+    search_fields = ["run__name", "message"]
+    list_select_related = ["run"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+
+@admin.register(RunResult)
+class RunResultAdmin(admin.ModelAdmin):
+    list_display = ["run", "dataset", "variant", "metric", "value", "n_scored", "n_failed"]
+    list_filter = ["variant", "metric"]
+    search_fields = ["run__name", "metric"]
+    list_select_related = ["run", "dataset"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+
+@admin.register(SampleResult)
+class SampleResultAdmin(admin.ModelAdmin):
+    list_display = ["run", "dataset", "variant", "index", "short_question", "scores"]
+    list_filter = ["variant"]
+    search_fields = ["run__name", "question", "answer"]
+    list_select_related = ["run", "dataset"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    @admin.display(description="question")
+    def short_question(self, obj: SampleResult) -> str:
+        return obj.question[:80]

@@ -1,0 +1,227 @@
+"""The runs API of DESIGN.md. Views parse input, call a service, serialize output."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+from django.db.models import Prefetch, QuerySet
+from django.http import HttpResponse
+from django.shortcuts import get_object_or_404
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import generics, serializers, status
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from .models import PipelineRun, RunResult, RunStatus, SampleResult, Variant
+from .selectors import run_results_rows, run_visible_to
+from .services import (
+    default_variant,
+    run_append_logs,
+    run_cancel,
+    run_create,
+    run_record_results,
+    run_transition_or_raise,
+)
+
+
+class ResultOutputSerializer(serializers.ModelSerializer):
+    dataset = serializers.CharField(source="dataset.name", default=None, allow_null=True)
+
+    class Meta:
+        model = RunResult
+        fields = ["metric", "value", "dataset", "variant", "n_scored", "n_failed", "failure_reasons"]
+
+
+class RunListSerializer(serializers.ModelSerializer):
+    registered_model = serializers.CharField(read_only=True)
+
+    class Meta:
+        model = PipelineRun
+        fields = [
+            "id", "name", "kind", "status", "stage", "progress", "base_model", "error",
+            "mlflow_run_id", "registered_model", "created_at", "started_at", "finished_at",
+        ]
+
+
+class RunDetailSerializer(RunListSerializer):
+    results = ResultOutputSerializer(many=True, read_only=True)
+    owner = serializers.CharField(source="owner.username", read_only=True)
+
+    class Meta(RunListSerializer.Meta):
+        fields = [
+            *RunListSerializer.Meta.fields, "config", "logs", "mlflow_experiment_id",
+            "registered_model_name", "registered_model_version", "reproducibility", "heartbeat_at", "owner", "results",
+        ]
+
+
+def _detail_queryset(user) -> QuerySet[PipelineRun]:
+    return run_visible_to(user).select_related("owner").prefetch_related(
+        Prefetch("results", queryset=RunResult.objects.select_related("dataset"))
+    )
+
+
+class RunListCreateApi(generics.ListAPIView):
+    serializer_class = RunListSerializer
+
+    def get_queryset(self) -> QuerySet[PipelineRun]:
+        qs = run_visible_to(self.request.user)
+        wanted = self.request.query_params.get("status")
+        if wanted:
+            qs = qs.filter(status__in=wanted.split(","))
+        return qs
+
+    @extend_schema(parameters=[OpenApiParameter("status", OpenApiTypes.STR, description="one status, or several comma-separated")])
+    def get(self, request: Request, *args, **kwargs) -> Response:
+        wanted = request.query_params.get("status")
+        if wanted:
+            unknown = [s for s in wanted.split(",") if s not in RunStatus.values]
+            if unknown:
+                message = f"unknown status {', '.join(unknown)}; one of {', '.join(RunStatus.values)}"
+                return Response({"detail": f"status: {message}", "errors": [{"field": "status", "message": message}]}, status=400)
+        return super().get(request, *args, **kwargs)
+
+    @extend_schema(
+        request={"application/json": OpenApiTypes.OBJECT},
+        responses={201: RunDetailSerializer},
+        description="Create a run from a config (the YAML schema as JSON). Stored as `pending` and queued.",
+    )
+    def post(self, request: Request) -> Response:
+        run = run_create(config=request.data, owner=request.user)
+        return Response(RunDetailSerializer(_detail_queryset(request.user).get(pk=run.pk)).data, status=status.HTTP_201_CREATED)
+
+
+class RunDetailApi(generics.RetrieveAPIView):
+    serializer_class = RunDetailSerializer
+
+    def get_queryset(self) -> QuerySet[PipelineRun]:
+        return _detail_queryset(self.request.user)
+
+
+class _RunActionApi(APIView):
+    def get_run(self, request: Request, pk: int) -> PipelineRun:
+        return get_object_or_404(run_visible_to(request.user), pk=pk)
+
+    def detail(self, request: Request, pk: int, code: int = 200) -> Response:
+        return Response(RunDetailSerializer(_detail_queryset(request.user).get(pk=pk)).data, status=code)
+
+
+class StatusInputSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(choices=RunStatus.choices)
+    message = serializers.CharField(required=False, allow_blank=True, max_length=2000, default="")
+
+
+class RunStatusApi(_RunActionApi):
+    @extend_schema(request=StatusInputSerializer, responses={200: RunDetailSerializer, 409: OpenApiTypes.OBJECT})
+    def patch(self, request: Request, pk: int) -> Response:
+        run = self.get_run(request, pk)
+        data = StatusInputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        run_transition_or_raise(run_id=run.pk, to=data.validated_data["status"], message=data.validated_data["message"])
+        return self.detail(request, pk)
+
+
+class LogsInputSerializer(serializers.Serializer):
+    logs = serializers.CharField(allow_blank=False, max_length=1_000_000, trim_whitespace=False)
+
+
+class RunLogsApi(_RunActionApi):
+    @extend_schema(request=LogsInputSerializer, responses={200: RunDetailSerializer})
+    def patch(self, request: Request, pk: int) -> Response:
+        run = self.get_run(request, pk)
+        data = LogsInputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        run_append_logs(run_id=run.pk, text=data.validated_data["logs"])
+        return self.detail(request, pk)
+
+
+class ResultInputSerializer(serializers.Serializer):
+    metric = serializers.RegexField(r"^[a-z][a-z0-9_]{0,63}$", error_messages={"invalid": "must be a metric name (lowercase letters, digits, _)"})
+    value = serializers.FloatField(allow_null=True)
+    dataset = serializers.CharField(required=False, max_length=100)
+    variant = serializers.ChoiceField(choices=Variant.choices, required=False)
+    n_scored = serializers.IntegerField(required=False, min_value=0, default=0)
+    n_failed = serializers.IntegerField(required=False, min_value=0, default=0)
+
+
+class ResultsInputSerializer(serializers.Serializer):
+    results = ResultInputSerializer(many=True, allow_empty=False, max_length=1000)
+
+
+class RunResultsApi(_RunActionApi):
+    @extend_schema(request=ResultsInputSerializer, responses={201: RunDetailSerializer})
+    def post(self, request: Request, pk: int) -> Response:
+        run = self.get_run(request, pk)
+        data = ResultsInputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        eval_datasets = {d.name: d.pk for d in run.eval_datasets.all()}
+        first_eval = next(iter(eval_datasets.values()), None)
+        items, errors = [], []
+        for position, item in enumerate(data.validated_data["results"]):
+            name = item.get("dataset")
+            if name is not None and name not in eval_datasets:
+                errors.append({"field": f"results[{position}].dataset", "message": f"{name!r} is not an eval dataset of this run"})
+                continue
+            items.append({
+                "metric": item["metric"],
+                "value": item["value"],
+                "dataset_id": eval_datasets[name] if name else first_eval,
+                "variant": item.get("variant") or default_variant(run),
+                "n_scored": item["n_scored"] or (1 if item["value"] is not None else 0),
+                "n_failed": item["n_failed"],
+            })
+        if errors:
+            return Response({"detail": "; ".join(f"{e['field']}: {e['message']}" for e in errors), "errors": errors}, status=400)
+        run_record_results(run_id=run.pk, results=items)
+        return self.detail(request, pk, code=status.HTTP_201_CREATED)
+
+
+class RunCancelApi(_RunActionApi):
+    @extend_schema(request=None, responses={200: RunDetailSerializer, 409: OpenApiTypes.OBJECT})
+    def post(self, request: Request, pk: int) -> Response:
+        run = self.get_run(request, pk)
+        run_cancel(run_id=run.pk, message=f"cancelled by {request.user.get_username()}")
+        return self.detail(request, pk)
+
+
+class SampleOutputSerializer(serializers.ModelSerializer):
+    dataset = serializers.CharField(source="dataset.name", default=None, allow_null=True)
+
+    class Meta:
+        model = SampleResult
+        fields = ["index", "variant", "dataset", "question", "contexts", "ground_truth", "answer", "scores", "reasons"]
+
+
+class RunSamplesApi(generics.ListAPIView):
+    serializer_class = SampleOutputSerializer
+
+    def get_queryset(self) -> QuerySet[SampleResult]:
+        run = get_object_or_404(run_visible_to(self.request.user), pk=self.kwargs["pk"])
+        qs = SampleResult.objects.filter(run=run).select_related("dataset").order_by("dataset_id", "index", "variant")
+        variant = self.request.query_params.get("variant")
+        if variant:
+            qs = qs.filter(variant=variant)
+        return qs
+
+
+def neutralise_csv_cell(value: object) -> object:
+    """Keep spreadsheet programs from executing a cell as a formula."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
+class RunExportCsvApi(_RunActionApi):
+    @extend_schema(responses={(200, "text/csv"): OpenApiTypes.STR})
+    def get(self, request: Request, pk: int) -> HttpResponse:
+        run = self.get_run(request, pk)
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["run_id", "run_name", "dataset", "variant", "metric", "value", "n_scored", "n_failed"])
+        for row in run_results_rows(run):
+            writer.writerow([neutralise_csv_cell(cell) for cell in (run.pk, run.name, *row)])
+        response = HttpResponse(buffer.getvalue(), content_type="text/csv; charset=utf-8")
+        response["Content-Disposition"] = f'attachment; filename="run-{run.pk}-results.csv"'
+        return response

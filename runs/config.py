@@ -1,0 +1,230 @@
+"""The run config schema of DESIGN.md, validated once at the boundary.
+
+Used by the API, the YAML loader (`manage.py run_pipeline`), the admin and the
+forms. Errors name the field by its dotted path (`training.lora.r`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evaluation.metric_names import ALL_METRICS, DEFAULT_METRICS, needs_judge
+
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+DATASET_NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,99}$"
+DatasetName = Annotated[str, Field(pattern=DATASET_NAME_RE)]
+MAX_CONFIG_BYTES = 256 * 1024
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class LoraConfig(Strict):
+    r: int = Field(8, ge=1, le=256)
+    alpha: int = Field(16, ge=1, le=1024)
+    dropout: float = Field(0.05, ge=0.0, le=0.9)
+    target_modules: Literal["all-linear"] | Annotated[list[Annotated[str, Field(min_length=1, max_length=100)]], Field(min_length=1, max_length=64)] = "all-linear"
+
+
+class TrainingConfig(Strict):
+    epochs: int = Field(3, ge=1, le=100)
+    learning_rate: float = Field(2.0e-4, gt=0.0, le=1.0)
+    batch_size: int = Field(8, ge=1, le=1024)
+    max_seq_length: int = Field(512, ge=16, le=32768)
+    seed: int = Field(42, ge=0, le=2**32 - 1)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
+    gradient_checkpointing: bool = False
+    warmup_ratio: float = Field(0.0, ge=0.0, le=0.5)
+    # Stops after this many optimizer steps (a smoke run); null trains every epoch.
+    max_steps: int | None = Field(None, ge=1, le=1_000_000)
+    # "auto": bf16 on a CUDA device that supports it, float32 elsewhere.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+
+
+class JudgeConfig(Strict):
+    base_url: str = Field(min_length=1, max_length=500)
+    model: str = Field(min_length=1, max_length=200)
+    api_key_env: str = Field("OPENAI_API_KEY", max_length=128)
+    timeout: float = Field(60.0, gt=0, le=3600)
+    max_retries: int = Field(2, ge=0, le=10)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^\s/$.?#][^\s]*$", value):
+            raise ValueError("must be an http(s) URL of an OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
+        return value
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str) -> str:
+        if not ENV_NAME_RE.match(value):
+            raise ValueError("must be the NAME of an environment variable holding the key, not the key itself")
+        return value
+
+
+class EvaluationConfig(Strict):
+    answers: Literal["generate", "dataset"] = "generate"
+    compare_base: bool = True
+    metrics: list[str] = Field(default_factory=lambda: list(DEFAULT_METRICS), min_length=1, max_length=len(ALL_METRICS))
+    judge: JudgeConfig | None = None
+    # Score at most this many rows of each eval dataset (quick runs); null scores all.
+    max_samples: int | None = Field(None, ge=1, le=1_000_000)
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+    batch_size: int = Field(8, ge=1, le=512)
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, value: list[str]) -> list[str]:
+        unknown = [m for m in value if m not in ALL_METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {', '.join(unknown)}; known: {', '.join(ALL_METRICS)}")
+        if len(set(value)) != len(value):
+            raise ValueError("lists a metric twice")
+        return value
+
+    @model_validator(mode="after")
+    def _judge_for_llm_metrics(self) -> EvaluationConfig:
+        judged = [m for m in self.metrics if needs_judge(m)]
+        if judged and self.judge is None:
+            raise ValueError(
+                f"metric(s) {', '.join(judged)} need an LLM judge: set evaluation.judge "
+                "{base_url, model, api_key_env} or remove them"
+            )
+        return self
+
+
+class ModelConfig(Strict):
+    base: str = Field("local:tiny-llama", min_length=1, max_length=500)
+
+    @field_validator("base")
+    @classmethod
+    def _no_nul(cls, value: str) -> str:
+        if "\x00" in value or "\n" in value:
+            raise ValueError("must not contain control characters")
+        return value
+
+
+class DatasetsConfig(Strict):
+    train: list[DatasetName] = Field(default_factory=list, max_length=20)
+    eval: list[DatasetName] = Field(min_length=1, max_length=20)
+
+
+class RunConfig(Strict):
+    name: str = Field(min_length=1, max_length=200)
+    kind: Literal["finetune", "eval_only"]
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    datasets: DatasetsConfig
+    training: TrainingConfig | None = None
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+    @model_validator(mode="after")
+    def _kind_rules(self) -> RunConfig:
+        if self.kind == "finetune":
+            if not self.datasets.train:
+                raise ValueError("datasets.train: a finetune run needs at least one train dataset")
+            if self.training is None:
+                self.training = TrainingConfig()
+            if self.evaluation.answers != "generate":
+                raise ValueError("evaluation.answers: a finetune run scores generated answers; use 'generate'")
+        else:
+            if self.training is not None:
+                raise ValueError("training: applies to kind finetune only; remove it for eval_only")
+            if self.datasets.train:
+                raise ValueError("datasets.train: applies to kind finetune only; remove it for eval_only")
+        return self
+
+
+class ConfigError(Exception):
+    """A config was refused. `errors` is a list of {"field", "message"}."""
+
+    def __init__(self, errors: list[dict[str, str]]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(f"{e['field']}: {e['message']}" if e["field"] else e["message"] for e in errors))
+
+
+def _field_path(location: tuple[Any, ...]) -> str:
+    parts = []
+    for part in location:
+        if isinstance(part, int):
+            parts.append(f"[{part}]")
+        elif part in ("function-after", "literal['all-linear']", "list[str]") or str(part).startswith(("function-", "literal[", "list[")):
+            continue
+        else:
+            parts.append(("." if parts else "") + str(part))
+    return "".join(parts)
+
+
+def _pydantic_errors(exc: ValidationError) -> list[dict[str, str]]:
+    errors = []
+    for error in exc.errors(include_url=False):
+        message = error["msg"].removeprefix("Value error, ")
+        field = _field_path(tuple(error["loc"]))
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        # Messages from model validators name their own field ("datasets.train: ...").
+        if not field and ": " in message and re.match(r"^[a-z_.]+: ", message):
+            field, message = message.split(": ", 1)
+        errors.append({"field": field, "message": message})
+    return errors
+
+
+def validate_config(data: Any, *, known_datasets: dict[str, str] | None = None) -> dict[str, Any]:
+    """Validate a config dict; returns the normalised dict (defaults filled in).
+
+    known_datasets maps dataset name -> type ("train" or "eval"); when given,
+    every named dataset must exist with the right type.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError([{"field": "", "message": f"config must be a mapping, got {type(data).__name__}"}])
+    try:
+        config = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_pydantic_errors(exc)) from None
+    if known_datasets is not None:
+        errors = []
+        for role in ("train", "eval"):
+            for position, name in enumerate(getattr(config.datasets, role)):
+                kind = known_datasets.get(name)
+                if kind is None:
+                    errors.append({"field": f"datasets.{role}[{position}]", "message": f"unknown dataset {name!r}"})
+                elif kind != role:
+                    errors.append({"field": f"datasets.{role}[{position}]", "message": f"dataset {name!r} is a {kind} dataset, not {role}"})
+        if errors:
+            raise ConfigError(errors)
+    return config.model_dump(mode="json")
+
+
+class _SafeLoaderNoAliases(yaml.SafeLoader):
+    """SafeLoader that refuses anchors/aliases: no "billion laughs" expansion."""
+
+    def compose_node(self, parent, index):  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not allowed in configs", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str, *, source: str = "config") -> Any:
+    """Parse YAML text safely; errors name the line."""
+    if len(text.encode("utf-8", errors="replace")) > MAX_CONFIG_BYTES:
+        raise ConfigError([{"field": "", "message": f"{source}: larger than {MAX_CONFIG_BYTES} bytes"}])
+    try:
+        return yaml.load(text, Loader=_SafeLoaderNoAliases)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([{"field": "", "message": f"{source}: invalid YAML{where}: {problem}"}]) from None
+
+
+def judge_api_key(judge: dict[str, Any]) -> str:
+    """The judge's API key, read from the named environment variable at use time."""
+    return os.environ.get(judge["api_key_env"], "")

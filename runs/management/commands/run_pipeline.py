@@ -1,0 +1,143 @@
+"""Run a pipeline from a YAML config: the command-line twin of "New run" on the web.
+
+Inline (the embedded default) it runs every step in this process with a
+progress bar and prints the score table; with --enqueue it hands the run to the
+RQ workers. Exits non-zero when the config is refused or the run does not
+complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError
+from tqdm import tqdm
+
+from runs.config import ConfigError, parse_yaml
+from runs.models import PipelineRun, RunStatus
+from runs.orchestration import drive_inline, inline_foreground
+from runs.selectors import run_score_table
+from runs.services import run_create
+
+
+class Command(BaseCommand):
+    help = "Validate a YAML config and run the pipeline (inline, or on the workers with --enqueue)."
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("config", type=Path)
+        parser.add_argument("--enqueue", action="store_true", help="Hand the run to the RQ workers (needs REDIS_URL).")
+        parser.add_argument("--wait", action="store_true", help="With --enqueue: follow the run until it ends.")
+        parser.add_argument("--user", default="cli", help="Owner of the run (created without a password if missing).")
+        parser.add_argument("--dry-run", action="store_true", help="Validate the config only.")
+
+    def handle(self, *args, config: Path, enqueue: bool, wait: bool, user: str, dry_run: bool, **options) -> None:
+        if options["verbosity"] < 2:
+            # The run's own log keeps every line (GET /api/runs/{id}/); the console shows the bar.
+            logging.getLogger().setLevel(logging.WARNING)
+        if not config.is_file():
+            raise CommandError(f"{config}: no such file")
+        try:
+            data = parse_yaml(config.read_text(encoding="utf-8"), source=str(config))
+        except (ConfigError, UnicodeDecodeError) as exc:
+            raise CommandError(str(exc)) from None
+        owner = self._owner(user)
+        if dry_run:
+            from runs.config import validate_config
+            from runs.services import dataset_name_types
+
+            try:
+                validate_config(data, known_datasets=dataset_name_types(owner))
+            except ConfigError as exc:
+                raise CommandError(f"{config}: {exc}") from None
+            self.stdout.write(self.style.SUCCESS(f"{config}: valid"))
+            return
+        if enqueue and settings.JOBS_INLINE:
+            raise CommandError("--enqueue needs REDIS_URL (workers read their jobs from Redis)")
+        try:
+            with inline_foreground():
+                run = run_create(config=data, owner=owner)
+        except ConfigError as exc:
+            raise CommandError(f"{config}: {exc}") from None
+        self.stdout.write(f"run #{run.pk} {run.name} ({run.kind}) created")
+        if enqueue:
+            self.stdout.write(self.style.SUCCESS(f"queued: follow it with GET /api/runs/{run.pk}/"))
+            if not wait:
+                return
+            self._follow(run.pk, worker=None)
+        else:
+            errors: list[BaseException] = []
+
+            def drive() -> None:
+                try:
+                    drive_inline(run.pk)
+                except BaseException as exc:  # Recorded on the run; re-raised here for the exit code.
+                    errors.append(exc)
+
+            worker = threading.Thread(target=drive, name=f"run-{run.pk}", daemon=True)
+            worker.start()
+            self._follow(run.pk, worker=worker)
+        self._report(PipelineRun.objects.get(pk=run.pk))
+
+    def _owner(self, username: str):
+        User = get_user_model()
+        owner, created = User.objects.get_or_create(username=username)
+        if created:
+            owner.set_unusable_password()
+            owner.save(update_fields=["password"])
+        return owner
+
+    def _follow(self, run_id: int, worker: threading.Thread | None) -> None:
+        bar = tqdm(total=100, desc=f"run #{run_id}", unit="%", bar_format="{l_bar}{bar}| {n}/{total}% [{elapsed}] {postfix}", file=sys.stderr)
+        try:
+            while True:
+                run = PipelineRun.objects.only("status", "progress", "stage").get(pk=run_id)
+                bar.update(run.progress - bar.n)
+                bar.set_postfix_str(f"{run.status}: {run.stage}"[:80])
+                if run.is_terminal and (worker is None or not worker.is_alive()):
+                    break
+                if worker is not None and not worker.is_alive() and not run.is_terminal:
+                    break
+                time.sleep(0.5)
+        finally:
+            bar.close()
+
+    def _report(self, run: PipelineRun) -> None:
+        table = run_score_table(run)
+        if table:
+            variants = [v for v in ("dataset", "base", "finetuned") if any(v in row["variants"] for row in table)]
+            compare = "base" in variants and "finetuned" in variants
+            header = ["dataset", "metric", *variants] + (["difference"] if compare else [])
+            lines = [header]
+            for row in table:
+                cells = [row["dataset"], row["metric"]]
+                for variant in variants:
+                    cell = row["variants"].get(variant)
+                    if cell is None:
+                        cells.append("-")
+                    elif cell["value"] is None:
+                        cells.append("not measured")
+                    else:
+                        cells.append(f"{cell['value']:.4f}" + (f" ({cell['n_failed']} failed)" if cell["n_failed"] else ""))
+                if compare:
+                    cells.append("-" if row["delta"] is None else f"{row['delta']:+.4f}")
+                lines.append(cells)
+            widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+            self.stdout.write("")
+            for number, line in enumerate(lines):
+                self.stdout.write("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)))
+                if number == 0:
+                    self.stdout.write("  ".join("-" * width for width in widths))
+            self.stdout.write("")
+        if run.mlflow_run_id:
+            self.stdout.write(f"MLflow run id: {run.mlflow_run_id} (experiment {run.mlflow_experiment_id}, tracking {settings.MLFLOW_TRACKING_URI})")
+        if run.registered_model_name:
+            self.stdout.write(f"registered model: {run.registered_model_name} version {run.registered_model_version}")
+        if run.status != RunStatus.COMPLETED:
+            raise CommandError(f"run #{run.pk} ended {run.status}: {run.error or run.stage}")
+        self.stdout.write(self.style.SUCCESS(f"run #{run.pk} completed"))

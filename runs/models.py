@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+
+
+class RunStatus(models.TextChoices):
+    PENDING = "pending", "pending"
+    TRAINING = "training", "training"
+    EVALUATING = "evaluating", "evaluating"
+    COMPLETED = "completed", "completed"
+    FAILED = "failed", "failed"
+    CANCELLED = "cancelled", "cancelled"
+
+
+TERMINAL_STATUSES = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
+ACTIVE_STATUSES = frozenset({RunStatus.TRAINING, RunStatus.EVALUATING})
+
+
+class RunKind(models.TextChoices):
+    FINETUNE = "finetune", "finetune"
+    EVAL_ONLY = "eval_only", "eval_only"
+
+
+class Variant(models.TextChoices):
+    BASE = "base", "base"
+    FINETUNED = "finetuned", "finetuned"
+    DATASET = "dataset", "dataset"
+
+
+class PipelineRun(models.Model):
+    name = models.CharField(max_length=200)
+    kind = models.CharField(max_length=10, choices=RunKind.choices, db_index=True)
+    # Changed only through runs.services.run_transition (compare-and-swap + RunEvent).
+    status = models.CharField(max_length=12, choices=RunStatus.choices, default=RunStatus.PENDING, db_index=True)
+    config = models.JSONField(help_text="The validated config (same schema as the YAML files).")
+    base_model = models.CharField(max_length=500)
+    train_datasets = models.ManyToManyField("datasets_app.Dataset", related_name="train_runs", blank=True)
+    eval_datasets = models.ManyToManyField("datasets_app.Dataset", related_name="eval_runs", blank=True)
+    progress = models.PositiveSmallIntegerField(default=0)
+    stage = models.CharField(max_length=200, blank=True)
+    logs = models.TextField(blank=True)
+    error = models.TextField(blank=True)
+    mlflow_experiment_id = models.CharField(max_length=64, blank=True)
+    mlflow_run_id = models.CharField(max_length=64, blank=True)
+    registered_model_name = models.CharField(max_length=300, blank=True)
+    registered_model_version = models.CharField(max_length=32, blank=True)
+    # Reproducibility record: dataset sha256s, seed, library versions, judge, git commit.
+    reproducibility = models.JSONField(default=dict, blank=True)
+    # Per-step training metrics for the live loss curve: [{"step", "loss", "learning_rate", "epoch"}].
+    train_history = models.JSONField(default=list, blank=True)
+    # The pipeline job this run waits for or runs, as "<job>:queued" or "<job>:running"
+    # (job: finetune, generate, score). Jobs claim it with a compare-and-swap.
+    current_job = models.CharField(max_length=32, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="runs")
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["owner", "-created_at"]), models.Index(fields=["status", "heartbeat_at"])]
+
+    def __str__(self) -> str:
+        return f"#{self.pk} {self.name} ({self.status})"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    @property
+    def registered_model(self) -> str:
+        if not self.registered_model_name:
+            return ""
+        return f"{self.registered_model_name}/{self.registered_model_version}"
+
+
+class RunEvent(models.Model):
+    run = models.ForeignKey(PipelineRun, on_delete=models.CASCADE, related_name="events")
+    from_status = models.CharField(max_length=12, choices=RunStatus.choices)
+    to_status = models.CharField(max_length=12, choices=RunStatus.choices)
+    message = models.TextField(blank=True)
+    at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["at", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.from_status} -> {self.to_status}"
+
+
+class RunResult(models.Model):
+    run = models.ForeignKey(PipelineRun, on_delete=models.CASCADE, related_name="results")
+    dataset = models.ForeignKey("datasets_app.Dataset", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    variant = models.CharField(max_length=10, choices=Variant.choices)
+    metric = models.CharField(max_length=64)
+    # Null when nothing could be measured; never an average that hides NaN.
+    value = models.FloatField(null=True, blank=True)
+    n_scored = models.PositiveIntegerField(default=0)
+    n_failed = models.PositiveIntegerField(default=0)
+    # Why samples were not measured, e.g. {"timeout": 3, "judge unreachable": 2}.
+    failure_reasons = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["dataset_id", "metric", "variant"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "dataset", "variant", "metric"], name="unique_result_per_run_dataset_variant_metric"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.metric}[{self.variant}] = {self.value}"
+
+
+class SampleResult(models.Model):
+    run = models.ForeignKey(PipelineRun, on_delete=models.CASCADE, related_name="samples")
+    dataset = models.ForeignKey("datasets_app.Dataset", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    variant = models.CharField(max_length=10, choices=Variant.choices)
+    index = models.PositiveIntegerField(help_text="Row index in the eval dataset.")
+    question = models.TextField()
+    contexts = models.JSONField(default=list)
+    ground_truth = models.TextField(blank=True)
+    answer = models.TextField(blank=True)
+    # {metric: value or null}; reasons holds {metric: why} for every null.
+    scores = models.JSONField(default=dict)
+    reasons = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["dataset_id", "index", "variant"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "dataset", "variant", "index"], name="unique_sample_per_run_dataset_variant_index"),
+        ]
+
+    def __str__(self) -> str:
+        return f"sample {self.index} [{self.variant}]"

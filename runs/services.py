@@ -1,0 +1,201 @@
+"""Every write to a run goes through here: the API, pages, admin, commands and jobs.
+
+run_transition is the status machine of DESIGN.md: a compare-and-swap UPDATE so
+two workers cannot both win, and one RunEvent per accepted transition.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from django.db import models, transaction
+from django.db.models.functions import Concat
+from django.utils import timezone
+
+from datasets_app.models import Dataset
+from datasets_app.selectors import dataset_visible_to
+
+from .config import validate_config
+from .models import TERMINAL_STATUSES, PipelineRun, RunEvent, RunKind, RunResult, RunStatus, SampleResult, Variant
+
+log = logging.getLogger(__name__)
+
+S = RunStatus
+TRANSITIONS: dict[str, dict[str, frozenset[str]]] = {
+    RunKind.FINETUNE: {
+        S.PENDING: frozenset({S.TRAINING, S.FAILED, S.CANCELLED}),
+        S.TRAINING: frozenset({S.EVALUATING, S.FAILED, S.CANCELLED}),
+        S.EVALUATING: frozenset({S.COMPLETED, S.FAILED, S.CANCELLED}),
+    },
+    RunKind.EVAL_ONLY: {
+        S.PENDING: frozenset({S.EVALUATING, S.FAILED, S.CANCELLED}),
+        S.EVALUATING: frozenset({S.COMPLETED, S.FAILED, S.CANCELLED}),
+    },
+}
+MAX_LOG_CHARS = 2_000_000
+
+
+class InvalidTransition(Exception):
+    def __init__(self, run_id: int, from_status: str, to_status: str) -> None:
+        self.from_status = from_status
+        self.to_status = to_status
+        super().__init__(f"run {run_id}: cannot go from '{from_status}' to '{to_status}'")
+
+
+def allowed_transitions(*, kind: str, status: str) -> frozenset[str]:
+    return TRANSITIONS.get(kind, {}).get(status, frozenset())
+
+
+def dataset_name_types(user) -> dict[str, str]:
+    """Names and types of the datasets a user may use in a config."""
+    return dict(dataset_visible_to(user).values_list("name", "kind"))
+
+
+def run_create(*, config: dict[str, Any], owner) -> PipelineRun:
+    """Validate a config, store a pending run and enqueue its first job after commit."""
+    from .orchestration import first_job, run_enqueue_first_job
+
+    validated = validate_config(config, known_datasets=dataset_name_types(owner))
+    with transaction.atomic():
+        run = PipelineRun.objects.create(
+            name=validated["name"],
+            kind=validated["kind"],
+            config=validated,
+            base_model=validated["model"]["base"],
+            owner=owner,
+            stage="queued",
+            current_job=f"{first_job(kind=validated['kind'], answers=validated['evaluation']['answers'])}:queued",
+        )
+        by_name = {d.name: d for d in Dataset.objects.filter(name__in=validated["datasets"]["train"] + validated["datasets"]["eval"])}
+        run.train_datasets.set([by_name[n] for n in validated["datasets"]["train"]])
+        run.eval_datasets.set([by_name[n] for n in validated["datasets"]["eval"]])
+        RunEvent.objects.create(run=run, from_status=S.PENDING, to_status=S.PENDING, message="created")
+        transaction.on_commit(lambda: run_enqueue_first_job(run_id=run.pk))
+    return run
+
+
+def run_transition(*, run_id: int, to: str, message: str = "", expected: str | None = None, error: str = "") -> bool:
+    """Move a run to `to` if the machine allows it from its current status.
+
+    Returns False when another writer changed the status first (lost the race);
+    raises InvalidTransition when the move is not allowed from the current status.
+    With `expected`, the move only happens from that status (a job's claim).
+    """
+    run = PipelineRun.objects.only("pk", "kind", "status").get(pk=run_id)
+    current = expected or run.status
+    if to not in allowed_transitions(kind=run.kind, status=current):
+        if expected is not None and run.status != expected:
+            return False
+        raise InvalidTransition(run_id, current, to)
+    now = timezone.now()
+    changes: dict[str, Any] = {"status": to, "heartbeat_at": now}
+    if to in TERMINAL_STATUSES:
+        changes["finished_at"] = now
+        changes["stage"] = to
+        if to == S.COMPLETED:
+            changes["progress"] = 100
+    elif current == S.PENDING:
+        changes["started_at"] = now
+    if error:
+        changes["error"] = error[:20000]
+    with transaction.atomic():
+        updated = PipelineRun.objects.filter(pk=run_id, status=current).update(**changes)
+        if not updated:
+            return False
+        RunEvent.objects.create(run_id=run_id, from_status=current, to_status=to, message=message[:2000])
+    log.info("run %s: %s -> %s %s", run_id, current, to, message)
+    return True
+
+
+def run_transition_or_raise(*, run_id: int, to: str, message: str = "") -> None:
+    """For callers outside jobs (API, admin): a lost race is reported like an invalid move."""
+    if not run_transition(run_id=run_id, to=to, message=message):
+        current = PipelineRun.objects.values_list("status", flat=True).get(pk=run_id)
+        raise InvalidTransition(run_id, current, to)
+
+
+def run_append_logs(*, run_id: int, text: str) -> None:
+    """Append to a run's logs in one UPDATE (never a read-modify-write race)."""
+    if not text:
+        return
+    if not text.endswith("\n"):
+        text += "\n"
+    PipelineRun.objects.filter(pk=run_id).update(logs=Concat(models.F("logs"), models.Value(text[-MAX_LOG_CHARS:])))
+
+
+def run_update_progress(*, run_id: int, progress: int | None = None, stage: str | None = None) -> None:
+    changes: dict[str, Any] = {"heartbeat_at": timezone.now()}
+    if progress is not None:
+        changes["progress"] = max(0, min(100, int(progress)))
+    if stage is not None:
+        changes["stage"] = stage[:200]
+    PipelineRun.objects.filter(pk=run_id).exclude(status__in=TERMINAL_STATUSES).update(**changes)
+
+
+def run_heartbeat(*, run_id: int) -> None:
+    PipelineRun.objects.filter(pk=run_id).update(heartbeat_at=timezone.now())
+
+
+def run_cancel(*, run_id: int, message: str = "cancelled by user") -> None:
+    """Cancel a run that has not finished; queued jobs are removed, a running
+    fine-tune stops at its next step (it sees the status)."""
+    from .orchestration import run_remove_queued_jobs
+
+    run_transition_or_raise(run_id=run_id, to=S.CANCELLED, message=message)
+    transaction.on_commit(lambda: run_remove_queued_jobs(run_id=run_id))
+
+
+def _clean_value(value: float | None) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return None if math.isnan(value) or math.isinf(value) else value
+
+
+def run_record_results(*, run_id: int, results: Iterable[dict[str, Any]]) -> list[RunResult]:
+    """Upsert aggregate results: one row per (run, dataset, variant, metric)."""
+    stored = []
+    with transaction.atomic():
+        for item in results:
+            row, _ = RunResult.objects.update_or_create(
+                run_id=run_id,
+                dataset_id=item.get("dataset_id"),
+                variant=item["variant"],
+                metric=item["metric"],
+                defaults={
+                    "value": _clean_value(item.get("value")),
+                    "n_scored": item.get("n_scored", 0),
+                    "n_failed": item.get("n_failed", 0),
+                    "failure_reasons": item.get("failure_reasons", {}),
+                },
+            )
+            stored.append(row)
+    return stored
+
+
+def run_record_samples(*, run_id: int, samples: Iterable[dict[str, Any]]) -> int:
+    """Replace the per-sample rows of the given (dataset, variant) pairs."""
+    rows = [SampleResult(run_id=run_id, **sample) for sample in samples]
+    with transaction.atomic():
+        for dataset_id, variant in {(r.dataset_id, r.variant) for r in rows}:
+            SampleResult.objects.filter(run_id=run_id, dataset_id=dataset_id, variant=variant).delete()
+        SampleResult.objects.bulk_create(rows, batch_size=500)
+    return len(rows)
+
+
+def default_variant(run: PipelineRun) -> str:
+    if run.kind == RunKind.FINETUNE:
+        return Variant.FINETUNED
+    answers = (run.config.get("evaluation") or {}).get("answers", "generate")
+    return Variant.DATASET if answers == "dataset" else Variant.BASE
+
+
+def run_set_reproducibility(*, run_id: int, record: dict[str, Any]) -> None:
+    PipelineRun.objects.filter(pk=run_id).update(reproducibility=record)
+
+
+def run_set_registered_model(*, run_id: int, name: str, version: str) -> None:
+    PipelineRun.objects.filter(pk=run_id).update(registered_model_name=name, registered_model_version=version)

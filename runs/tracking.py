@@ -1,0 +1,146 @@
+"""MLflow tracking for pipeline runs, through MlflowClient (no global active run).
+
+Jobs on different workers log into the same MLflow run: the first job creates
+it and stores its id on the PipelineRun; later jobs write to that id.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+
+from .models import PipelineRun
+
+MAX_PARAM_CHARS = 6000
+
+
+@functools.cache
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def client():
+    return _client(settings.MLFLOW_TRACKING_URI)
+
+
+def flatten(prefix: str, value: Any) -> dict[str, str]:
+    if isinstance(value, dict):
+        out: dict[str, str] = {}
+        for key, item in value.items():
+            out.update(flatten(f"{prefix}.{key}" if prefix else str(key), item))
+        return out
+    return {prefix: str(value)[:MAX_PARAM_CHARS]}
+
+
+def experiment_id() -> str:
+    mlflow_client = client()
+    experiment = mlflow_client.get_experiment_by_name(settings.MLFLOW_EXPERIMENT)
+    if experiment is not None:
+        return experiment.experiment_id
+    served = settings.MLFLOW_TRACKING_URI.startswith(("http://", "https://", "databricks"))
+    try:
+        return mlflow_client.create_experiment(
+            settings.MLFLOW_EXPERIMENT, artifact_location=None if served else settings.MLFLOW_ARTIFACT_ROOT
+        )
+    except Exception:  # Another worker created it first.
+        return mlflow_client.get_experiment_by_name(settings.MLFLOW_EXPERIMENT).experiment_id
+
+
+def mlflow_start(run: PipelineRun, *, tags: dict[str, str]) -> str:
+    """The MLflow run of this pipeline run, created (with params and tags) on first use."""
+    from mlflow.entities import Param, RunTag
+
+    if run.mlflow_run_id:
+        return run.mlflow_run_id
+    mlflow_client = client()
+    exp_id = experiment_id()
+    created = mlflow_client.create_run(exp_id, run_name=f"{run.name} (#{run.pk})", tags={"platform.run_id": str(run.pk), "platform.kind": run.kind})
+    config = dict(run.config)
+    if (config.get("evaluation") or {}).get("judge"):
+        # The judge is referenced by env-var name only; never a key.
+        config["evaluation"] = {**config["evaluation"], "judge": {k: v for k, v in config["evaluation"]["judge"].items() if k != "api_key"}}
+    params = [Param(k, v) for k, v in flatten("", config).items()]
+    for start in range(0, len(params), 100):
+        mlflow_client.log_batch(created.info.run_id, params=params[start : start + 100])
+    mlflow_client.log_batch(created.info.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+    PipelineRun.objects.filter(pk=run.pk).update(mlflow_run_id=created.info.run_id, mlflow_experiment_id=exp_id)
+    run.mlflow_run_id, run.mlflow_experiment_id = created.info.run_id, exp_id
+    return created.info.run_id
+
+
+class MetricBuffer:
+    """Batches step metrics into few log_batch calls (one HTTP request each in served mode)."""
+
+    def __init__(self, mlflow_run_id: str, *, flush_every: float = 5.0) -> None:
+        self.mlflow_run_id = mlflow_run_id
+        self.flush_every = flush_every
+        self.pending: list[Any] = []
+        self.last_flush = time.monotonic()
+
+    def add(self, values: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now_ms = int(time.time() * 1000)
+        self.pending += [Metric(key, float(value), now_ms, step) for key, value in values.items()]
+        if time.monotonic() - self.last_flush >= self.flush_every or len(self.pending) >= 900:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            client().log_batch(self.mlflow_run_id, metrics=self.pending)
+            self.pending = []
+        self.last_flush = time.monotonic()
+
+
+def log_metrics(mlflow_run_id: str, values: dict[str, float], step: int = 0) -> None:
+    buffer = MetricBuffer(mlflow_run_id)
+    buffer.add({k: v for k, v in values.items() if v is not None}, step)
+    buffer.flush()
+
+
+def log_artifacts(mlflow_run_id: str, local_dir: Path, artifact_path: str) -> None:
+    client().log_artifacts(mlflow_run_id, str(local_dir), artifact_path)
+
+
+def log_artifact(mlflow_run_id: str, local_file: Path, artifact_path: str | None = None) -> None:
+    client().log_artifact(mlflow_run_id, str(local_file), artifact_path)
+
+
+def download_artifacts(mlflow_run_id: str, artifact_path: str, dst: Path) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    return Path(client().download_artifacts(mlflow_run_id, artifact_path, str(dst)))
+
+
+def registered_model_name(*, base_model: str, train_datasets: list[str]) -> str:
+    """One registered model per base model + train datasets."""
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "-", base_model.removeprefix("local:")).strip("-")
+    return f"rag-lora.{base}.{'+'.join(sorted(train_datasets))}"[:250]
+
+
+def register_adapter(mlflow_run_id: str, *, name: str, artifact_path: str, description: str = "") -> str:
+    """A new version of `name` pointing at this run's adapter artifacts. Returns the version."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client()
+    try:
+        mlflow_client.create_registered_model(name, description="LoRA adapters fine-tuned by the RAG platform")
+    except MlflowException as exc:
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code) and "already exists" not in str(exc):
+            raise
+    artifact_uri = mlflow_client.get_run(mlflow_run_id).info.artifact_uri.rstrip("/")
+    version = mlflow_client.create_model_version(
+        name, source=f"{artifact_uri}/{artifact_path}", run_id=mlflow_run_id, description=description,
+    )
+    return str(version.version)
+
+
+def mlflow_finish(mlflow_run_id: str, status: str) -> None:
+    """FINISHED / FAILED / KILLED, matching the pipeline run's terminal status."""
+    client().set_terminated(mlflow_run_id, status=status)

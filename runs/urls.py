@@ -1,0 +1,14 @@
+from django.urls import path
+
+from . import api
+
+urlpatterns = [
+    path("runs/", api.RunListCreateApi.as_view(), name="api-runs"),
+    path("runs/<int:pk>/", api.RunDetailApi.as_view(), name="api-run-detail"),
+    path("runs/<int:pk>/status/", api.RunStatusApi.as_view(), name="api-run-status"),
+    path("runs/<int:pk>/logs/", api.RunLogsApi.as_view(), name="api-run-logs"),
+    path("runs/<int:pk>/results/", api.RunResultsApi.as_view(), name="api-run-results"),
+    path("runs/<int:pk>/cancel/", api.RunCancelApi.as_view(), name="api-run-cancel"),
+    path("runs/<int:pk>/samples/", api.RunSamplesApi.as_view(), name="api-run-samples"),
+    path("runs/<int:pk>/export.csv", api.RunExportCsvApi.as_view(), name="api-run-export"),
+]

@@ -1,0 +1,179 @@
+"""LoRA fine-tuning loop (Transformers + PEFT), free of Django so benchmarks can call it.
+
+A plain PyTorch loop rather than Trainer: length-grouped dynamic padding (little
+padding waste), loss on answer tokens only, a cancel check and live progress at
+every step, and nothing between the optimizer and the batches.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .data import Example, build_example, collate, iter_batches
+
+
+class TrainingStopped(Exception):
+    """should_stop() said so (the run was cancelled)."""
+
+
+@dataclass
+class StepInfo:
+    step: int
+    total_steps: int
+    epoch: float
+    loss: float
+    learning_rate: float
+    tokens: int  # non-padding tokens seen so far
+
+
+@dataclass
+class FinetuneOutcome:
+    adapter_dir: Path
+    steps: int
+    final_loss: float
+    tokens: int
+    seconds: float
+    device: str
+    dtype: str
+    trainable_parameters: int
+    total_parameters: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def pick_device(precision: str = "auto") -> tuple[str, Any]:
+    """CUDA with bf16 where supported, else CPU with float32."""
+    import torch
+
+    if torch.cuda.is_available():
+        if precision in ("auto", "bf16") and torch.cuda.is_bf16_supported():
+            return "cuda", torch.bfloat16
+        return "cuda", torch.float32
+    return "cpu", torch.float32
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(path: str, *, device: str, dtype):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.to(device)
+
+
+def encode_rows(tokenizer, rows: Sequence[dict[str, str]], max_seq_length: int) -> list[Example]:
+    return [
+        build_example(tokenizer, question=r["question"], context=r["context"], answer=r["answer"], max_seq_length=max_seq_length)
+        for r in rows
+    ]
+
+
+def make_lora_model(model, lora: dict[str, Any], *, gradient_checkpointing: bool):
+    from peft import LoraConfig, get_peft_model
+
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Without this, LoRA weights behind checkpointed blocks can get no gradient.
+        model.enable_input_require_grads()
+    peft_config = LoraConfig(
+        r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+        target_modules=lora["target_modules"], task_type="CAUSAL_LM", bias="none",
+    )
+    return get_peft_model(model, peft_config)
+
+
+def finetune(
+    *,
+    base_model_path: str,
+    rows: Sequence[dict[str, str]],
+    training: dict[str, Any],
+    output_dir: Path,
+    on_step: Callable[[StepInfo], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> FinetuneOutcome:
+    import torch
+    from transformers import get_linear_schedule_with_warmup, set_seed
+
+    started = time.monotonic()
+    seed = training["seed"]
+    set_seed(seed)
+    device, dtype = pick_device(training.get("precision", "auto"))
+    tokenizer = load_tokenizer(base_model_path)
+    model = load_base_model(base_model_path, device=device, dtype=dtype)
+    examples = encode_rows(tokenizer, rows, training["max_seq_length"])
+    if not examples:
+        raise ValueError("no training examples")
+    model = make_lora_model(model, training["lora"], gradient_checkpointing=training.get("gradient_checkpointing", False))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total_params = sum(p.numel() for p in model.parameters())
+
+    batch_size = training["batch_size"]
+    accumulation = training.get("gradient_accumulation_steps", 1)
+    batches_per_epoch = math.ceil(len(examples) / batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
+    total_steps = steps_per_epoch * training["epochs"]
+    if training.get("max_steps"):
+        total_steps = min(total_steps, training["max_steps"])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=training["learning_rate"], weight_decay=0.0)
+    warmup = int(total_steps * training.get("warmup_ratio", 0.0))
+    scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+    model.train()
+    step, tokens, loss_value = 0, 0, float("nan")
+    history: list[dict[str, float]] = []
+    pad_multiple = 8 if device == "cuda" else None
+    for epoch in range(training["epochs"]):
+        window_loss, window_batches = 0.0, 0
+        for batch_number, batch_examples in enumerate(iter_batches(examples, batch_size=batch_size, seed=seed, epoch=epoch)):
+            batch = {k: v.to(device) for k, v in collate(batch_examples, pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=pad_multiple).items()}
+            loss = model(**batch).loss / accumulation
+            loss.backward()
+            window_loss += loss.item()
+            window_batches += 1
+            tokens += int(batch["attention_mask"].sum())
+            last_of_epoch = batch_number == batches_per_epoch - 1
+            if window_batches < accumulation and not last_of_epoch:
+                continue
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_value = window_loss * accumulation / window_batches
+            window_loss, window_batches = 0.0, 0
+            info = StepInfo(
+                step=step, total_steps=total_steps, epoch=epoch + (batch_number + 1) / batches_per_epoch,
+                loss=loss_value, learning_rate=scheduler.get_last_lr()[0], tokens=tokens,
+            )
+            history.append({"step": step, "loss": info.loss, "learning_rate": info.learning_rate, "epoch": round(info.epoch, 4)})
+            if on_step:
+                on_step(info)
+            if should_stop and should_stop():
+                raise TrainingStopped(f"stopped at step {step}")
+            if step >= total_steps:
+                break
+        if step >= total_steps:
+            break
+    if not math.isfinite(loss_value):
+        raise FloatingPointError(f"training loss is {loss_value} at step {step}: lower the learning rate")
+
+    adapter_dir = Path(output_dir) / "adapter"
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    return FinetuneOutcome(
+        adapter_dir=adapter_dir, steps=step, final_loss=loss_value, tokens=tokens,
+        seconds=time.monotonic() - started, device=device, dtype=str(dtype).removeprefix("torch."),
+        trainable_parameters=trainable, total_parameters=total_params, history=history,
+    )

@@ -1,0 +1,1 @@
+# The training app owns no tables: runs live in runs.models; adapters in MLflow.

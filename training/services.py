@@ -1,0 +1,119 @@
+"""The fine-tuning step of a pipeline run: data, LoRA training, MLflow, registry."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from django.conf import settings
+from django.utils import timezone
+
+from datasets_app.validation import read_rows
+from runs import tracking
+from runs.execution import RunLog, check_not_cancelled
+from runs.models import PipelineRun
+from runs.orchestration import run_enqueue_next
+from runs.reproducibility import reproducibility_record
+from runs.services import run_set_registered_model, run_set_reproducibility, run_transition, run_update_progress
+
+from .finetune import StepInfo, TrainingStopped, finetune
+from .tiny_model import resolve_model_path
+
+LIVE_UPDATE_SECONDS = 1.0
+
+
+def run_dir(run_id: int) -> Path:
+    return Path(settings.VAR_DIR) / "runs" / str(run_id)
+
+
+def adapter_dir(run_id: int) -> Path:
+    return run_dir(run_id) / "adapter"
+
+
+def run_finetune(run: PipelineRun, run_log: RunLog) -> None:
+    config = run.config
+    training = config["training"]
+    train_sets = list(run.train_datasets.order_by("name"))
+    rows = []
+    for dataset in train_sets:
+        rows += read_rows(dataset.file.path)
+    run_log(f"fine-tuning {run.base_model} on {', '.join(d.name for d in train_sets)} ({len(rows)} rows)")
+
+    run_update_progress(run_id=run.pk, progress=1, stage="loading base model")
+    base_path = resolve_model_path(run.base_model)
+    record = reproducibility_record(run)
+    run_set_reproducibility(run_id=run.pk, record=record)
+    mlflow_run_id = tracking.mlflow_start(run, tags={f"repro.{k}": v for k, v in tracking.flatten("", record).items()})
+    run_log(f"MLflow run {mlflow_run_id}")
+
+    metrics = tracking.MetricBuffer(mlflow_run_id)
+    history: list[dict[str, float]] = []
+    last_update = [0.0]
+
+    def on_step(info: StepInfo) -> None:
+        metrics.add({"train/loss": info.loss, "train/learning_rate": info.learning_rate, "train/epoch": info.epoch}, info.step)
+        history.append({"step": info.step, "loss": round(info.loss, 5), "learning_rate": info.learning_rate, "epoch": round(info.epoch, 3)})
+        now = time.monotonic()
+        if now - last_update[0] >= LIVE_UPDATE_SECONDS or info.step == info.total_steps:
+            last_update[0] = now
+            # Training is 0-70% of a fine-tune run; generation and scoring share the rest.
+            PipelineRun.objects.filter(pk=run.pk).update(
+                train_history=history, progress=2 + int(68 * info.step / info.total_steps),
+                stage=f"training step {info.step}/{info.total_steps}, epoch {info.epoch:.2f}, loss {info.loss:.4f}",
+                heartbeat_at=timezone.now(),
+            )
+
+    last_check = [0.0]
+
+    def should_stop() -> bool:
+        now = time.monotonic()
+        if now - last_check[0] < LIVE_UPDATE_SECONDS:
+            return False
+        last_check[0] = now
+        check_not_cancelled(run.pk)
+        return False
+
+    output = run_dir(run.pk)
+    if output.exists():
+        shutil.rmtree(output)  # A retried job starts clean.
+    try:
+        outcome = finetune(base_model_path=base_path, rows=rows, training=training, output_dir=output, on_step=on_step, should_stop=should_stop)
+    except TrainingStopped:
+        metrics.flush()
+        raise
+    finally:
+        PipelineRun.objects.filter(pk=run.pk).update(train_history=history)
+    metrics.flush()
+    run_log(
+        f"trained {outcome.steps} steps on {outcome.device} ({outcome.dtype}) in {outcome.seconds:.1f}s: "
+        f"final loss {outcome.final_loss:.4f}, {outcome.tokens / max(outcome.seconds, 1e-9):.0f} tokens/s, "
+        f"{outcome.trainable_parameters}/{outcome.total_parameters} parameters trainable"
+    )
+    check_not_cancelled(run.pk)
+
+    run_update_progress(run_id=run.pk, progress=71, stage="logging adapter to MLflow")
+    (outcome.adapter_dir / "run_config.json").write_text(json.dumps(config, indent=2))
+    tracking.log_metrics(mlflow_run_id, {
+        "train/final_loss": outcome.final_loss, "train/tokens_per_second": outcome.tokens / max(outcome.seconds, 1e-9),
+        "train/seconds": outcome.seconds, "train/trainable_parameters": outcome.trainable_parameters,
+    }, step=outcome.steps)
+    tracking.log_artifacts(mlflow_run_id, outcome.adapter_dir, "adapter")
+    name = tracking.registered_model_name(base_model=run.base_model, train_datasets=[d.name for d in train_sets])
+    version = tracking.register_adapter(mlflow_run_id, name=name, artifact_path="adapter", description=f"{run.name} (run #{run.pk})")
+    run_set_registered_model(run_id=run.pk, name=name, version=version)
+    run_log(f"registered model {name} version {version}")
+
+    run_transition(run_id=run.pk, to="evaluating", expected="training", message="training finished")
+    run_enqueue_next(run_id=run.pk, after="finetune")
+    run_update_progress(run_id=run.pk, progress=72, stage="queued for answer generation")
+
+
+def ensure_adapter(run: PipelineRun) -> Path:
+    """The run's adapter on this machine: local, or downloaded from MLflow (another gpu worker trained it)."""
+    local = adapter_dir(run.pk)
+    if (local / "adapter_config.json").exists():
+        return local
+    downloaded = tracking.download_artifacts(run.mlflow_run_id, "adapter", run_dir(run.pk))
+    return downloaded
