@@ -57,12 +57,16 @@ def next_job(job: str) -> str | None:
 
 def _send_to_queue(job: str, run_id: int) -> None:
     import django_rq
+    from rq.exceptions import DuplicateJobError
 
     queue = django_rq.get_queue(JOB_QUEUES[job])
-    queue.enqueue_call(
-        job_path(job), args=(run_id,), job_id=job_id(job, run_id), unique=True,
-        timeout=settings.RQ_QUEUES[JOB_QUEUES[job]]["DEFAULT_TIMEOUT"], result_ttl=86400, failure_ttl=7 * 86400,
-    )
+    try:
+        queue.enqueue_call(
+            job_path(job), args=(run_id,), job_id=job_id(job, run_id), unique=True,
+            timeout=settings.RQ_QUEUES[JOB_QUEUES[job]]["DEFAULT_TIMEOUT"], result_ttl=86400, failure_ttl=7 * 86400,
+        )
+    except DuplicateJobError:
+        log.info("run %s: %s job already queued; a second enqueue is harmless", run_id, job)
 
 
 @contextlib.contextmanager

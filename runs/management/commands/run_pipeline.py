@@ -12,6 +12,7 @@ import logging
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 from django.conf import settings
@@ -40,6 +41,8 @@ class Command(BaseCommand):
         if options["verbosity"] < 2:
             # The run's own log keeps every line (GET /api/runs/{id}/); the console shows the bar.
             logging.getLogger().setLevel(logging.WARNING)
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
         if not config.is_file():
             raise CommandError(f"{config}: no such file")
         try:
