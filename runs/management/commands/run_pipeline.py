@@ -18,6 +18,7 @@ from pathlib import Path
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
+from django.db import connection
 from tqdm import tqdm
 
 from runs.config import ConfigError, parse_yaml
@@ -74,13 +75,13 @@ class Command(BaseCommand):
                 return
             self._follow(run.pk, worker=None)
         else:
-            errors: list[BaseException] = []
-
             def drive() -> None:
                 try:
                     drive_inline(run.pk)
-                except BaseException as exc:  # Recorded on the run; re-raised here for the exit code.
-                    errors.append(exc)
+                except Exception:  # Recorded on the run; _report turns it into the exit code.
+                    logging.getLogger(__name__).debug("run %s failed", run.pk, exc_info=True)
+                finally:
+                    connection.close()
 
             worker = threading.Thread(target=drive, name=f"run-{run.pk}", daemon=True)
             worker.start()
