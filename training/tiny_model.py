@@ -20,8 +20,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from django.conf import settings
-
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -57,21 +55,28 @@ class UnknownLocalModel(ValueError):
     pass
 
 
-def local_model_dir(name: str) -> Path:
-    return Path(settings.MODELS_DIR) / name
+def _setting(name: str) -> Path:
+    # Imported late: the GPU smoke script and benchmarks use this module without Django.
+    from django.conf import settings
+
+    return Path(getattr(settings, name))
 
 
-def _bundled_texts() -> list[str]:
+def local_model_dir(name: str, models_dir: Path | None = None) -> Path:
+    return Path(models_dir or _setting("MODELS_DIR")) / name
+
+
+def _bundled_texts(data_dir: Path) -> list[str]:
     """Text of the bundled train sets (never the eval sets), in a fixed order."""
     texts: list[str] = []
-    for path in sorted((Path(settings.BUNDLED_DATA_DIR) / "train").glob("*.jsonl")):
+    for path in sorted((data_dir / "train").glob("*.jsonl")):
         with open(path, encoding="utf-8") as handle:
             for line in handle:
                 if line.strip():
                     row = json.loads(line)
                     texts.append(f"{row['context']}\n{row['question']}\n{row['answer']}")
     if not texts:
-        raise RuntimeError(f"no bundled train data under {settings.BUNDLED_DATA_DIR / 'train'}")
+        raise RuntimeError(f"no bundled train data under {data_dir / 'train'}")
     return texts
 
 
@@ -96,12 +101,20 @@ def _train_tokenizer(texts: list[str], vocab_size: int):
 
 
 def build_tiny_model(
-    name: str = "tiny-llama", *, force: bool = False, progress: Callable[[int, int], None] | None = None
+    name: str = "tiny-llama",
+    *,
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    models_dir: Path | None = None,
+    data_dir: Path | None = None,
 ) -> Path:
-    """Build local:<name> under MODELS_DIR, atomically (a half-built model never appears)."""
+    """Build local:<name> under MODELS_DIR, atomically (a half-built model never appears).
+
+    Pre-training runs on CUDA when there is a GPU (bit-for-bit determinism holds per device).
+    """
     if name not in SPECS:
         raise UnknownLocalModel(f"unknown local model 'local:{name}'; known: {', '.join('local:' + n for n in SPECS)}")
-    target = local_model_dir(name)
+    target = local_model_dir(name, models_dir)
     if target.exists() and not force:
         return target
     import torch
@@ -112,7 +125,7 @@ def build_tiny_model(
     started = time.monotonic()
     random.seed(spec.seed)
     torch.manual_seed(spec.seed)
-    texts = _bundled_texts()
+    texts = _bundled_texts(Path(data_dir or _setting("BUNDLED_DATA_DIR")))
     tokenizer = _train_tokenizer(texts, spec.vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
@@ -122,6 +135,8 @@ def build_tiny_model(
         pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
 
     # Pre-training: the concatenated texts, cut into fixed blocks (no padding waste).
     stream: list[int] = []
@@ -139,7 +154,7 @@ def build_tiny_model(
     for _epoch in range(spec.pretrain_epochs):
         order = torch.randperm(len(blocks), generator=generator)
         for start in range(0, len(blocks), spec.pretrain_batch):
-            batch = blocks[order[start : start + spec.pretrain_batch]]
+            batch = blocks[order[start : start + spec.pretrain_batch]].to(device)
             loss = model(input_ids=batch, labels=batch).loss
             loss.backward()
             final_loss = loss.item()
@@ -151,6 +166,7 @@ def build_tiny_model(
             if progress:
                 progress(step, total)
     model.eval()
+    model.to("cpu")
     transformers_logging.disable_progress_bar()
 
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,47 @@
+from datetime import timedelta
+
+import pytest
+from django.core.management import call_command
+from django.utils import timezone
+
+from runs.jobs import reap_job
+from runs.models import PipelineRun
+
+from .factories import make_run
+
+pytestmark = pytest.mark.django_db
+
+
+def test_the_reaper_fails_only_active_runs_with_a_stale_heartbeat(user, settings):
+    settings.REAPER_STALE_SECONDS = 60
+    old = timezone.now() - timedelta(seconds=300)
+    stale = make_run(user, status="training", heartbeat_at=old)
+    fresh = make_run(user, status="evaluating", heartbeat_at=timezone.now())
+    pending = make_run(user, status="pending", heartbeat_at=old)
+    done = make_run(user, status="completed", heartbeat_at=old)
+    assert reap_job() == [stale.pk]
+    statuses = dict(PipelineRun.objects.values_list("pk", "status"))
+    assert statuses == {stale.pk: "failed", fresh.pk: "evaluating", pending.pk: "pending", done.pk: "completed"}
+    stale.refresh_from_db()
+    assert "no heartbeat for 300s (limit 60s) while training" in stale.error
+    assert stale.events.last().to_status == "failed" and "worker lost" in stale.logs
+
+
+def test_reap_runs_command_dry_run_changes_nothing(user, capsys):
+    run = make_run(user, status="training", heartbeat_at=timezone.now() - timedelta(hours=1))
+    call_command("reap_runs", "--dry-run")
+    assert f"would fail #{run.pk}" in capsys.readouterr().out
+    assert PipelineRun.objects.get(pk=run.pk).status == "training"
+    call_command("reap_runs")
+    assert PipelineRun.objects.get(pk=run.pk).status == "failed"
+
+
+def test_the_cron_config_schedules_the_reaper_on_the_cpu_queue():
+    from rq.cron import CronScheduler
+
+    import redis
+
+    scheduler = CronScheduler(connection=redis.Redis())  # never connects: only the config is loaded
+    scheduler.load_config_from_file("runs.cron")
+    (job,) = scheduler.get_jobs()
+    assert job.queue_name == "cpu" and job.func is reap_job and job.interval == 30
