@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import yaml
 from django.core.management import call_command
 
 from runs.models import PipelineRun, RunEvent, RunResult, SampleResult
-from tests.conftest import ROOT, free_port, run_worker_burst, token_client, wait_for_port
+from tests.conftest import free_port, run_worker_burst, token_client, wait_for_port
 from tests.runs.factories import eval_only_config, finetune_config
 
 pytestmark = [pytest.mark.pipeline, pytest.mark.django_db(transaction=True)]

@@ -37,9 +37,8 @@ def test_reap_runs_command_dry_run_changes_nothing(user, capsys):
 
 
 def test_the_cron_config_schedules_the_reaper_on_the_cpu_queue():
-    from rq.cron import CronScheduler
-
     import redis
+    from rq.cron import CronScheduler
 
     scheduler = CronScheduler(connection=redis.Redis())  # never connects: only the config is loaded
     scheduler.load_config_from_file("runs.cron")
