@@ -48,7 +48,7 @@ def _progress_span(run: PipelineRun) -> tuple[int, int, int]:
 
 def run_generate(run: PipelineRun, run_log: RunLog) -> None:
     from training.finetune import load_base_model, load_tokenizer, pick_device
-    from training.services import ensure_adapter
+    from training.services import build_progress, ensure_adapter
     from training.tiny_model import resolve_model_path
 
     from .generation import adapter_disabled, encode_eval_prompts, generate_answers
@@ -57,7 +57,7 @@ def run_generate(run: PipelineRun, run_log: RunLog) -> None:
     start, end, _ = _progress_span(run)
     start_tracking(run, run_log)
     run_update_progress(run_id=run.pk, progress=start, stage="loading model for generation")
-    base_path = resolve_model_path(run.base_model)
+    base_path = resolve_model_path(run.base_model, progress=build_progress(run.pk, run.base_model))
     device, dtype = pick_device((run.config.get("training") or {}).get("precision", "auto"))
     tokenizer = load_tokenizer(base_path)
     model = load_base_model(base_path, device=device, dtype=dtype)

@@ -1,8 +1,15 @@
-from django.contrib.auth.decorators import login_required
 from django.urls import path
-from django.views.generic import RedirectView
 
-# The HTMX pages arrive with the web-pages issue; until then the browsable API is the UI.
+from . import views
+
 urlpatterns = [
-    path("", login_required(RedirectView.as_view(url="/api/runs/")), name="home"),
+    path("", views.dashboard, name="dashboard"),
+    path("runs/new/", views.run_new, name="run-new"),
+    path("runs/<int:pk>/", views.run_detail, name="run-detail"),
+    path("runs/<int:pk>/row/", views.run_row, name="run-row"),
+    path("runs/<int:pk>/status/", views.run_status, name="run-status"),
+    path("runs/<int:pk>/cancel/", views.run_cancel_view, name="run-cancel"),
+    path("runs/<int:pk>/results/", views.run_results, name="run-results"),
+    path("runs/<int:pk>/samples.csv", views.run_samples_csv, name="run-samples-csv"),
+    path("compare/", views.compare, name="compare"),
 ]

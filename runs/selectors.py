@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from typing import Any
 
-from django.db.models import QuerySet
+from django.conf import settings
+from django.db.models import Prefetch, QuerySet
+from django.shortcuts import get_object_or_404
 
-from .models import PipelineRun, RunResult
+from .models import PipelineRun, RunResult, SampleResult
 
 
 def run_visible_to(user) -> QuerySet[PipelineRun]:
@@ -44,3 +48,127 @@ def run_score_table(run: PipelineRun) -> list[dict]:
         if base and tuned and base["value"] is not None and tuned["value"] is not None:
             row["delta"] = tuned["value"] - base["value"]
     return list(table.values())
+
+
+def dashboard_runs(user, *, status: str = "", kind: str = "") -> QuerySet[PipelineRun]:
+    """Runs for the dashboard with what a row shows, in a fixed number of queries."""
+    qs = run_visible_to(user).defer("logs", "train_history", "reproducibility").prefetch_related(
+        "train_datasets", "eval_datasets", Prefetch("results", queryset=RunResult.objects.select_related("dataset"))
+    )
+    if status:
+        qs = qs.filter(status=status)
+    if kind:
+        qs = qs.filter(kind=kind)
+    return qs
+
+
+def headline_scores(run: PipelineRun) -> list[dict[str, Any]]:
+    """Up to two metrics of the run's first eval dataset: main value, and the gain over base."""
+    results = list(run.results.all())  # prefetched by dashboard_runs
+    if not results:
+        return []
+    first_dataset = min(r.dataset.name if r.dataset else "" for r in results)
+    by_key = {(r.metric, r.variant): r.value for r in results if (r.dataset.name if r.dataset else "") == first_dataset}
+    wanted = [m for m in (run.config.get("evaluation") or {}).get("metrics", []) if any(k[0] == m for k in by_key)][:2]
+    main = "finetuned" if run.kind == "finetune" else next((v for _, v in by_key), "dataset")
+    out = []
+    for metric in wanted:
+        value, base = by_key.get((metric, main)), by_key.get((metric, "base"))
+        delta = value - base if value is not None and base is not None and main != "base" else None
+        out.append({"metric": metric, "value": value, "delta": delta})
+    return out
+
+
+def run_for_page(user, pk: int) -> PipelineRun:
+    return get_object_or_404(run_visible_to(user).prefetch_related("events", "train_datasets", "eval_datasets"), pk=pk)
+
+
+def mlflow_links(run: PipelineRun) -> dict[str, str]:
+    """Links into the MLflow UI when one is reachable by URL (MLFLOW_UI_URL or an http tracking URI)."""
+    ui = settings.MLFLOW_UI_URL or (settings.MLFLOW_TRACKING_URI if settings.MLFLOW_TRACKING_URI.startswith("http") else "")
+    links: dict[str, str] = {}
+    if ui and run.mlflow_run_id:
+        links["run"] = f"{ui.rstrip('/')}/#/experiments/{run.mlflow_experiment_id}/runs/{run.mlflow_run_id}"
+    if ui and run.registered_model_name:
+        links["model"] = f"{ui.rstrip('/')}/#/models/{run.registered_model_name}/versions/{run.registered_model_version}"
+    return links
+
+
+def run_samples_table(run: PipelineRun, *, dataset: str | None, sort: str | None, order: str) -> dict[str, Any]:
+    """Samples joined across variants: one row per (eval dataset, index), sortable by a metric.
+
+    sort is "metric" or "metric:variant" (default variant: the run's main one);
+    samples without that score sort last.
+    """
+    qs = SampleResult.objects.filter(run=run).select_related("dataset").order_by("dataset__name", "index", "variant")
+    if dataset:
+        qs = qs.filter(dataset__name=dataset)
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    variants: list[str] = []
+    metrics: list[str] = list((run.config.get("evaluation") or {}).get("metrics", []))
+    for sample in qs:
+        key = (sample.dataset.name if sample.dataset else "", sample.index)
+        row = rows.setdefault(key, {
+            "dataset": key[0], "index": sample.index, "question": sample.question, "contexts": sample.contexts,
+            "ground_truth": sample.ground_truth, "answers": {}, "scores": {}, "reasons": {},
+        })
+        row["answers"][sample.variant] = sample.answer
+        row["scores"][sample.variant] = sample.scores
+        row["reasons"][sample.variant] = sample.reasons
+        if sample.variant not in variants:
+            variants.append(sample.variant)
+    variants.sort(key=["finetuned", "base", "dataset"].index)
+    ordered = list(rows.values())
+    if sort:
+        metric, _, variant = sort.partition(":")
+        variant = variant or (variants[0] if variants else "")
+
+        def key(row: dict[str, Any]) -> tuple[int, float]:
+            value = row["scores"].get(variant, {}).get(metric)
+            if value is None:
+                return (1, 0.0)
+            return (0, value if order != "desc" else -value)
+
+        ordered.sort(key=key)
+    datasets = sorted(SampleResult.objects.filter(run=run).values_list("dataset__name", flat=True).distinct())
+    return {"rows": ordered, "variants": variants, "metrics": metrics, "datasets": datasets}
+
+
+def _main_variant_value(results: list[RunResult], dataset: str, metric: str, kind: str) -> float | None:
+    preference = ["finetuned", "dataset", "base"] if kind == "finetune" else ["dataset", "base", "finetuned"]
+    by_variant = {r.variant: r.value for r in results if (r.dataset.name if r.dataset else "") == dataset and r.metric == metric}
+    for variant in preference:
+        if by_variant.get(variant) is not None:
+            return by_variant[variant]
+    return None
+
+
+def _flatten(prefix: str, value: Any) -> dict[str, str]:
+    if isinstance(value, dict):
+        out: dict[str, str] = {}
+        for key, item in value.items():
+            out.update(_flatten(f"{prefix}.{key}" if prefix else key, item))
+        return out
+    return {prefix: json.dumps(value) if not isinstance(value, str) else value}
+
+
+def compare_runs(user, ids: list[int]) -> dict[str, Any]:
+    """Metrics side by side (best per row marked), chart data, and the config fields that differ."""
+    runs = list(run_visible_to(user).filter(pk__in=ids).prefetch_related(Prefetch("results", queryset=RunResult.objects.select_related("dataset"))))
+    runs.sort(key=lambda r: ids.index(r.pk))
+    keys = sorted({(r.dataset.name if r.dataset else "", r.metric) for run in runs for r in run.results.all()})
+    rows = []
+    chart: dict[str, dict[str, float]] = {}
+    for dataset, metric in keys:
+        values = [_main_variant_value(list(run.results.all()), dataset, metric, run.kind) for run in runs]
+        measured = [v for v in values if v is not None]
+        best = max(measured) if measured else None
+        differ = len(set(measured)) > 1  # a tie everywhere has no best
+        rows.append({"dataset": dataset, "metric": metric, "cells": [{"value": v, "best": differ and v == best} for v in values]})
+        for run, value in zip(runs, values, strict=True):
+            if value is not None:
+                chart.setdefault(f"#{run.pk} {run.name}", {})[f"{dataset}/{metric}"] = value
+    flat = [_flatten("", run.config) for run in runs]
+    fields = sorted({k for f in flat for k in f})
+    diff = [{"field": field, "values": [f.get(field, "—") for f in flat]} for field in fields if len({f.get(field, "—") for f in flat}) > 1]
+    return {"runs": runs, "rows": rows, "chart": chart, "diff": diff}

@@ -42,7 +42,7 @@ def run_finetune(run: PipelineRun, run_log: RunLog) -> None:
     run_log(f"fine-tuning {run.base_model} on {', '.join(d.name for d in train_sets)} ({len(rows)} rows)")
 
     run_update_progress(run_id=run.pk, progress=1, stage="loading base model")
-    base_path = resolve_model_path(run.base_model)
+    base_path = resolve_model_path(run.base_model, progress=build_progress(run.pk, run.base_model))
     record = reproducibility_record(run)
     run_set_reproducibility(run_id=run.pk, record=record)
     mlflow_run_id = tracking.mlflow_start(run, tags={f"repro.{k}": v for k, v in tracking.flatten("", record).items()})
@@ -108,6 +108,19 @@ def run_finetune(run: PipelineRun, run_log: RunLog) -> None:
     run_transition(run_id=run.pk, to="evaluating", expected="training", message="training finished")
     run_enqueue_next(run_id=run.pk, after="finetune")
     run_update_progress(run_id=run.pk, progress=72, stage="queued for answer generation")
+
+
+def build_progress(run_id: int, base_model: str):
+    """Stage updates while a local: model is built on first use (it takes a while)."""
+    last = [0.0]
+
+    def report(step: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= LIVE_UPDATE_SECONDS or step == total:
+            last[0] = now
+            run_update_progress(run_id=run_id, stage=f"building {base_model} on first use: pre-training step {step}/{total}")
+
+    return report
 
 
 def ensure_adapter(run: PipelineRun) -> Path:

@@ -191,7 +191,7 @@ def build_tiny_model(
     return target
 
 
-def resolve_model_path(base: str) -> str:
+def resolve_model_path(base: str, progress: Callable[[int, int], None] | None = None) -> str:
     """A config's model.base -> something from_pretrained accepts.
 
     local:<name> is built on first use; a path is used as is; anything else is a
@@ -201,6 +201,6 @@ def resolve_model_path(base: str) -> str:
         name = base.removeprefix("local:")
         directory = local_model_dir(name)
         if not directory.exists():
-            build_tiny_model(name)
+            build_tiny_model(name, progress=progress)
         return str(directory)
     return base

@@ -1,0 +1,176 @@
+"""Pages for runs: dashboard, new run, run page (live), results, compare.
+
+Function views that parse input, call a service or selector, and render.
+Polled fragments answer 286 (htmx: stop polling) once a run is terminal.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.paginator import Paginator
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
+
+from .api import neutralise_csv_cell
+from .config import ConfigError
+from .forms import RunForm, YamlConfigForm, default_initial, initial_from_config
+from .models import PipelineRun, RunKind, RunStatus
+from .selectors import (
+    compare_runs,
+    dashboard_runs,
+    mlflow_links,
+    run_for_page,
+    run_samples_table,
+    run_score_table,
+    run_visible_to,
+)
+from .services import InvalidTransition, run_cancel, run_create
+
+STOP_POLLING = 286
+
+
+def _poll_response(request: HttpRequest, template: str, context: dict, run: PipelineRun) -> HttpResponse:
+    response = render(request, template, context)
+    if run.is_terminal:
+        response.status_code = STOP_POLLING
+    return response
+
+
+@login_required
+def dashboard(request: HttpRequest) -> HttpResponse:
+    status, kind = request.GET.get("status", ""), request.GET.get("kind", "")
+    page = Paginator(dashboard_runs(request.user, status=status, kind=kind), 25).get_page(request.GET.get("page"))
+    return render(request, "runs/dashboard.html", {
+        "page": page, "status": status, "kind": kind, "statuses": RunStatus.values, "kinds": RunKind.values,
+    })
+
+
+@login_required
+def run_row(request: HttpRequest, pk: int) -> HttpResponse:
+    run = get_object_or_404(dashboard_runs(request.user), pk=pk)
+    return _poll_response(request, "runs/_run_row.html", {"run": run}, run)
+
+
+@login_required
+def run_new(request: HttpRequest) -> HttpResponse:
+    yaml_form = YamlConfigForm()
+    validated = False
+    if request.method == "POST" and request.POST.get("action") == "load_yaml":
+        yaml_form = YamlConfigForm(request.POST, request.FILES)
+        form = RunForm(user=request.user)
+        if yaml_form.is_valid():
+            config = yaml_form.cleaned_data["config"]
+            form = RunForm(initial_from_config(config), user=request.user)
+            form.is_valid()  # show what the schema says about the loaded config, field by field
+            messages.info(request, "YAML loaded into the form: review it, then launch.")
+    elif request.method == "POST":
+        form = RunForm(request.POST, user=request.user)
+        if form.is_valid():
+            if request.POST.get("action") == "validate":
+                validated = True
+            else:
+                try:
+                    run = run_create(config=form.config, owner=request.user)
+                except ConfigError as exc:  # e.g. a dataset deleted since validation
+                    form.add_config_errors(exc)
+                else:
+                    messages.success(request, f"Run #{run.pk} created and queued.")
+                    return redirect("run-detail", pk=run.pk)
+    else:
+        initial = default_initial()
+        clone = request.GET.get("clone")
+        if clone and clone.isdigit():
+            source = get_object_or_404(run_visible_to(request.user), pk=int(clone))
+            initial = initial_from_config(source.config)
+            initial["name"] = f"{source.name}-copy"[:200]
+        form = RunForm(initial=initial, user=request.user)
+    context = {"form": form, "yaml_form": yaml_form, "validated": validated}
+    template = "runs/_run_form.html" if request.htmx else "runs/run_new.html"
+    return render(request, template, context)
+
+
+@login_required
+def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    run = run_for_page(request.user, pk)
+    return render(request, "runs/run_detail.html", {"run": run, "links": mlflow_links(run)})
+
+
+@login_required
+def run_status(request: HttpRequest, pk: int) -> HttpResponse:
+    run = run_for_page(request.user, pk)
+    return _poll_response(request, "runs/_run_status.html", {"run": run, "links": mlflow_links(run)}, run)
+
+
+@login_required
+@require_POST
+def run_cancel_view(request: HttpRequest, pk: int) -> HttpResponse:
+    run = get_object_or_404(run_visible_to(request.user), pk=pk)
+    try:
+        run_cancel(run_id=run.pk, message=f"cancelled by {request.user.get_username()} (web)")
+        messages.success(request, f"Run #{run.pk} cancelled.")
+    except InvalidTransition as exc:
+        messages.error(request, str(exc))
+    return redirect("run-detail", pk=run.pk)
+
+
+@login_required
+def run_results(request: HttpRequest, pk: int) -> HttpResponse:
+    run = run_for_page(request.user, pk)
+    table = run_score_table(run)
+    samples = run_samples_table(run, dataset=request.GET.get("dataset"), sort=request.GET.get("sort"), order=request.GET.get("order", "asc"))
+    try:
+        worst = max(0, int(request.GET.get("worst") or 0))
+    except ValueError:
+        worst = 0
+    rows = samples["rows"][:worst] if worst else samples["rows"]
+    page = Paginator(rows, 25).get_page(request.GET.get("page"))
+    return render(request, "runs/run_results.html", {
+        "run": run, "table": table, "chart": _results_chart(table), "samples": samples, "page": page,
+        "worst": worst, "sort": request.GET.get("sort", ""), "order": request.GET.get("order", "asc"),
+        "variants": [v for v in ("finetuned", "base", "dataset") if any(v in row["variants"] for row in table)],
+    })
+
+
+def _results_chart(table: list[dict]) -> dict:
+    """{dataset: {variant: {metric: value}}} for the bar chart (measured values only)."""
+    chart: dict = {}
+    for row in table:
+        for variant, cell in row["variants"].items():
+            if cell["value"] is not None:
+                chart.setdefault(row["dataset"], {}).setdefault(variant, {})[row["metric"]] = cell["value"]
+    return chart
+
+
+@login_required
+def run_samples_csv(request: HttpRequest, pk: int) -> HttpResponse:
+    run = get_object_or_404(run_visible_to(request.user), pk=pk)
+    samples = run_samples_table(run, dataset=None, sort=None, order="asc")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    metrics, variants = samples["metrics"], samples["variants"]
+    writer.writerow(["dataset", "index", "question", "ground_truth", *(f"answer_{v}" for v in variants), *(f"{m}_{v}" for v in variants for m in metrics)])
+    for row in samples["rows"]:
+        cells = [row["dataset"], row["index"], row["question"], row["ground_truth"], *(row["answers"].get(v, "") for v in variants)]
+        cells += [("" if row["scores"].get(v, {}).get(m) is None else row["scores"][v][m]) for v in variants for m in metrics]
+        writer.writerow([neutralise_csv_cell(c) for c in cells])
+    response = HttpResponse(buffer.getvalue(), content_type="text/csv; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="run-{run.pk}-samples.csv"'
+    return response
+
+
+@login_required
+def compare(request: HttpRequest) -> HttpResponse:
+    ids = [int(part) for part in request.GET.get("runs", "").replace(" ", "").split(",") if part.isdigit()]
+    ids += [int(v) for v in request.GET.getlist("run") if v.isdigit()]
+    if not ids:
+        messages.info(request, "Pick two or more runs on the dashboard, then Compare.")
+        return redirect("dashboard")
+    comparison = compare_runs(request.user, list(dict.fromkeys(ids))[:12])
+    if not comparison["runs"]:
+        raise Http404("no such runs")
+    return render(request, "runs/compare.html", comparison)

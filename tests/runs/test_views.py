@@ -1,0 +1,195 @@
+"""Pages: status codes, login redirects, forms, HTMX fragments, polling stop, CSV."""
+
+import csv
+import io
+
+import pytest
+import yaml
+
+from datasets_app.models import Dataset
+from runs.models import PipelineRun, RunResult, SampleResult
+
+from .factories import finetune_config, make_run
+
+pytestmark = pytest.mark.django_db
+
+PAGES = ["/", "/runs/new/", "/runs/{id}/", "/runs/{id}/status/", "/runs/{id}/row/", "/runs/{id}/results/", "/runs/{id}/samples.csv", "/compare/?runs={id}", "/datasets/", "/datasets/{ds}/"]
+
+
+@pytest.fixture
+def logged_in(client, user):
+    client.force_login(user)
+    return client
+
+
+def scored_run(owner, *, kind="finetune", status="completed"):
+    run = make_run(owner, kind=kind, status=status)
+    dataset = Dataset.objects.get(name="ragas_eval")
+    run.eval_datasets.set([dataset])
+    variants = ["finetuned", "base"] if kind == "finetune" else ["dataset"]
+    for variant, offset in zip(variants, (0.2, 0.0), strict=False):
+        RunResult.objects.create(run=run, dataset=dataset, variant=variant, metric="rouge_score", value=0.3 + offset, n_scored=2)
+        RunResult.objects.create(run=run, dataset=dataset, variant=variant, metric="exact_match", value=None, n_scored=0, n_failed=2, failure_reasons={"timeout": 2})
+        for index in range(2):
+            SampleResult.objects.create(
+                run=run, dataset=dataset, variant=variant, index=index, question=f"question {index}", contexts=["ctx"],
+                ground_truth="truth", answer=f"=answer {variant} {index}", scores={"rouge_score": 0.1 * index + offset, "exact_match": None},
+                reasons={"exact_match": "timeout"},
+            )
+    return run
+
+
+@pytest.mark.parametrize("path", PAGES)
+def test_anonymous_users_are_sent_to_login(client, user, path):
+    run = make_run(user)
+    response = client.get(path.format(id=run.pk, ds=Dataset.objects.first().pk))
+    assert response.status_code == 302
+    assert response.url.startswith("/accounts/login/")
+
+
+@pytest.mark.parametrize("path", PAGES)
+def test_every_page_renders_for_its_owner(logged_in, user, path):
+    run = scored_run(user)
+    response = logged_in.get(path.format(id=run.pk, ds=Dataset.objects.get(name="ragas_eval").pk))
+    assert response.status_code in (200, 286), response.content[:500]
+
+
+@pytest.mark.parametrize("path", ["/runs/{id}/", "/runs/{id}/status/", "/runs/{id}/results/", "/runs/{id}/samples.csv", "/runs/new/?clone={id}"])
+def test_other_users_runs_are_not_found(client, other_user, user, path):
+    run = scored_run(user)
+    client.force_login(other_user)
+    assert client.get(path.format(id=run.pk)).status_code == 404
+
+
+def test_dashboard_filters_and_shows_headline_scores(logged_in, user):
+    scored_run(user)
+    make_run(user, status="training")
+    page = logged_in.get("/").content.decode()
+    assert "rouge_score" in page and "+0.2000" in page
+    assert page.count('hx-trigger="every 2s"') == 1  # only the unfinished run polls
+    filtered = logged_in.get("/?status=training").content.decode()
+    assert "+0.2000" not in filtered
+
+
+def test_polling_fragments_stop_for_terminal_runs(logged_in, user):
+    done, running = make_run(user, status="completed"), make_run(user, status="training")
+    assert logged_in.get(f"/runs/{done.pk}/status/").status_code == 286
+    assert logged_in.get(f"/runs/{done.pk}/row/").status_code == 286
+    assert logged_in.get(f"/runs/{running.pk}/status/").status_code == 200
+    row = logged_in.get(f"/runs/{running.pk}/row/", HTTP_HX_REQUEST="true")
+    assert row.status_code == 200 and row.content.decode().lstrip().startswith("<tr")
+
+
+def test_run_page_shows_timeline_logs_error_and_loss_data(logged_in, user):
+    run = make_run(user, status="failed", error="finetune failed: boom", logs="line one\n", train_history=[{"step": 1, "loss": 2.5, "learning_rate": 0.001, "epoch": 0.1}])
+    page = logged_in.get(f"/runs/{run.pk}/").content.decode()
+    assert "finetune failed: boom" in page and "line one" in page and "train-history" in page and '"loss": 2.5' in page
+    assert "Cancel run" not in page
+
+
+def test_cancel_button_cancels_through_the_status_machine(logged_in, user):
+    run = make_run(user, status="training")
+    response = logged_in.post(f"/runs/{run.pk}/cancel/")
+    assert response.status_code == 302
+    run.refresh_from_db()
+    assert run.status == "cancelled" and run.events.last().to_status == "cancelled"
+    logged_in.post(f"/runs/{run.pk}/cancel/")  # a second cancel is refused with a message, not a crash
+    assert logged_in.get(f"/runs/{run.pk}/").status_code == 200
+
+
+def form_data(**overrides):
+    data = {
+        "name": "from-the-form", "kind": "finetune", "base_model": "local:tiny-llama", "train_datasets": ["rag_qa_train"],
+        "eval_datasets": ["ragas_eval"], "epochs": 2, "learning_rate": 0.001, "batch_size": 8, "max_seq_length": 256, "seed": 1,
+        "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear", "gradient_accumulation_steps": 1,
+        "answers": "generate", "compare_base": "on", "metrics": ["rouge_score"], "max_new_tokens": 16, "judge_api_key_env": "OPENAI_API_KEY",
+    }
+    data.update(overrides)
+    return data
+
+
+def test_new_run_form_launches_a_run(logged_in, user):
+    response = logged_in.post("/runs/new/", {**form_data(), "action": "launch"})
+    run = PipelineRun.objects.get()
+    assert response.status_code == 302 and response.url == f"/runs/{run.pk}/"
+    assert run.owner == user and run.config["training"]["epochs"] == 2 and run.status == "pending"
+
+
+def test_validate_shows_field_errors_inline_and_keeps_input(logged_in):
+    response = logged_in.post("/runs/new/", {**form_data(epochs=0, name="keep-me", metrics=["faithfulness"]), "action": "validate"}, HTTP_HX_REQUEST="true")
+    page = response.content.decode()
+    assert response.status_code == 200
+    assert page.lstrip().startswith('<form id="run-form"')  # an HTMX partial, not the whole page
+    assert 'value="keep-me"' in page
+    assert "greater than or equal to 1" in page  # epochs
+    assert "need an LLM judge" in page
+    assert not PipelineRun.objects.exists()
+    ok = logged_in.post("/runs/new/", {**form_data(), "action": "validate"}, HTTP_HX_REQUEST="true")
+    assert "The config is valid" in ok.content.decode() and not PipelineRun.objects.exists()
+
+
+def test_a_bad_launch_re_renders_with_errors_and_creates_nothing(logged_in):
+    response = logged_in.post("/runs/new/", {**form_data(train_datasets=[]), "action": "launch"})
+    assert response.status_code == 200
+    assert "at least one train dataset" in response.content.decode()
+    assert not PipelineRun.objects.exists()
+
+
+def test_eval_only_from_the_form(logged_in):
+    logged_in.post("/runs/new/", {**form_data(kind="eval_only", answers="dataset", train_datasets=[]), "action": "launch"})
+    run = PipelineRun.objects.get()
+    assert run.kind == "eval_only"
+    assert run.config["training"] is None and run.config["datasets"]["train"] == []
+
+
+def test_yaml_loads_into_the_form(logged_in):
+    text = yaml.safe_dump(finetune_config(name="from-yaml"))
+    page = logged_in.post("/runs/new/", {"action": "load_yaml", "yaml_text": text}).content.decode()
+    assert 'value="from-yaml"' in page
+    bad = logged_in.post("/runs/new/", {"action": "load_yaml", "yaml_text": "name: x\n\tkind: y"}).content.decode()
+    assert "line 2" in bad
+    assert not PipelineRun.objects.exists()
+
+
+def test_clone_prefills_the_form(logged_in, user):
+    run = make_run(user)
+    page = logged_in.get(f"/runs/new/?clone={run.pk}").content.decode()
+    assert f'value="{run.name}-copy"' in page
+
+
+def test_results_page_shows_difference_unmeasured_reasons_and_samples(logged_in, user):
+    run = scored_run(user)
+    page = logged_in.get(f"/runs/{run.pk}/results/").content.decode()
+    assert "+0.2000" in page and "delta-pos" in page
+    assert "not measured" in page and "timeout ×2" in page
+    assert "question 1" in page and "results-chart-data" in page
+    worst = logged_in.get(f"/runs/{run.pk}/results/?sort=rouge_score:finetuned&order=asc&worst=1").content.decode()
+    assert "question 0" in worst and "question 1" not in worst
+
+
+def test_samples_csv_is_neutralised(logged_in, user):
+    run = scored_run(user)
+    response = logged_in.get(f"/runs/{run.pk}/samples.csv")
+    rows = list(csv.reader(io.StringIO(response.content.decode())))
+    assert rows[0][:4] == ["dataset", "index", "question", "ground_truth"]
+    assert rows[1][4].startswith("'=answer")
+
+
+def test_compare_highlights_the_best_and_diffs_configs(logged_in, user):
+    a, b = scored_run(user), scored_run(user)
+    b.config = {**b.config, "name": "other"}
+    b.save()
+    RunResult.objects.filter(run=b, variant="finetuned", metric="rouge_score").update(value=0.9)
+    page = logged_in.get(f"/compare/?runs={a.pk},{b.pk}").content.decode()
+    assert page.count("cell-best") == 1
+    assert '<td class="num cell-best">0.9000</td>' in page
+    assert "Config differences" in page and ">name<" in page and ">other<" in page
+    assert logged_in.get("/compare/").status_code == 302
+
+
+def test_static_assets_are_served_locally():
+    from django.contrib.staticfiles import finders
+
+    assert finders.find("vendor/plotly.min.js")
+    assert finders.find("django_htmx/htmx-2.min.js")
+    assert finders.find("css/app.css") and finders.find("js/app.js")
