@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export RAGAS_DO_NOT_TRACK ?= true
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run test lint serve migrate worker-gpu worker-cpu reaper mlflow-ui clean
+.PHONY: run test lint serve superuser migrate worker-gpu worker-cpu reaper mlflow-ui clean
 
 $(VENV)/.installed: requirements/web.txt requirements/worker.txt requirements/dev.txt requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ lint: $(VENV)/.installed
 
 serve: migrate
 	$(PY) manage.py runserver 127.0.0.1:8000
+
+superuser: migrate
+	$(PY) manage.py createsuperuser
 
 worker-gpu: $(VENV)/.installed
 	$(PY) manage.py rqworker gpu
