@@ -29,3 +29,22 @@ def reap_stale_runs(*, stale_seconds: int) -> list[tuple[int, str]]:
             RunLog(run.pk)(reason)
             reaped.append((run.pk, reason))
     return reaped
+
+
+_last_embedded_reap = [0.0]
+
+
+def reap_if_embedded(*, every: float = 30.0) -> None:
+    """Without workers (embedded default) nobody runs the cron reaper: the pages do it.
+
+    A server process killed mid-run leaves its run `training`; the next page
+    view after the heartbeat limit ends it `failed` with the reason.
+    """
+    import time
+
+    from django.conf import settings
+
+    now = time.monotonic()
+    if settings.JOBS_INLINE and now - _last_embedded_reap[0] >= every:
+        _last_embedded_reap[0] = now
+        reap_stale_runs(stale_seconds=settings.REAPER_STALE_SECONDS)

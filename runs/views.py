@@ -20,6 +20,7 @@ from .api import neutralise_csv_cell
 from .config import ConfigError
 from .forms import RunForm, YamlConfigForm, default_initial, initial_from_config
 from .models import PipelineRun, RunKind, RunStatus
+from .reaper import reap_if_embedded
 from .selectors import (
     compare_runs,
     dashboard_runs,
@@ -43,6 +44,7 @@ def _poll_response(request: HttpRequest, template: str, context: dict, run: Pipe
 
 @login_required
 def dashboard(request: HttpRequest) -> HttpResponse:
+    reap_if_embedded()
     status, kind = request.GET.get("status", ""), request.GET.get("kind", "")
     page = Paginator(dashboard_runs(request.user, status=status, kind=kind), 25).get_page(request.GET.get("page"))
     return render(request, "runs/dashboard.html", {
@@ -96,6 +98,7 @@ def run_new(request: HttpRequest) -> HttpResponse:
 
 @login_required
 def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    reap_if_embedded()
     run = run_for_page(request.user, pk)
     return render(request, "runs/run_detail.html", {"run": run, "links": mlflow_links(run)})
 

@@ -44,3 +44,14 @@ def test_the_cron_config_schedules_the_reaper_on_the_cpu_queue():
     scheduler.load_config_from_file("runs.cron")
     (job,) = scheduler.get_jobs()
     assert job.queue_name == "cpu" and job.func is reap_job and job.interval == 30
+
+
+def test_pages_reap_stale_runs_in_the_embedded_default(client, user, settings):
+    from runs import reaper
+
+    settings.JOBS_INLINE = True
+    reaper._last_embedded_reap[0] = 0.0
+    run = make_run(user, status="training", heartbeat_at=timezone.now() - timedelta(hours=1))
+    client.force_login(user)
+    client.get("/")
+    assert PipelineRun.objects.get(pk=run.pk).status == "failed"
