@@ -5,6 +5,8 @@ from django.contrib import admin
 from django.http import HttpRequest
 from django.utils.html import format_html, format_html_join
 
+from mlops_site.admin_mixins import ServiceAddFormMixin
+
 from .models import Dataset
 from .services import DatasetImportError, dataset_delete, dataset_import
 from .validation import read_rows
@@ -39,22 +41,13 @@ class DatasetUploadForm(forms.ModelForm):
 
 
 @admin.register(Dataset)
-class DatasetAdmin(admin.ModelAdmin):
+class DatasetAdmin(ServiceAddFormMixin, admin.ModelAdmin):
+    add_form = DatasetUploadForm
     list_display = ["name", "kind", "row_count", "sha256_prefix", "owner", "created_at"]
     list_filter = ["kind", "created_at"]
     search_fields = ["name", "description", "sha256"]
     readonly_fields = ["name", "kind", "file", "row_count", "sha256", "size_bytes", "owner", "created_at", "preview"]
     fields = ["name", "kind", "description", "row_count", "sha256", "size_bytes", "owner", "created_at", "preview"]
-
-    def get_form(self, request, obj=None, change=False, **kwargs):
-        if obj is None:
-            form = DatasetUploadForm
-            form.request_user = request.user
-            return form
-        return super().get_form(request, obj, change, **kwargs)
-
-    def get_readonly_fields(self, request, obj=None):
-        return [] if obj is None else self.readonly_fields
 
     def get_fields(self, request, obj=None):
         return ["name", "kind", "description", "upload"] if obj is None else self.fields

@@ -8,29 +8,25 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils.html import format_html
 
+from mlops_site.admin_mixins import ReadOnlyAdminMixin, ServiceAddFormMixin
+
 from .config import ConfigError, validate_config
 from .models import TERMINAL_STATUSES, PipelineRun, RunEvent, RunResult, SampleResult
 from .services import InvalidTransition, dataset_name_types, run_cancel, run_create
 
 
-class RunEventInline(admin.TabularInline):
+class RunEventInline(ReadOnlyAdminMixin, admin.TabularInline):
     model = RunEvent
     extra = 0
     can_delete = False
     readonly_fields = ["from_status", "to_status", "message", "at"]
 
-    def has_add_permission(self, request: HttpRequest, obj=None) -> bool:
-        return False
 
-
-class RunResultInline(admin.TabularInline):
+class RunResultInline(ReadOnlyAdminMixin, admin.TabularInline):
     model = RunResult
     extra = 0
     can_delete = False
     readonly_fields = ["dataset", "variant", "metric", "value", "n_scored", "n_failed", "failure_reasons"]
-
-    def has_add_permission(self, request: HttpRequest, obj=None) -> bool:
-        return False
 
 
 class RunCreateForm(forms.ModelForm):
@@ -50,7 +46,8 @@ class RunCreateForm(forms.ModelForm):
 
 
 @admin.register(PipelineRun)
-class PipelineRunAdmin(admin.ModelAdmin):
+class PipelineRunAdmin(ServiceAddFormMixin, admin.ModelAdmin):
+    add_form = RunCreateForm
     list_display = ["id", "name", "kind", "status", "stage", "progress", "base_model", "owner", "created_at", "finished_at"]
     list_filter = ["status", "kind", "created_at"]
     search_fields = ["name", "base_model", "mlflow_run_id", "owner__username"]
@@ -64,16 +61,6 @@ class PipelineRunAdmin(admin.ModelAdmin):
         "reproducibility", "heartbeat_at", "created_at", "started_at", "finished_at", "owner",
     ]
     exclude = ["config", "train_history"]
-
-    def get_form(self, request, obj=None, change=False, **kwargs):
-        if obj is None:
-            form = RunCreateForm
-            form.request_user = request.user
-            return form
-        return super().get_form(request, obj, change, **kwargs)
-
-    def get_readonly_fields(self, request, obj=None):
-        return [] if obj is None else self.readonly_fields
 
     def get_exclude(self, request, obj=None):
         return [] if obj is None else self.exclude
@@ -115,45 +102,30 @@ class PipelineRunAdmin(admin.ModelAdmin):
 
 
 @admin.register(RunEvent)
-class RunEventAdmin(admin.ModelAdmin):
+class RunEventAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = ["run", "from_status", "to_status", "message", "at"]
     list_filter = ["to_status", "from_status"]
     search_fields = ["run__name", "message"]
     list_select_related = ["run"]
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
-        return False
 
 
 @admin.register(RunResult)
-class RunResultAdmin(admin.ModelAdmin):
+class RunResultAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = ["run", "dataset", "variant", "metric", "value", "n_scored", "n_failed"]
     list_filter = ["variant", "metric"]
     search_fields = ["run__name", "metric"]
     list_select_related = ["run", "dataset"]
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
-        return False
 
 
 @admin.register(SampleResult)
-class SampleResultAdmin(admin.ModelAdmin):
+class SampleResultAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = ["run", "dataset", "variant", "index", "short_question", "scores"]
     list_filter = ["variant"]
     search_fields = ["run__name", "question", "answer"]
     list_select_related = ["run", "dataset"]
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
-        return False
 
     @admin.display(description="question")
     def short_question(self, obj: SampleResult) -> str:
