@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export RAGAS_DO_NOT_TRACK ?= true
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run test lint serve superuser migrate worker-gpu worker-cpu reaper mlflow-ui clean
+.PHONY: run test lint serve superuser migrate worker-gpu worker-cpu reaper mlflow-ui clean served-up served-down served-status
 
 $(VENV)/.installed: requirements/web.txt requirements/worker.txt requirements/dev.txt requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -49,5 +49,23 @@ reaper: $(VENV)/.installed
 mlflow-ui: $(VENV)/.installed
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///var/mlflow.db --host 127.0.0.1 --port 5000
 
+# Served mode without Docker (README, "Served mode"): local PostgreSQL and Redis,
+# mlflow server, gunicorn, both workers and the scheduler as background processes.
+served-up: $(VENV)/.installed
+	scripts/served_mode.sh start
+
+served-down:
+	scripts/served_mode.sh stop
+
+served-status:
+	scripts/served_mode.sh status
+
 clean:
 	rm -rf var/runs var/mlartifacts var/mlflow.db var/db.sqlite3 var/data
+
+# make bench - every benchmark of bench/README.md, each measuring its baseline in the
+#              same run and printing the ratio; writes bench/results.json. Not part of
+#              `make test` (no timed assertions anywhere). Needs PostgreSQL, Redis and wrk.
+.PHONY: bench
+bench: $(VENV)/.installed
+	$(PY) bench/run_all.py --json bench/results.json
