@@ -69,3 +69,9 @@ clean:
 .PHONY: bench
 bench: $(VENV)/.installed
 	$(PY) bench/run_all.py --json bench/results.json
+
+# make reliability - fault injection, hostile input, fuzzing and security checks
+#                    (tests/reliability; `make test` runs them too); prints the ledger table.
+.PHONY: reliability
+reliability: $(VENV)/.installed
+	$(PY) -m pytest tests/reliability $(PYTEST_ARGS)

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 MAX_REPORTED_PROBLEMS = 20
+# One row is a question, an answer and a few passages: a line past this is a
+# mistake or an attack, refused without parsing it.
+MAX_LINE_BYTES = 1024 * 1024
 
 # Field -> expected kind, per dataset type. "str" must be a non-empty string,
 # "str_list" a non-empty list of non-empty strings.
@@ -99,7 +102,7 @@ def check_row(obj: Any, kind: str) -> list[str]:
     return problems
 
 
-def validate_jsonl(fileobj: IO[bytes], *, kind: str, max_bytes: int) -> ValidationReport:
+def validate_jsonl(fileobj: IO[bytes], *, kind: str, max_bytes: int, max_line_bytes: int = MAX_LINE_BYTES) -> ValidationReport:
     """Read the whole file once: counts rows, hashes it and collects line-numbered problems."""
     if kind not in SCHEMAS:
         raise ValueError(f"unknown dataset type {kind!r}")
@@ -108,6 +111,9 @@ def validate_jsonl(fileobj: IO[bytes], *, kind: str, max_bytes: int) -> Validati
         for number, raw in _read_lines(fileobj, max_bytes, report):
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]  # A UTF-8 byte-order mark is harmless: accept it.
+            if len(raw) > max_line_bytes:
+                report.add(f"line {number}: longer than {max_line_bytes} bytes ({len(raw)} bytes)")
+                continue
             if b"\x00" in raw:
                 report.add(f"line {number}: contains a NUL byte (binary file?)")
                 continue

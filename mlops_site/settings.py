@@ -173,6 +173,18 @@ STORAGES = {
 }
 
 LOGIN_URL = "/accounts/login/"
+# Password logins (login page, admin) lock after LOGIN_FAILURE_LIMIT failures per
+# username or client address, for LOGIN_LOCKOUT_SECONDS (mlops_site/auth.py).
+AUTHENTICATION_BACKENDS = ["mlops_site.auth.ThrottledModelBackend"]
+LOGIN_FAILURE_LIMIT = envint("LOGIN_FAILURE_LIMIT", 5)
+LOGIN_LOCKOUT_SECONDS = envint("LOGIN_LOCKOUT_SECONDS", 900)
+# Shared between processes through Redis in served mode (the lockout must hold
+# across gunicorn workers); per process otherwise.
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": os.environ["REDIS_URL"]}
+    if os.environ.get("REDIS_URL")
+    else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+}
 LOGIN_REDIRECT_URL = "/"
 
 # --- Data: uploaded and seeded datasets live here under generated names.
@@ -226,6 +238,9 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # Every operation documents its error answers (400/401/403/404, 409 where a
+    # transition can be refused) with the one error shape the API returns.
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "runs.api_errors.document_error_responses"],
 }
 
 # --- Security: safe by default, stricter in production (MLOPS_PRODUCTION=true).

@@ -16,3 +16,6 @@ urlpatterns = [
     path("", include("datasets_app.page_urls")),
     path("", include("runs.page_urls")),
 ]
+
+handler404 = "mlops_site.errors.not_found"
+handler500 = "mlops_site.errors.server_error"

@@ -44,3 +44,48 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
             "errors": errors,
         }
     return response
+
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "detail": {"type": "string", "description": "What is wrong, for a person."},
+        "errors": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
+                "required": ["field", "message"],
+            },
+        },
+    },
+    "required": ["detail"],
+}
+ERROR_DESCRIPTIONS = {
+    "400": "Invalid input: `detail` says what, `errors` names each field (and line, for files).",
+    "401": "Not authenticated.",
+    "403": "Not authenticated, or not allowed.",
+    "404": "No such object (or it belongs to another user), or a page past the end of a list.",
+    "409": "The run's status does not allow this transition.",
+}
+TRANSITION_PATHS = ("/status/", "/cancel/", "/retry/")
+
+
+def document_error_responses(result: dict, generator, request, public) -> dict:
+    """drf-spectacular postprocessing hook: the error answers every operation can give."""
+    result.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+    reference = {"$ref": "#/components/schemas/Error"}
+    for path, operations in result.get("paths", {}).items():
+        for method, operation in operations.items():
+            if method not in {"get", "post", "put", "patch", "delete"}:
+                continue
+            responses = operation.setdefault("responses", {})
+            codes = ["400", "401", "403"]
+            paginated = any(p.get("name") == "page" for p in operation.get("parameters", []))
+            if "{id}" in path or paginated:  # a missing object, or a page past the end
+                codes.append("404")
+            if path.endswith(TRANSITION_PATHS):
+                codes.append("409")
+            for code in codes:
+                responses.setdefault(code, {"description": ERROR_DESCRIPTIONS[code], "content": {"application/json": {"schema": reference}}})
+    return result

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from evaluation.metric_names import ALL_METRICS, DEFAULT_METRICS, needs_judge
 
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 DATASET_NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,99}$"
 DatasetName = Annotated[str, Field(pattern=DATASET_NAME_RE)]
@@ -106,8 +107,8 @@ class ModelConfig(Strict):
 
     @field_validator("base")
     @classmethod
-    def _no_nul(cls, value: str) -> str:
-        if "\x00" in value or "\n" in value:
+    def _no_control_chars(cls, value: str) -> str:
+        if CONTROL_CHARS.search(value):
             raise ValueError("must not contain control characters")
         return value
 
@@ -124,6 +125,13 @@ class RunConfig(Strict):
     datasets: DatasetsConfig
     training: TrainingConfig | None = None
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _printable_name(cls, value: str) -> str:
+        if CONTROL_CHARS.search(value):
+            raise ValueError("must not contain control characters (NUL, newlines, tabs)")
+        return value
 
     @model_validator(mode="after")
     def _kind_rules(self) -> RunConfig:

@@ -1,0 +1,173 @@
+"""Hostile input: each case gets a clear 4xx naming the problem, stores nothing,
+crashes nothing; what a browser shows is escaped; CSV cells cannot run formulas."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+
+from datasets_app.models import Dataset
+from runs.models import PipelineRun, RunResult, SampleResult
+from tests.runs.factories import finetune_config, make_run
+
+pytestmark = [pytest.mark.reliability, pytest.mark.django_db]
+
+TRAIN_ROW = {"question": "q", "answer": "a", "context": "c"}
+EVAL_ROW = {"question": "q", "answer": "a", "contexts": ["c"], "ground_truth": "g"}
+
+
+def line(row) -> bytes:
+    return json.dumps(row).encode() + b"\n"
+
+
+def stored_files() -> set[Path]:
+    folder = Path(settings.DATA_DIR) / "datasets"
+    return set(folder.iterdir()) if folder.exists() else set()
+
+
+def upload(api, name: str, content: bytes, kind: str = "train"):
+    return api.post("/api/datasets/", {"name": name, "type": kind, "file": io.BytesIO(content)}, format="multipart")
+
+
+JSONL_CASES = [
+    ("empty file", b"", "train", "file is empty"),
+    ("binary file", os.urandom(64).replace(b"\n", b"") + b"\x00\xff\n", "train", "line 1:"),
+    ("wrong encoding (Latin-1)", '{"question": "caf\xe9", "answer": "a", "context": "c"}\n'.encode("latin-1"), "train", "line 1: not valid UTF-8"),
+    ("one 20 MB line", b'{"question": "' + b"x" * (20 * 1024 * 1024) + b'", "answer": "a", "context": "c"}\n', "train", "line 1: longer than"),
+    ("valid JSON, wrong shape (array)", line(TRAIN_ROW) + b"[1, 2, 3]\n", "train", "line 2: expected a JSON object"),
+    ("valid JSON, wrong shape (missing field)", line({"question": "q", "answer": "a"}), "train", "line 1: missing field 'context'"),
+    ("non-string contexts", line({**EVAL_ROW, "contexts": [1, {"a": 2}]}), "eval", "line 1: field 'contexts' must be a list of strings"),
+    ("contexts is a string", line({**EVAL_ROW, "contexts": "one passage"}), "eval", "line 1: field 'contexts' must be a list of strings"),
+    ("100k lines, one broken near the end", line(TRAIN_ROW) * 99_998 + b"{broken\n" + line(TRAIN_ROW), "train", "line 99999: invalid JSON"),
+]
+
+
+@pytest.mark.parametrize(("case", "content", "kind", "expected"), JSONL_CASES, ids=[c[0] for c in JSONL_CASES])
+def test_hostile_jsonl_is_refused_naming_the_problem(api, ledger, case, content, kind, expected):
+    ledger.record("hostile input", f"JSONL: {case}", "400 naming the line/problem; no row, no file")
+    rows, files = Dataset.objects.count(), stored_files()
+    response = upload(api, "hostile", content, kind)
+    assert response.status_code == 400, response.content[:300]
+    assert expected in response.json()["detail"]
+    assert Dataset.objects.count() == rows and stored_files() == files
+
+
+def test_a_utf8_bom_is_accepted_as_text(api, ledger):
+    ledger.record("hostile input", "JSONL: UTF-8 byte-order mark", "accepted (it is valid UTF-8 text), rows counted right")
+    response = upload(api, "with-bom", b"\xef\xbb\xbf" + line(TRAIN_ROW) * 2)
+    assert response.status_code == 201 and response.json()["row_count"] == 2
+
+
+def test_a_file_over_the_size_limit_is_refused(api, ledger, settings):
+    ledger.record("hostile input", "JSONL: over the size limit", "400 naming the limit; no row, no file")
+    settings.DATASET_MAX_BYTES = 64 * 1024
+    rows, files = Dataset.objects.count(), stored_files()
+    response = upload(api, "too-big", line(TRAIN_ROW) * 5000)
+    assert response.status_code == 400 and "over the limit of 65536 bytes" in response.json()["detail"]
+    assert Dataset.objects.count() == rows and stored_files() == files
+
+
+NAME_CASES = [("path traversal", "../../etc/passwd"), ("NUL byte", "bad\x00name"), ("10k characters", "a" * 10_000), ("HTML", "<b>x</b>")]
+
+
+@pytest.mark.parametrize(("case", "name"), NAME_CASES, ids=[c[0] for c in NAME_CASES])
+def test_hostile_dataset_names_are_refused(api, ledger, case, name):
+    ledger.record("hostile input", f"dataset name: {case}", "400 naming the field 'name'; no row, no file")
+    files = stored_files()
+    response = upload(api, name, line(TRAIN_ROW))
+    assert response.status_code == 400
+    assert {e["field"] for e in response.json()["errors"]} == {"name"}
+    assert not Dataset.objects.filter(name=name).exists() and stored_files() == files
+
+
+CONFIG_CASES = [
+    ("unknown key", finetune_config(surprise=1), "surprise"),
+    ("wrong type", finetune_config(training={"epochs": "three"}), "training.epochs"),
+    ("negative number", finetune_config(training={"learning_rate": -0.1}), "training.learning_rate"),
+    ("huge number", finetune_config(training={"batch_size": 10**12}), "training.batch_size"),
+    ("huge integer literal", finetune_config(training={"seed": 10**400}), "training.seed"),
+    ("NUL in the run name", finetune_config(name="run\x00name"), "name"),
+    ("10k-character run name", finetune_config(name="r" * 10_000), "name"),
+    ("a list instead of a mapping", [1, 2, 3], ""),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "field"), CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_hostile_configs_are_refused_naming_the_field(api, ledger, case, body, field):
+    ledger.record("hostile input", f"config: {case}", "400 naming the field; no run stored")
+    response = api.post("/api/runs/", body, format="json")
+    assert response.status_code == 400, response.content[:300]
+    assert field in {e["field"] for e in response.json().get("errors", [{"field": ""}])}
+    assert not PipelineRun.objects.exists()
+
+
+def test_a_10_mb_config_body_is_refused(api, ledger):
+    ledger.record("hostile input", "config: 10 MB body", "4xx before parsing; no run stored")
+    body = json.dumps({**finetune_config(), "padding": "x" * (10 * 1024 * 1024)})
+    response = api.generic("POST", "/api/runs/", body, content_type="application/json")
+    assert 400 <= response.status_code < 500
+    assert not PipelineRun.objects.exists()
+
+
+YAML_CASES = [
+    ("tabs", "name: x\n\tkind: finetune\n", "line 2"),
+    ("alias bomb (billion laughs)", "a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: [*c,*c,*c,*c,*c,*c,*c,*c,*c]\n", "aliases"),
+    ("python object tag", "name: !!python/object/apply:os.system ['true']\n", "invalid YAML"),
+    ("not a mapping", "- 1\n- 2\n", "must be a mapping"),
+]
+
+
+@pytest.mark.parametrize(("case", "text", "expected"), YAML_CASES, ids=[c[0] for c in YAML_CASES])
+def test_hostile_yaml_is_refused_on_the_page(client, user, ledger, case, text, expected):
+    ledger.record("hostile input", f"YAML: {case}", "refused with the reason on the page; no run stored")
+    client.force_login(user)
+    response = client.post("/runs/new/", {"action": "load_yaml", "yaml_text": text})
+    assert response.status_code == 200
+    assert expected in response.content.decode()
+    assert not PipelineRun.objects.exists()
+
+
+SCRIPT = '<script>alert("x")</script>'
+
+
+def test_html_and_script_are_escaped_on_every_page(client, user, api, ledger):
+    ledger.record("hostile input", "HTML/script in run, dataset, answer and log text", "escaped on every page that shows it")
+    upload(api, "escaped-set", line(TRAIN_ROW))
+    Dataset.objects.filter(name="escaped-set").update(description=SCRIPT)
+    run = make_run(user, status="completed", logs=SCRIPT, error=SCRIPT, stage=SCRIPT)
+    PipelineRun.objects.filter(pk=run.pk).update(name=SCRIPT, config={**run.config, "name": SCRIPT})
+    dataset = Dataset.objects.get(name="ragas_eval")
+    RunResult.objects.create(run=run, dataset=dataset, variant="finetuned", metric="rouge_score", value=0.5, n_scored=1)
+    SampleResult.objects.create(run=run, dataset=dataset, variant="finetuned", index=0, question=SCRIPT, contexts=[SCRIPT],
+                                ground_truth=SCRIPT, answer=SCRIPT, scores={"rouge_score": 0.5}, reasons={})
+    client.force_login(user)
+    ds = Dataset.objects.get(name="escaped-set")
+    for path in ["/", f"/runs/{run.pk}/", f"/runs/{run.pk}/status/", f"/runs/{run.pk}/row/", f"/runs/{run.pk}/results/",
+                 f"/compare/?runs={run.pk}", "/datasets/", f"/datasets/{ds.pk}/", f"/runs/new/?clone={run.pk}"]:
+        page = client.get(path).content.decode()
+        assert SCRIPT not in page, path
+        assert "&lt;script&gt;" in page, path
+
+
+def test_csv_exports_neutralise_formulas(client, api, user, ledger):
+    ledger.record("hostile input", "CSV export of values starting with = + - @", "every such cell prefixed with ' in both CSV exports")
+    run = make_run(user, status="completed")
+    dataset = Dataset.objects.get(name="ragas_eval")
+    PipelineRun.objects.filter(pk=run.pk).update(name="=HYPERLINK(\"http://evil\")")
+    for index, evil in enumerate(["=1+1", "+cmd|' /C calc'!A0", "-2+3", "@SUM(A1:A2)"]):
+        SampleResult.objects.create(run=run, dataset=dataset, variant="finetuned", index=index, question=evil, contexts=["c"],
+                                    ground_truth=evil, answer=evil, scores={}, reasons={})
+    RunResult.objects.create(run=run, dataset=dataset, variant="finetuned", metric="rouge_score", value=0.5, n_scored=1)
+    results = list(csv.reader(io.StringIO(api.get(f"/api/runs/{run.pk}/export.csv").content.decode())))
+    assert results[1][1].startswith("'=")
+    client.force_login(user)
+    samples = list(csv.reader(io.StringIO(client.get(f"/runs/{run.pk}/samples.csv").content.decode())))
+    for row in samples[1:]:
+        for cell in row:
+            assert not cell[:1] in ("=", "+", "-", "@"), row
