@@ -11,7 +11,7 @@ import re
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evaluation.metric_names import ALL_METRICS, DEFAULT_METRICS, needs_judge
 
@@ -102,15 +102,17 @@ class EvaluationConfig(Strict):
         return self
 
 
-class ModelConfig(Strict):
-    base: str = Field("local:tiny-llama", min_length=1, max_length=500)
+def _printable(value: str) -> str:
+    if CONTROL_CHARS.search(value):
+        raise ValueError("must not contain control characters (NUL, newlines, tabs)")
+    return value
 
-    @field_validator("base")
-    @classmethod
-    def _no_control_chars(cls, value: str) -> str:
-        if CONTROL_CHARS.search(value):
-            raise ValueError("must not contain control characters")
-        return value
+
+Printable = Annotated[str, AfterValidator(_printable)]
+
+
+class ModelConfig(Strict):
+    base: Printable = Field("local:tiny-llama", min_length=1, max_length=500)
 
 
 class DatasetsConfig(Strict):
@@ -119,19 +121,12 @@ class DatasetsConfig(Strict):
 
 
 class RunConfig(Strict):
-    name: str = Field(min_length=1, max_length=200)
+    name: Printable = Field(min_length=1, max_length=200)
     kind: Literal["finetune", "eval_only"]
     model: ModelConfig = Field(default_factory=ModelConfig)
     datasets: DatasetsConfig
     training: TrainingConfig | None = None
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-
-    @field_validator("name")
-    @classmethod
-    def _printable_name(cls, value: str) -> str:
-        if CONTROL_CHARS.search(value):
-            raise ValueError("must not contain control characters (NUL, newlines, tabs)")
-        return value
 
     @model_validator(mode="after")
     def _kind_rules(self) -> RunConfig:
