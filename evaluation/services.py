@@ -11,7 +11,7 @@ from datasets_app.models import Dataset
 from datasets_app.validation import read_rows
 from runs import tracking
 from runs.config import judge_api_key
-from runs.execution import RunLog, check_not_cancelled
+from runs.execution import RunLog, check_not_cancelled, tolerate_db_errors
 from runs.models import PipelineRun, RunKind, SampleResult, Variant
 from runs.orchestration import run_enqueue_next
 from runs.reproducibility import reproducibility_record
@@ -79,8 +79,10 @@ def run_generate(run: PipelineRun, run_log: RunLog) -> None:
 
         def on_batch(done: int, total: int, number: int = number, dataset: Dataset = dataset, variant: str = variant) -> None:
             share = (number + done / max(total, 1)) / len(jobs)
-            run_update_progress(run_id=run.pk, progress=start + int((end - start) * share), stage=f"generating {variant} answers for {dataset.name}: {done}/{total}")
-            check_not_cancelled(run.pk)
+            # Progress and the cancel check can wait for the next batch if the database connection dropped.
+            with tolerate_db_errors(f"run {run.pk}: generation progress"):
+                run_update_progress(run_id=run.pk, progress=start + int((end - start) * share), stage=f"generating {variant} answers for {dataset.name}: {done}/{total}")
+                check_not_cancelled(run.pk)
 
         if variant == Variant.BASE and run.kind == RunKind.FINETUNE:
             with adapter_disabled(model):

@@ -57,8 +57,14 @@ class RunDetailSerializer(RunListSerializer):
         ]
 
 
+# Large JSON/text columns a list row never shows: with a long history, reading and
+# decoding them for every row of a page was most of the list's time (bench/README.md).
+LIST_DEFERRED_FIELDS = ("config", "logs", "train_history", "reproducibility")
+
+
 def _detail_queryset(user) -> QuerySet[PipelineRun]:
-    return run_visible_to(user).select_related("owner").prefetch_related(
+    # train_history (the loss curve, one entry per step) is not part of the detail either.
+    return run_visible_to(user).defer("train_history").select_related("owner").prefetch_related(
         Prefetch("results", queryset=RunResult.objects.select_related("dataset"))
     )
 
@@ -67,7 +73,7 @@ class RunListCreateApi(generics.ListAPIView):
     serializer_class = RunListSerializer
 
     def get_queryset(self) -> QuerySet[PipelineRun]:
-        qs = run_visible_to(self.request.user)
+        qs = run_visible_to(self.request.user).defer(*LIST_DEFERRED_FIELDS)
         wanted = self.request.query_params.get("status")
         if wanted:
             qs = qs.filter(status__in=wanted.split(","))
@@ -225,3 +231,16 @@ class RunExportCsvApi(_RunActionApi):
         response = HttpResponse(buffer.getvalue(), content_type="text/csv; charset=utf-8")
         response["Content-Disposition"] = f'attachment; filename="run-{run.pk}-results.csv"'
         return response
+
+
+class RunRetryApi(_RunActionApi):
+    @extend_schema(
+        request=None, responses={201: RunDetailSerializer, 409: OpenApiTypes.OBJECT},
+        description="Start a failed or cancelled run again: a new `pending` run from the same config, named \"<name> (retry of #<id>)\".",
+    )
+    def post(self, request: Request, pk: int) -> Response:
+        from .services import run_retry  # kept local: this view was appended to the module
+
+        run = self.get_run(request, pk)
+        retry = run_retry(run_id=run.pk, owner=request.user)
+        return self.detail(request, retry.pk, code=status.HTTP_201_CREATED)

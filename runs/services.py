@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -45,6 +46,15 @@ class InvalidTransition(Exception):
         super().__init__(f"run {run_id}: cannot go from '{from_status}' to '{to_status}'")
 
 
+class RunNotRetryable(InvalidTransition):
+    """Only a run that ended failed or cancelled can be retried (HTTP 409 like any refused move)."""
+
+    def __init__(self, run_id: int, status: str) -> None:
+        self.from_status = status
+        self.to_status = "retry"
+        Exception.__init__(self, f"run {run_id} is '{status}': only a failed or cancelled run can be retried")
+
+
 def allowed_transitions(*, kind: str, status: str) -> frozenset[str]:
     return TRANSITIONS.get(kind, {}).get(status, frozenset())
 
@@ -75,6 +85,29 @@ def run_create(*, config: dict[str, Any], owner) -> PipelineRun:
         RunEvent.objects.create(run=run, from_status=S.PENDING, to_status=S.PENDING, message="created")
         transaction.on_commit(lambda: run_enqueue_first_job(run_id=run.pk))
     return run
+
+
+RETRYABLE_STATUSES = frozenset({S.FAILED, S.CANCELLED})
+_RETRY_SUFFIX = re.compile(r" \(retry of #\d+\)$")
+
+
+def run_retry(*, run_id: int, owner) -> PipelineRun:
+    """Start a failed or cancelled run again: a new run from the same config.
+
+    The old run keeps its history; the new one is named "<name> (retry of #<id>)"
+    and goes through run_create, so the config is validated again for `owner`
+    (a dataset deleted since is refused with a message naming it).
+    """
+    run = PipelineRun.objects.only("pk", "name", "status", "config").get(pk=run_id)
+    if run.status not in RETRYABLE_STATUSES:
+        raise RunNotRetryable(run_id, run.status)
+    base_name = _RETRY_SUFFIX.sub("", run.name)
+    suffix = f" (retry of #{run.pk})"
+    config = {**run.config, "name": base_name[: 200 - len(suffix)] + suffix}
+    retry = run_create(config=config, owner=owner)
+    run_append_logs(run_id=run.pk, text=f"[{timezone.now():%Y-%m-%d %H:%M:%S}] retried as run #{retry.pk}")
+    run_append_logs(run_id=retry.pk, text=f"[{timezone.now():%Y-%m-%d %H:%M:%S}] retry of run #{run.pk} ({run.status}), same config")
+    return retry
 
 
 def run_transition(*, run_id: int, to: str, message: str = "", expected: str | None = None, error: str = "") -> bool:

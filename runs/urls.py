@@ -9,6 +9,7 @@ urlpatterns = [
     path("runs/<int:pk>/logs/", api.RunLogsApi.as_view(), name="api-run-logs"),
     path("runs/<int:pk>/results/", api.RunResultsApi.as_view(), name="api-run-results"),
     path("runs/<int:pk>/cancel/", api.RunCancelApi.as_view(), name="api-run-cancel"),
+    path("runs/<int:pk>/retry/", api.RunRetryApi.as_view(), name="api-run-retry"),
     path("runs/<int:pk>/samples/", api.RunSamplesApi.as_view(), name="api-run-samples"),
     path("runs/<int:pk>/export.csv", api.RunExportCsvApi.as_view(), name="api-run-export"),
 ]

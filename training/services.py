@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from django.conf import settings
@@ -12,7 +16,7 @@ from django.utils import timezone
 
 from datasets_app.validation import read_rows
 from runs import tracking
-from runs.execution import RunLog, check_not_cancelled
+from runs.execution import RunLog, check_not_cancelled, tolerate_db_errors
 from runs.models import PipelineRun
 from runs.orchestration import run_enqueue_next
 from runs.reproducibility import reproducibility_record
@@ -22,10 +26,29 @@ from .finetune import StepInfo, TrainingStopped, finetune
 from .tiny_model import resolve_model_path
 
 LIVE_UPDATE_SECONDS = 1.0
+# Errors that mean "this disk or directory cannot take the adapter", whichever file hit them.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+class ArtifactWriteError(Exception):
+    """The run's output directory cannot take the adapter (disk full, not writable, not a directory)."""
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+def runs_dir() -> Path:
+    """Where runs write their working copies (the adapter before MLflow has it).
+
+    settings.RUNS_DIR when a deployment sets it, else MLOPS_VAR_DIR/runs.
+    """
+    configured = getattr(settings, "RUNS_DIR", None)
+    return Path(configured) if configured else Path(settings.VAR_DIR) / "runs"
 
 
 def run_dir(run_id: int) -> Path:
-    return Path(settings.VAR_DIR) / "runs" / str(run_id)
+    return runs_dir() / str(run_id)
 
 
 def adapter_dir(run_id: int) -> Path:
@@ -40,6 +63,11 @@ def run_finetune(run: PipelineRun, run_log: RunLog) -> None:
     for dataset in train_sets:
         rows += read_rows(dataset.file.path)
     run_log(f"fine-tuning {run.base_model} on {', '.join(d.name for d in train_sets)} ({len(rows)} rows)")
+    output = run_dir(run.pk)
+    with artifact_writes(output):
+        if output.exists():
+            shutil.rmtree(output)  # A retried job starts clean.
+        ensure_writable(output)  # before the model is loaded and trained, not after
 
     run_update_progress(run_id=run.pk, progress=1, stage="loading base model")
     base_path = resolve_model_path(run.base_model, progress=build_progress(run.pk, run.base_model))
@@ -59,11 +87,14 @@ def run_finetune(run: PipelineRun, run_log: RunLog) -> None:
         if now - last_update[0] >= LIVE_UPDATE_SECONDS or info.step == info.total_steps:
             last_update[0] = now
             # Training is 0-70% of a fine-tune run; generation and scoring share the rest.
-            PipelineRun.objects.filter(pk=run.pk).update(
-                train_history=history, progress=2 + int(68 * info.step / info.total_steps),
-                stage=f"training step {info.step}/{info.total_steps}, epoch {info.epoch:.2f}, loss {info.loss:.4f}",
-                heartbeat_at=timezone.now(),
-            )
+            # A lost database connection must not throw away the training done so far:
+            # the update is skipped and the next one (on a new connection) carries it.
+            with tolerate_db_errors(f"run {run.pk}: live training update"):
+                PipelineRun.objects.filter(pk=run.pk).update(
+                    train_history=history, progress=2 + int(68 * info.step / info.total_steps),
+                    stage=f"training step {info.step}/{info.total_steps}, epoch {info.epoch:.2f}, loss {info.loss:.4f}",
+                    heartbeat_at=timezone.now(),
+                )
 
     last_check = [0.0]
 
@@ -72,14 +103,13 @@ def run_finetune(run: PipelineRun, run_log: RunLog) -> None:
         if now - last_check[0] < LIVE_UPDATE_SECONDS:
             return False
         last_check[0] = now
-        check_not_cancelled(run.pk)
+        with tolerate_db_errors(f"run {run.pk}: cancel check"):
+            check_not_cancelled(run.pk)
         return False
 
-    output = run_dir(run.pk)
-    if output.exists():
-        shutil.rmtree(output)  # A retried job starts clean.
     try:
-        outcome = finetune(base_model_path=base_path, rows=rows, training=training, output_dir=output, on_step=on_step, should_stop=should_stop)
+        with artifact_writes(output):
+            outcome = finetune(base_model_path=base_path, rows=rows, training=training, output_dir=output, on_step=on_step, should_stop=should_stop)
     except TrainingStopped:
         metrics.flush()
         raise
@@ -94,7 +124,8 @@ def run_finetune(run: PipelineRun, run_log: RunLog) -> None:
     check_not_cancelled(run.pk)
 
     run_update_progress(run_id=run.pk, progress=71, stage="logging adapter to MLflow")
-    (outcome.adapter_dir / "run_config.json").write_text(json.dumps(config, indent=2))
+    with artifact_writes(output):
+        (outcome.adapter_dir / "run_config.json").write_text(json.dumps(config, indent=2))
     tracking.log_metrics(mlflow_run_id, {
         "train/final_loss": outcome.final_loss, "train/tokens_per_second": outcome.tokens / max(outcome.seconds, 1e-9),
         "train/seconds": outcome.seconds, "train/trainable_parameters": outcome.trainable_parameters,
@@ -108,6 +139,44 @@ def run_finetune(run: PipelineRun, run_log: RunLog) -> None:
     run_transition(run_id=run.pk, to="evaluating", expected="training", message="training finished")
     run_enqueue_next(run_id=run.pk, after="finetune")
     run_update_progress(run_id=run.pk, progress=72, stage="queued for answer generation")
+
+
+def ensure_writable(directory: Path) -> None:
+    """Create the directory and write a probe file through to the disk: OSError if it cannot take files."""
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / ".write-probe"
+    with open(probe, "wb") as handle:
+        handle.write(b"\0" * 4096)
+        handle.flush()
+        os.fsync(handle.fileno())
+    probe.unlink()
+
+
+@contextlib.contextmanager
+def artifact_writes(output: Path) -> Iterator[None]:
+    """Turn an OSError from writing the run's outputs into one message that says what to fix.
+
+    An error counts when it hit a file under the output directory, or is a
+    disk-full error (ENOSPC, EDQUOT, EFBIG) whatever file it hit; other
+    OSErrors (a missing base model, say) pass unchanged.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in DISK_FULL_ERRNOS and not _is_under(exc.filename, Path(output)):
+            raise
+        why = exc.strerror or str(exc)
+        raise ArtifactWriteError(
+            f"cannot write the adapter to {Path(output) / 'adapter'}: {why} (disk full or directory not writable)",
+            errno=exc.errno,
+        ) from exc
+
+
+def _is_under(filename: object, directory: Path) -> bool:
+    if not filename:
+        return False
+    path = Path(str(filename))
+    return path == directory or directory in path.parents
 
 
 def build_progress(run_id: int, base_model: str):

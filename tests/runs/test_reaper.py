@@ -55,3 +55,24 @@ def test_pages_reap_stale_runs_in_the_embedded_default(client, user, settings):
     client.force_login(user)
     client.get("/")
     assert PipelineRun.objects.get(pk=run.pk).status == "failed"
+
+
+def test_a_run_waiting_in_a_queue_is_not_a_lost_worker(user, settings):
+    settings.JOBS_INLINE = False  # served mode: the job waits in RQ for a free worker
+    old = timezone.now() - timedelta(hours=1)
+    waiting = make_run(user, status="evaluating", heartbeat_at=old, current_job="generate:queued")
+    running = make_run(user, status="evaluating", heartbeat_at=old, current_job="generate:running")
+    from runs.reaper import reap_stale_runs
+
+    assert [run_id for run_id, _ in reap_stale_runs(stale_seconds=60)] == [running.pk]
+    assert PipelineRun.objects.get(pk=waiting.pk).status == "evaluating"
+    settings.JOBS_INLINE = True  # inline, a queued job runs at once: stale means its thread is gone
+    assert [run_id for run_id, _ in reap_stale_runs(stale_seconds=60)] == [waiting.pk]
+
+
+def test_the_reaper_resends_nothing_inline(user, settings):
+    from runs.reaper import requeue_lost_jobs
+
+    settings.JOBS_INLINE = True
+    make_run(user, status="pending", current_job="score:queued")
+    assert requeue_lost_jobs(grace_seconds=0) == []
