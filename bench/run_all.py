@@ -1,0 +1,120 @@
+"""Run every benchmark (bench/README.md), one process each, and write a JSON summary.
+
+    python bench/run_all.py [--json bench/results.json] [--only training,web,...]
+
+Each benchmark prints its own figures, baseline and ratio as it goes; this adds
+one summary table at the end and exits non-zero if a benchmark crashed (a
+target not met is reported, not an error: machines here are noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import ROOT, print_table, write_json  # noqa: E402
+
+BENCHMARKS = {
+    "training": ["bench/bench_training.py", "--knobs"],
+    "generation": ["bench/bench_generation.py"],
+    "scoring": ["bench/bench_scoring.py"],
+    "web": ["bench/bench_web.py"],
+    "orchestration": ["bench/bench_orchestration.py"],
+}
+
+
+def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One line per headline figure: ours, the baseline, the ratio, the target's verdict."""
+    rows = []
+    if t := results.get("training"):
+        mem = t["peak_memory_mib"]
+        rows.append({"benchmark": "1 training", "figure": f"non-padding tokens/s ({t['device']})", "ours": t["tokens_per_second"]["ours"],
+                     "baseline": f"Trainer {t['tokens_per_second']['trainer']}", "ratio": t["ratio_vs_trainer"],
+                     "target": t["targets"]["ratio_vs_trainer"]})
+        rows.append({"benchmark": "1 training", "figure": f"peak memory MiB ({mem['kind']})", "ours": mem["ours"],
+                     "baseline": f"Trainer {mem['trainer']}", "ratio": round(mem["ours"] / mem["trainer"], 2) if mem["trainer"] else None,
+                     "target": "MET (equal or lower)" if t["memory_ok"] else "NOT MET (higher)"})
+        rows.append({"benchmark": "1 training", "figure": "time per step vs minimal loop", "ours": t["tokens_per_second"]["ours"],
+                     "baseline": f"minimal loop {t['tokens_per_second']['minimal']}", "ratio": t["ratio_vs_minimal_loop"],
+                     "target": t["targets"]["ratio_vs_minimal_loop"]})
+    if g := results.get("generation"):
+        rows.append({"benchmark": "2 generation", "figure": f"answers/s, batch {g['batch_size']}", "ours": g["answers_per_second"]["ours"],
+                     "baseline": f"one at a time {g['answers_per_second']['baseline_one_at_a_time']}", "ratio": g["ratio"],
+                     "target": g["targets"]["ratio"] + (", answers identical" if g["identical_answers"] else "")})
+    if s := results.get("scoring"):
+        rows.append({"benchmark": "3 scoring", "figure": f"samples/s, {s['samples']} x {len(s['metrics'])} metrics",
+                     "ours": s["samples_per_second"]["ours"], "baseline": f"ragas.evaluate {s['samples_per_second']['ragas_directly']}",
+                     "ratio": s["ratio"], "target": s["targets"]["ratio"] + (", scores identical" if s["identical_scores"] else "")})
+    if w := results.get("web"):
+        for name, e in w["endpoints"].items():
+            rows.append({"benchmark": "4 web", "figure": f"{name} p50/p99 ms, {e['queries']} queries", "ours": f"{e['p50_ms']}/{e['p99_ms']}",
+                         "baseline": f"capacity {e['capacity_requests_per_second']} req/s", "ratio": None, "target": e["target"]})
+        for note in w.get("skipped", []):
+            rows.append({"benchmark": "4 web", "figure": note, "ours": None, "baseline": None, "ratio": None, "target": "skipped"})
+    if o := results.get("orchestration"):
+        e2e = o["end_to_end_seconds"]
+        rows.append({"benchmark": "5 orchestration", "figure": "eval-only run, seconds", "ours": e2e["api_workers"],
+                     "baseline": f"inline {e2e['inline']}", "ratio": o["ratio"], "target": o["targets"]["ratio"]})
+        if p := o.get("preloading_worker"):
+            rows.append({"benchmark": "5 orchestration", "figure": "same, preloading worker (prototype)", "ours": p["api_workers_seconds"],
+                         "baseline": f"inline {e2e['inline']}", "ratio": p["ratio"], "target": "(proposed fix)"})
+        rows.append({"benchmark": "5 orchestration", "figure": "enqueue-to-start p50, s", "ours": o["enqueue_to_start_seconds"]["p50"],
+                     "baseline": None, "ratio": None, "target": o["targets"]["enqueue_to_start_p50"]})
+    return rows
+
+
+def machine() -> dict[str, Any]:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip())
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"when": datetime.now(UTC).isoformat(timespec="seconds"), "cpus": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "git_commit": commit + ("+changes" if dirty else ""), "load_average_at_start": load}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results.json")
+    parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated subset of " + ", ".join(BENCHMARKS))
+    args = parser.parse_args(argv)
+
+    wanted = [b for b in args.only.split(",") if b]
+    unknown = set(wanted) - set(BENCHMARKS)
+    if unknown:
+        raise SystemExit(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
+    report: dict[str, Any] = {"machine": machine(), "results": {}, "errors": {}, "seconds": {}}
+    for name in wanted:
+        print(f"\n######## benchmark: {name}", flush=True)
+        started = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
+            out = Path(tmp) / "result.json"
+            proc = subprocess.run([sys.executable, *BENCHMARKS[name], "--json", str(out)], cwd=ROOT, check=False)
+            report["seconds"][name] = round(time.monotonic() - started, 1)
+            if proc.returncode == 0 and out.exists():
+                report["results"][name] = json.loads(out.read_text())
+            else:
+                report["errors"][name] = f"exit code {proc.returncode} (its output is above)"
+                print(f"!! {name} failed with exit code {proc.returncode}", flush=True)
+    report["summary"] = summary_rows(report["results"])
+    write_json(args.json, report)
+    print_table("summary (every figure measured against its baseline in the same run)",
+                [[r["benchmark"], r["figure"], r["ours"], r["baseline"], r["ratio"], r["target"]] for r in report["summary"]],
+                ["benchmark", "figure", "ours", "baseline", "ratio", "target"])
+    for name, error in report["errors"].items():
+        print(f"  FAILED: {name}: {error}")
+    print(f"\nwritten: {args.json}")
+    return 1 if report["errors"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
