@@ -46,9 +46,9 @@ def reap_stale_runs(*, stale_seconds: int) -> list[tuple[int, str]]:
     reaped = []
     now = timezone.now()
     for run in stale_runs(stale_seconds=stale_seconds):
-        age = int((now - run.heartbeat_at).total_seconds()) if run.heartbeat_at else None
+        silence = f"for {int((now - run.heartbeat_at).total_seconds())}s" if run.heartbeat_at else "ever"
         reason = (
-            f"worker lost: no heartbeat for {age}s (limit {stale_seconds}s) while {run.status}"
+            f"worker lost: no heartbeat {silence} (limit {stale_seconds}s) while {run.status}"
             f"{f' ({run.current_job})' if run.current_job else ''}; the worker process was probably killed"
         )
         if run_fail(run_id=run.pk, reason=reason):

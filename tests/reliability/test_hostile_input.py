@@ -170,4 +170,4 @@ def test_csv_exports_neutralise_formulas(client, api, user, ledger):
     samples = list(csv.reader(io.StringIO(client.get(f"/runs/{run.pk}/samples.csv").content.decode())))
     for row in samples[1:]:
         for cell in row:
-            assert not cell[:1] in ("=", "+", "-", "@"), row
+            assert cell[:1] not in ("=", "+", "-", "@"), row
