@@ -151,3 +151,11 @@ def run_worker_burst(queue: str, redis_url: str, timeout: float = 600, **extra_e
         [sys.executable, str(ROOT / "manage.py"), "rqworker", queue, "--burst"],
         env=worker_env(redis_url, **extra_env), cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    """The offline model, built before a test starts timing a run (first use builds it)."""
+    from training.tiny_model import resolve_model_path
+
+    return resolve_model_path("local:tiny-llama")

@@ -66,7 +66,7 @@ def page(browser, live_server, user):
 
 
 @pytest.fixture
-def worker(rq_settings, redis_url) -> Iterator[subprocess.Popen]:
+def worker(rq_settings, redis_url, tiny_model) -> Iterator[subprocess.Popen]:
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "manage.py"), "rqworker", "gpu", "cpu"],
         env=worker_env(redis_url, HEARTBEAT_SECONDS="1"), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
