@@ -30,7 +30,7 @@ from .selectors import (
     run_score_table,
     run_visible_to,
 )
-from .services import InvalidTransition, run_cancel, run_create
+from .services import InvalidTransition, run_cancel, run_create, run_retry
 
 STOP_POLLING = 286
 
@@ -119,6 +119,19 @@ def run_cancel_view(request: HttpRequest, pk: int) -> HttpResponse:
     except InvalidTransition as exc:
         messages.error(request, str(exc))
     return redirect("run-detail", pk=run.pk)
+
+
+@login_required
+@require_POST
+def run_retry_view(request: HttpRequest, pk: int) -> HttpResponse:
+    run = get_object_or_404(run_visible_to(request.user), pk=pk)
+    try:
+        retried = run_retry(run_id=run.pk, owner=request.user)
+    except (InvalidTransition, ConfigError) as exc:
+        messages.error(request, str(exc))
+        return redirect("run-detail", pk=run.pk)
+    messages.success(request, f"Run #{retried.pk} retries run #{run.pk}.")
+    return redirect("run-detail", pk=retried.pk)
 
 
 @login_required

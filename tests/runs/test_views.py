@@ -193,3 +193,15 @@ def test_static_assets_are_served_locally():
     assert finders.find("vendor/plotly.min.js")
     assert finders.find("django_htmx/htmx-2.min.js")
     assert finders.find("css/app.css") and finders.find("js/app.js")
+
+
+def test_retry_button_creates_a_new_run_with_the_same_config(logged_in, user):
+    failed = make_run(user, status="failed", error="boom")
+    assert "Retry" in logged_in.get(f"/runs/{failed.pk}/").content.decode()
+    response = logged_in.post(f"/runs/{failed.pk}/retry/")
+    retried = PipelineRun.objects.exclude(pk=failed.pk).get()
+    assert response.status_code == 302 and response.url == f"/runs/{retried.pk}/"
+    assert retried.config["training"] == failed.config["training"] and retried.status == "pending"
+    done = make_run(user, status="completed")
+    logged_in.post(f"/runs/{done.pk}/retry/")
+    assert PipelineRun.objects.count() == 3  # a completed run is not retried
