@@ -207,6 +207,12 @@ def bench_objects() -> dict[str, Any]:
     with_results = RunResult.objects.filter(run__owner=user).order_by("run_id").values_list("run_id", flat=True)
     detail_id = with_results[len(with_results) // 2]
     active = PipelineRun.objects.filter(owner=user, status="training").order_by("-id").values_list("id", flat=True).first()
+    if active is None:  # an embedded-mode page view reaped them (stale heartbeats): make one live again
+        from django.utils import timezone
+
+        active = PipelineRun.objects.filter(owner=user, kind="finetune").order_by("-id").values_list("id", flat=True).first()
+        PipelineRun.objects.filter(pk=active).update(status="training", heartbeat_at=timezone.now(), finished_at=None, error="",
+                                                     progress=40, stage="training: step 30/74", current_job="finetune:running")
     return {"user": user, "token": token.key, "session": client.cookies["sessionid"].value, "detail_id": detail_id, "active_id": active,
             "session_client": client}
 
