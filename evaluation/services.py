@@ -158,9 +158,12 @@ def run_score(run: PipelineRun, run_log: RunLog) -> None:
         run_log(f"scored {variant} on {dataset.name}: {summary}" + (f"; not measured: {failed}" if failed else ""))
     _log_differences(run, mlflow_run_id)
     check_not_cancelled(run.pk)
+    # MLflow first: whoever sees the run `completed` also finds its MLflow run finished.
+    tracking.mlflow_finish(mlflow_run_id, "FINISHED")
     if run_transition(run_id=run.pk, to="completed", expected="evaluating", message="scoring finished"):
-        tracking.mlflow_finish(mlflow_run_id, "FINISHED")
         PipelineRun.objects.filter(pk=run.pk).update(current_job="score:done")
+    else:  # cancelled in the last instant
+        tracking.mlflow_finish(mlflow_run_id, "KILLED")
 
 
 def _log_samples_artifact(mlflow_run_id: str, dataset: str, variant: str, samples: list[SampleResult], metrics: list[str]) -> None:
