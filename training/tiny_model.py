@@ -1,10 +1,11 @@
-"""`local:<name>` models built offline from the bundled data.
+"""The from-scratch `local:<name>` models (tiny-llama, small-llama), built offline from the bundled data.
 
 A small Llama-architecture causal LM with a byte-level BPE tokenizer trained on
 the bundled train sets and a short, deterministic pre-training pass on their
 text, so the model writes text of the right vocabulary. It has never seen the
 prompt template the fine-tune teaches, which is what makes base vs fine-tuned
 differ. Built in well under a minute on 2 CPU cores; built on first use.
+training/local_models.py lists every local build and resolves `local:` names.
 """
 
 from __future__ import annotations
@@ -191,16 +192,11 @@ def build_tiny_model(
     return target
 
 
-def resolve_model_path(base: str, progress: Callable[[int, int], None] | None = None) -> str:
-    """A config's model.base -> something from_pretrained accepts.
+def __getattr__(name: str):
+    # resolve_model_path moved to training.local_models (which knows every local build);
+    # `from training.tiny_model import resolve_model_path` keeps working, lazily (no import cycle).
+    if name == "resolve_model_path":
+        from .local_models import resolve_model_path
 
-    local:<name> is built on first use; a path is used as is; anything else is a
-    hub id (which needs network or a warm HF cache).
-    """
-    if base.startswith("local:"):
-        name = base.removeprefix("local:")
-        directory = local_model_dir(name)
-        if not directory.exists():
-            build_tiny_model(name, progress=progress)
-        return str(directory)
-    return base
+        return resolve_model_path
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
