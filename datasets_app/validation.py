@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from mlops_site.limits import StructureLimitError, check_structure
+
 MAX_REPORTED_PROBLEMS = 20
 # One row is a question, an answer and a few passages: a line past this is a
 # mistake or an attack, refused without parsing it.
@@ -124,6 +126,11 @@ def validate_jsonl(fileobj: IO[bytes], *, kind: str, max_bytes: int, max_line_by
                 continue
             if not text.strip():
                 report.add(f"line {number}: empty line")
+                continue
+            try:
+                check_structure(text, syntax="json", max_bytes=max_line_bytes, source=f"line {number}")
+            except StructureLimitError as exc:
+                report.add(str(exc))
                 continue
             try:
                 obj = json.loads(text)

@@ -196,6 +196,13 @@ FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 
 # --- Models: local:<name> models are built here; hub downloads are cached by HF_HOME.
 MODELS_DIR = Path(os.environ.get("MLOPS_MODELS_DIR", VAR_DIR / "models"))
+# A plain path as model.base (/models/my-llama) reads the workers' file system: only
+# under these folders (colon-separated, like PATH), checked at validation and again on
+# the worker (runs.config.check_model_reference). Empty: local:<name> builds and hub ids only.
+MLOPS_MODEL_PATHS = [p.strip() for p in os.environ.get("MLOPS_MODEL_PATHS", "").split(":") if p.strip()]
+# The cpu workers call evaluation.judge.base_url: an operator may restrict judges to
+# these URL prefixes (comma-separated, e.g. http://vllm:8000/v1). Empty: any http(s) URL.
+MLOPS_JUDGE_URL_PREFIXES = envlist("MLOPS_JUDGE_URL_PREFIXES", [])
 
 # --- Jobs: with REDIS_URL set, jobs go to RQ queues; without it they run inline.
 REDIS_URL = os.environ.get("REDIS_URL", "")
@@ -222,6 +229,12 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.TokenAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # JSON bodies pass the size/depth bound (mlops_site/limits.py) before json.load.
+    "DEFAULT_PARSER_CLASSES": [
+        "runs.api_errors.BoundedJSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": envint("API_PAGE_SIZE", 50),
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent, TooManyFilesSent
+from rest_framework.exceptions import ParseError
+from rest_framework.parsers import JSONParser
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from datasets_app.services import DatasetImportError
+from mlops_site.limits import StructureLimitError, check_structure
 
 from .config import ConfigError
 from .services import InvalidTransition
@@ -28,7 +34,34 @@ def _flatten(detail: Any, prefix: str = "") -> list[dict[str, str]]:
     return [{"field": prefix, "message": str(detail)}]
 
 
+class BoundedJSONParser(JSONParser):
+    """DRF's JSON parser behind the structure bound (mlops_site/limits.py): the raw
+    body's size (DATA_UPLOAD_MAX_MEMORY_SIZE, Django's own bound on non-file bodies)
+    and nesting depth are checked before json.load recurses into it."""
+
+    def parse(self, stream, media_type=None, parser_context=None) -> Any:
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        raw = stream.read() if limit is None else stream.read(limit + 1)
+        try:
+            check_structure(raw, syntax="json", max_bytes=limit, source="request body")
+        except StructureLimitError as exc:
+            raise ParseError(str(exc)) from None
+        return super().parse(io.BytesIO(raw), media_type, parser_context)
+
+
+# Django's own bounds on a request, met while DRF reads the body: the setting
+# that sets each limit, so the 400 names it.
+REQUEST_LIMITS = {
+    RequestDataTooBig: lambda: f"request body: larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes (the limit, DATA_UPLOAD_MAX_MEMORY_SIZE)",
+    TooManyFieldsSent: lambda: f"request body: more than {settings.DATA_UPLOAD_MAX_NUMBER_FIELDS} fields (the limit, DATA_UPLOAD_MAX_NUMBER_FIELDS)",
+    TooManyFilesSent: lambda: f"request body: more than {settings.DATA_UPLOAD_MAX_NUMBER_FILES} files (the limit, DATA_UPLOAD_MAX_NUMBER_FILES)",
+}
+
+
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    for kind, message in REQUEST_LIMITS.items():
+        if isinstance(exc, kind):
+            return Response({"detail": message()}, status=400)
     if isinstance(exc, ConfigError):
         return Response({"detail": f"invalid config: {exc}", "errors": exc.errors}, status=400)
     if isinstance(exc, DatasetImportError):

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evaluation.metric_names import ALL_METRICS, DEFAULT_METRICS, needs_judge
+from mlops_site.limits import StructureLimitError, check_structure
 
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
@@ -61,6 +65,7 @@ class JudgeConfig(Strict):
     def _http_url(cls, value: str) -> str:
         if not re.match(r"^https?://[^\s/$.?#][^\s]*$", value):
             raise ValueError("must be an http(s) URL of an OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
+        check_judge_url(value)
         return value
 
     @field_validator("api_key_env")
@@ -69,6 +74,38 @@ class JudgeConfig(Strict):
         if not ENV_NAME_RE.match(value):
             raise ValueError("must be the NAME of an environment variable holding the key, not the key itself")
         return value
+
+
+def _url_parts(url: str) -> tuple[str, str, int | None, str]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port, parts.path
+
+
+def check_judge_url(url: str, *, allowed_prefixes: Sequence[str] | None = None) -> None:
+    """Refuse a judge base_url with credentials in it, or (when the operator set
+    MLOPS_JUDGE_URL_PREFIXES) one that is not under a listed prefix. Raises ValueError.
+
+    A prefix matches on scheme, host and port exactly and on whole path segments,
+    so http://judge:8000/v1 does not let http://judge:8000.evil.example/ through.
+    """
+    parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not carry credentials (user:password@); name the key's variable in api_key_env")
+    try:
+        scheme, host, port, path = _url_parts(url)
+    except ValueError as exc:  # a port that is not a number
+        raise ValueError(f"is not a valid URL ({exc})") from None
+    prefixes = _setting_list("MLOPS_JUDGE_URL_PREFIXES") if allowed_prefixes is None else list(allowed_prefixes)
+    if not prefixes:
+        return
+    for prefix in prefixes:
+        p_scheme, p_host, p_port, p_path = _url_parts(prefix)
+        if (scheme, host, port) != (p_scheme, p_host, p_port):
+            continue
+        p_path = p_path.rstrip("/")
+        if path.rstrip("/") == p_path or path.startswith(p_path + "/"):
+            return
+    raise ValueError(f"is not one of the judge endpoints this server allows (MLOPS_JUDGE_URL_PREFIXES: {', '.join(prefixes)})")
 
 
 class EvaluationConfig(Strict):
@@ -111,8 +148,85 @@ def _printable(value: str) -> str:
 Printable = Annotated[str, AfterValidator(_printable)]
 
 
+# A Hugging Face hub id as huggingface_hub accepts one: "name" or "org/name", no "--" or "..".
+HUB_ID_RE = re.compile(r"^(?!.*(?:--|\.\.))[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(?:/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
+# The local builds when training/local_models.py is not there (runs/config.py needs no torch, nor training).
+FALLBACK_LOCAL_MODELS = ("tiny-llama", "small-llama", "smollm2-135m-instruct")
+
+
+def known_local_models() -> tuple[str, ...]:
+    """The `local:<name>` builds this installation can make."""
+    try:
+        from training.local_models import KNOWN_LOCAL_MODELS
+    except ImportError:
+        try:
+            from training.tiny_model import SPECS
+        except ImportError:
+            return FALLBACK_LOCAL_MODELS
+        return (*SPECS, "smollm2-135m-instruct")
+    return tuple(KNOWN_LOCAL_MODELS)
+
+
+def _setting_list(name: str) -> list[str]:
+    """A list setting from Django settings when they are configured, else from the
+    environment (colon-separated for paths, comma-separated for URLs)."""
+    try:
+        from django.conf import settings
+
+        if settings.configured:
+            return list(getattr(settings, name, []) or [])
+    except ImportError:  # pragma: no cover - Django is always installed with the app
+        pass
+    separator = ":" if name == "MLOPS_MODEL_PATHS" else ","
+    return [item.strip() for item in os.environ.get(name, "").split(separator) if item.strip()]
+
+
+def _looks_like_path(base: str) -> bool:
+    return base.startswith(("/", "./", "../", "~")) or base in (".", "..") or "\\" in base or not HUB_ID_RE.match(base)
+
+
+def check_model_reference(base: str, *, allowed_dirs: Sequence[str | Path] | None = None) -> None:
+    """Refuse a model.base that names anything but a known local build, a hub id,
+    or a folder under the operator's MLOPS_MODEL_PATHS. Raises ValueError saying why.
+
+    The same rule at validation (web, API, commands) and on the worker before it
+    loads anything: a config stored before the operator changed the list is
+    refused there too. allowed_dirs defaults to settings.MLOPS_MODEL_PATHS.
+    """
+    if base.startswith("local:"):
+        name = base.removeprefix("local:")
+        known = known_local_models()
+        if name not in known:
+            raise ValueError(f"unknown local model {base!r}; known: {', '.join('local:' + n for n in known)}")
+        return
+    # A hub-shaped name that exists relative to the working directory is a path to
+    # from_pretrained (it looks on disk first), so it is held to the path rule.
+    if not _looks_like_path(base) and not os.path.lexists(base):
+        return
+    if base.startswith("~"):
+        raise ValueError("a local model path must be absolute (no ~)")
+    dirs = [Path(d).resolve() for d in (_setting_list("MLOPS_MODEL_PATHS") if allowed_dirs is None else allowed_dirs)]
+    if not dirs:
+        raise ValueError(
+            "local model paths are not enabled on this server (the operator lists allowed folders in MLOPS_MODEL_PATHS); "
+            f"use a hub id (org/name) or one of {', '.join('local:' + n for n in known_local_models())}"
+        )
+    if not os.path.isabs(base):
+        raise ValueError("a local model path must be absolute, under a folder listed in MLOPS_MODEL_PATHS")
+    resolved = Path(base).resolve()  # `..` and symlinks resolved: where the worker would really read
+    if not any(resolved == d or resolved.is_relative_to(d) for d in dirs):
+        raise ValueError("this path is outside the folders the operator allows for models (MLOPS_MODEL_PATHS)")
+
+
+def _model_reference(value: str) -> str:
+    check_model_reference(value)
+    return value
+
+
 class ModelConfig(Strict):
-    base: Printable = Field("local:tiny-llama", min_length=1, max_length=500)
+    base: Annotated[Printable, AfterValidator(_model_reference)] = Field("local:tiny-llama", min_length=1, max_length=500)
+    # auto: the tokenizer's chat template when it has one, else the plain "### Context" template (training/data.py).
+    prompt_format: Literal["auto", "chat", "plain"] = "auto"
 
 
 class DatasetsConfig(Strict):
@@ -216,9 +330,11 @@ class _SafeLoaderNoAliases(yaml.SafeLoader):
 
 
 def parse_yaml(text: str, *, source: str = "config") -> Any:
-    """Parse YAML text safely; errors name the line."""
-    if len(text.encode("utf-8", errors="replace")) > MAX_CONFIG_BYTES:
-        raise ConfigError([{"field": "", "message": f"{source}: larger than {MAX_CONFIG_BYTES} bytes"}])
+    """Parse YAML text safely; errors name the line, or the size/depth limit it passed."""
+    try:
+        check_structure(text, syntax="yaml", max_bytes=MAX_CONFIG_BYTES, source=source)
+    except StructureLimitError as exc:
+        raise ConfigError([{"field": "", "message": str(exc)}]) from None
     try:
         return yaml.load(text, Loader=_SafeLoaderNoAliases)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
@@ -231,3 +347,13 @@ def parse_yaml(text: str, *, source: str = "config") -> Any:
 def judge_api_key(judge: dict[str, Any]) -> str:
     """The judge's API key, read from the named environment variable at use time."""
     return os.environ.get(judge["api_key_env"], "")
+
+
+def flatten_config(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A config's leaves by dotted path ({"training.lora.r": 8, ...}): MLflow params, the compare page's diff."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(flatten_config(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
+from django.core.files.uploadedfile import SimpleUploadedFile
 
 from datasets_app.models import Dataset
+from mlops_site.limits import MAX_DEPTH, StructureLimitError, check_structure
 from runs.models import PipelineRun, RunResult, SampleResult
 from tests.runs.factories import finetune_config, make_run
 
@@ -107,11 +109,140 @@ def test_hostile_configs_are_refused_naming_the_field(api, ledger, case, body, f
     assert not PipelineRun.objects.exists()
 
 
-def test_a_10_mb_config_body_is_refused(api, ledger):
-    ledger.record("hostile input", "config: 10 MB body", "4xx before parsing; no run stored")
+def test_a_10_mb_config_body_is_refused_before_parsing(api, ledger, monkeypatch):
+    from rest_framework.utils import json as drf_json
+
+    ledger.record("hostile input", "config: 10 MB body", "400 naming the size limit (DATA_UPLOAD_MAX_MEMORY_SIZE); the JSON parser never called; no run stored")
+    parsed = []
+    monkeypatch.setattr(drf_json, "load", lambda *a, **k: parsed.append(a) or {})
+    monkeypatch.setattr(drf_json, "loads", lambda *a, **k: parsed.append(a) or {})
     body = json.dumps({**finetune_config(), "padding": "x" * (10 * 1024 * 1024)})
     response = api.generic("POST", "/api/runs/", body, content_type="application/json")
-    assert 400 <= response.status_code < 500
+    assert response.status_code == 400, response.content[:300]
+    assert response.json()["detail"] == f"request body: larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes (the limit, DATA_UPLOAD_MAX_MEMORY_SIZE)"
+    assert parsed == []
+    assert not PipelineRun.objects.exists()
+
+
+# --- Nesting: 10,000 levels of arrays and of objects, on every way structured text comes in.
+DEPTH = 10_000
+LIMIT_MESSAGE = f"nested deeper than {MAX_DEPTH} levels"
+JSON_NESTINGS = {
+    "arrays": "[" * DEPTH + "]" * DEPTH,
+    "objects": '{"a": ' * DEPTH + "1" + "}" * DEPTH,
+    "arrays, unclosed": "[" * DEPTH,
+    "objects and arrays alternating": '{"a": [' * (DEPTH // 2) + "1" + "]}" * (DEPTH // 2),
+}
+YAML_NESTINGS = {
+    **{f"JSON {name}": text for name, text in JSON_NESTINGS.items()},  # JSON is YAML (flow style)
+    "flow sequences": "a: " + "[" * DEPTH + "]" * DEPTH,
+    "flow mappings": "a: " + "{a: " * DEPTH + "1" + "}" * DEPTH,
+    # Block style indents every level: 10,000 of them would be 50 MB, past the size
+    # limit before the depth one; 600 levels fit in the 256 KB a config may have.
+    "block mappings (600 levels)": "".join(" " * level + "k:\n" for level in range(600)) + " " * 600 + "v\n",
+    "block sequences (600 levels)": "".join(" " * level + "-\n" for level in range(600)) + " " * 600 + "v\n",
+}
+
+
+def test_the_bound_stops_each_nesting_before_a_parser_and_passes_real_documents():
+    for name, text in JSON_NESTINGS.items():
+        with pytest.raises(StructureLimitError, match=LIMIT_MESSAGE):
+            check_structure(text, syntax="json", max_bytes=None)
+        assert name
+    for name, text in YAML_NESTINGS.items():
+        with pytest.raises(StructureLimitError, match=LIMIT_MESSAGE):
+            check_structure(text, syntax="yaml", max_bytes=None, source=name)
+    # Brackets inside strings are text, not nesting; a document at the limit passes.
+    check_structure(json.dumps({"q": "[" * DEPTH, "e": '\\"[{' * 100}), syntax="json", max_bytes=None)
+    check_structure("[" * MAX_DEPTH + "]" * MAX_DEPTH, syntax="json", max_bytes=None)
+    check_structure("a: '" + "[" * DEPTH + "'\n", syntax="yaml", max_bytes=None)
+    for config in Path(settings.BASE_DIR, "configs").glob("*.yaml"):
+        check_structure(config.read_text(), syntax="yaml", max_bytes=None)
+    with pytest.raises(StructureLimitError, match=LIMIT_MESSAGE):
+        check_structure("[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1), syntax="json", max_bytes=None)
+    with pytest.raises(StructureLimitError, match="larger than 10 bytes"):
+        check_structure("[" * 11, syntax="json", max_bytes=10)
+
+
+@pytest.mark.parametrize("shape", list(JSON_NESTINGS), ids=list(JSON_NESTINGS))
+def test_deeply_nested_json_bodies_get_a_400_naming_the_limit_on_every_api_write(api, user, ledger, shape):
+    ledger.record(
+        "hostile input", f"JSON body: {DEPTH:,} levels of {shape}, on POST /api/runs/ and each run write (status, logs, results)",
+        f"400 whose detail names the limit ('{LIMIT_MESSAGE} (the limit)'); no run stored; the existing run unchanged",
+    )
+    run = make_run(user, status="pending")
+    body = JSON_NESTINGS[shape]
+    for method, path in [("POST", "/api/runs/"), ("PATCH", f"/api/runs/{run.pk}/status/"), ("PATCH", f"/api/runs/{run.pk}/logs/"),
+                         ("POST", f"/api/runs/{run.pk}/results/")]:
+        response = api.generic(method, path, body, content_type="application/json")
+        assert response.status_code == 400, (path, response.status_code, response.content[:300])
+        assert response.json()["detail"] == f"request body: {LIMIT_MESSAGE} (the limit)", path
+    assert list(PipelineRun.objects.values_list("pk", flat=True)) == [run.pk]
+    run.refresh_from_db()
+    assert run.status == "pending" and run.logs == "" and not run.results.exists()
+
+
+@pytest.mark.parametrize("shape", list(JSON_NESTINGS), ids=list(JSON_NESTINGS))
+def test_a_deeply_nested_jsonl_line_is_refused_naming_its_line_and_the_limit(api, ledger, shape):
+    ledger.record("hostile input", f"JSONL upload: line 2 is {DEPTH:,} levels of {shape}", f"400 naming 'line 2: {LIMIT_MESSAGE}'; no row, no file")
+    rows, files = Dataset.objects.count(), stored_files()
+    response = upload(api, "deep", line(TRAIN_ROW) + JSON_NESTINGS[shape].encode() + b"\n" + line(TRAIN_ROW))
+    assert response.status_code == 400, response.content[:300]
+    assert f"line 2: {LIMIT_MESSAGE} (the limit)" in response.json()["detail"]
+    assert Dataset.objects.count() == rows and stored_files() == files
+
+
+@pytest.mark.parametrize("shape", list(YAML_NESTINGS), ids=list(YAML_NESTINGS))
+def test_deeply_nested_yaml_is_refused_on_the_page_pasted_or_uploaded(client, user, ledger, shape):
+    ledger.record(
+        "hostile input", f"YAML on /runs/new/ (load_yaml, pasted and uploaded): {shape}",
+        f"200, the page again with '{LIMIT_MESSAGE}' shown (sent as an htmx request: 200, the form partial); no run stored",
+    )
+    client.force_login(user)
+    text = YAML_NESTINGS[shape]
+    for data in ({"action": "load_yaml", "yaml_text": text},
+                 {"action": "load_yaml", "yaml_file": SimpleUploadedFile("deep.yaml", text.encode(), "application/x-yaml")}):
+        response = client.post("/runs/new/", data)
+        assert response.status_code == 200, response.status_code
+        assert LIMIT_MESSAGE in response.content.decode(), shape
+        # The YAML form is a plain form; its errors live on the full page, not in the htmx partial.
+        data = {**data, "yaml_file": SimpleUploadedFile("deep.yaml", text.encode())} if "yaml_file" in data else data
+        assert client.post("/runs/new/", data, HTTP_HX_REQUEST="true").status_code == 200
+    assert not PipelineRun.objects.exists()
+
+
+@pytest.mark.parametrize("shape", ["JSON arrays", "JSON objects", "flow sequences", "flow mappings"])
+def test_deeply_nested_text_in_every_field_of_the_new_run_form_is_refused(client, user, ledger, shape):
+    ledger.record(
+        "hostile input", f"new-run form POST (validate and launch, htmx or not): {DEPTH:,} levels of {shape} in every text field",
+        "200, the form again with errors on the fields; no run stored",
+    )
+    client.force_login(user)
+    text = YAML_NESTINGS[shape]
+    fields = {name: text for name in ("name", "base_model", "target_modules", "judge_base_url", "judge_model", "judge_api_key_env",
+                                      "epochs", "learning_rate", "max_samples")}
+    for headers in ({}, {"HTTP_HX_REQUEST": "true"}):
+        for action in ("validate", "launch"):
+            response = client.post("/runs/new/", {**fields, "action": action, "kind": "finetune", "answers": "generate",
+                                                  "train_datasets": ["rag_qa_train"], "eval_datasets": ["ragas_eval"], "metrics": ["rouge_score"]}, **headers)
+            assert response.status_code == 200, response.status_code
+            form = response.context["form"]
+            assert {"name", "base_model", "epochs", "learning_rate"} <= set(form.errors), form.errors
+    assert not PipelineRun.objects.exists()
+
+
+@pytest.mark.parametrize("shape", ["JSON arrays", "JSON objects", "flow sequences", "block mappings (600 levels)"])
+def test_run_pipeline_refuses_a_deeply_nested_yaml_file_naming_the_limit(tmp_path, ledger, shape):
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    ledger.record("hostile input", f"run_pipeline CONFIG.yaml: {shape}", f"CommandError naming the file and '{LIMIT_MESSAGE}'; no run stored")
+    path = tmp_path / "deep.yaml"
+    path.write_text(YAML_NESTINGS[shape])
+    for extra in ([], ["--dry-run"]):
+        with pytest.raises(CommandError, match=LIMIT_MESSAGE) as caught:
+            call_command("run_pipeline", str(path), *extra)
+        assert str(path) in str(caught.value)
     assert not PipelineRun.objects.exists()
 
 
