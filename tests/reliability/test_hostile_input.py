@@ -97,6 +97,13 @@ CONFIG_CASES = [
     ("NUL in the run name", finetune_config(name="run\x00name"), "name"),
     ("10k-character run name", finetune_config(name="r" * 10_000), "name"),
     ("a list instead of a mapping", [1, 2, 3], ""),
+    ("local: name with a path (local:../../etc)", finetune_config(model={"base": "local:../../etc"}), "model.base"),
+    ("local: name that is a path (local:/etc/passwd)", finetune_config(model={"base": "local:/etc/passwd"}), "model.base"),
+    ("local: name of dots (local:..)", finetune_config(model={"base": "local:.."}), "model.base"),
+    ("model path with no MLOPS_MODEL_PATHS (/etc)", finetune_config(model={"base": "/etc"}), "model.base"),
+    ("relative model path (../../etc)", finetune_config(model={"base": "../../etc"}), "model.base"),
+    ("judge URL with credentials", finetune_config(evaluation={"metrics": ["faithfulness"], "judge": {"base_url": "http://u:p@judge/v1", "model": "m"}}),
+     "evaluation.judge.base_url"),
 ]
 
 

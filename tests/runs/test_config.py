@@ -82,3 +82,106 @@ def test_the_shipped_configs_are_valid():
             "rag_qa_train": "train", "medical_qa_train": "train", "legal_qa_train": "train",
             "ragas_eval": "eval", "medical_ragas_eval": "eval", "legal_ragas_eval": "eval",
         })
+
+
+# --- model.base: a known local build, a hub id, or a folder the operator allows.
+def test_local_names_must_be_known_builds_and_the_message_lists_them():
+    from runs.config import known_local_models
+
+    known = known_local_models()
+    assert {"tiny-llama", "smollm2-135m-instruct"} <= set(known)
+    for bad in ["local:../../etc", "local:/etc/passwd", "local:..", "local:", "local:tiny-llama/../x", "local:no-such-build"]:
+        errors = errors_of(finetune_config(model={"base": bad}))
+        assert set(errors) == {"model.base"}, (bad, errors)
+        assert errors["model.base"] == f"unknown local model {bad!r}; known: {', '.join('local:' + n for n in known)}"
+    for name in known:
+        assert validate_config(finetune_config(model={"base": f"local:{name}"}), known_datasets=KNOWN)["model"]["base"] == f"local:{name}"
+
+
+def test_the_known_builds_come_from_training_local_models_or_the_tiny_model_specs(monkeypatch):
+    import importlib.util
+    import sys
+
+    from runs.config import known_local_models
+    from training.tiny_model import SPECS
+
+    if importlib.util.find_spec("training.local_models") is not None:
+        from training.local_models import KNOWN_LOCAL_MODELS
+
+        assert known_local_models() == tuple(KNOWN_LOCAL_MODELS)
+    monkeypatch.setitem(sys.modules, "training.local_models", None)  # as if the module were not there: ImportError
+    assert known_local_models() == (*SPECS, "smollm2-135m-instruct")
+
+
+def test_hub_ids_are_accepted_and_paths_refused_while_no_folder_is_allowed(settings):
+    settings.MLOPS_MODEL_PATHS = []
+    for hub_id in ["Qwen/Qwen2.5-0.5B-Instruct", "gpt2", "HuggingFaceTB/SmolLM2-135M-Instruct"]:
+        assert validate_config(finetune_config(model={"base": hub_id}), known_datasets=KNOWN)["model"]["base"] == hub_id
+    # configs/ exists relative to the working directory: hub-shaped, but from_pretrained would read it from disk.
+    for path in ["/etc/passwd", "/models/my-llama", "./var/models/tiny-llama", "../x", "..", "~/models", "configs", "a b"]:
+        errors = errors_of(finetune_config(model={"base": path}))
+        assert set(errors) == {"model.base"}, (path, errors)
+        assert "MLOPS_MODEL_PATHS" in errors["model.base"] or "absolute" in errors["model.base"], (path, errors)
+
+
+def test_paths_are_accepted_only_under_an_allowed_folder_after_resolving_dots_and_symlinks(settings, tmp_path):
+    from runs.config import check_model_reference
+
+    allowed, outside = tmp_path / "models", tmp_path / "elsewhere"
+    (allowed / "my-llama").mkdir(parents=True)
+    outside.mkdir()
+    (allowed / "escape").symlink_to(outside, target_is_directory=True)
+    settings.MLOPS_MODEL_PATHS = [str(allowed)]
+    for good in [allowed / "my-llama", allowed, f"{allowed}/my-llama/../my-llama", allowed / "not-built-yet"]:
+        assert validate_config(finetune_config(model={"base": str(good)}), known_datasets=KNOWN)["model"]["base"] == str(good)
+    for bad in [outside, f"{allowed}/../elsewhere", allowed / "escape", allowed / "escape" / "x", f"{allowed}-sibling/x", "/etc/passwd"]:
+        errors = errors_of(finetune_config(model={"base": str(bad)}))
+        assert errors == {"model.base": "this path is outside the folders the operator allows for models (MLOPS_MODEL_PATHS)"}, bad
+    # The worker's check is the same function, with the worker's own setting.
+    with pytest.raises(ValueError, match="MLOPS_MODEL_PATHS"):
+        check_model_reference(str(allowed / "my-llama"), allowed_dirs=[])
+    check_model_reference(str(allowed / "my-llama"), allowed_dirs=[allowed])
+    with pytest.raises(ValueError, match="unknown local model"):
+        check_model_reference("local:../../etc")
+
+
+def test_model_paths_setting_is_read_colon_separated_from_the_environment(monkeypatch):
+    import importlib
+    import os
+
+    import mlops_site.settings as site_settings
+
+    monkeypatch.setenv("MLOPS_MODEL_PATHS", "/models:/srv/llms/ :")
+    monkeypatch.setenv("MLOPS_JUDGE_URL_PREFIXES", "http://vllm:8000/v1, https://api.openai.com/v1")
+    try:
+        reloaded = importlib.reload(site_settings)
+        assert reloaded.MLOPS_MODEL_PATHS == ["/models", "/srv/llms/"]
+        assert reloaded.MLOPS_JUDGE_URL_PREFIXES == ["http://vllm:8000/v1", "https://api.openai.com/v1"]
+    finally:
+        monkeypatch.delenv("MLOPS_MODEL_PATHS")
+        monkeypatch.delenv("MLOPS_JUDGE_URL_PREFIXES")
+        importlib.reload(site_settings)
+    assert site_settings.MLOPS_MODEL_PATHS == [] and site_settings.MLOPS_JUDGE_URL_PREFIXES == [] or os.environ.get("MLOPS_MODEL_PATHS")
+
+
+# --- evaluation.judge.base_url: no credentials in it; the operator's prefixes when set.
+def judge_config(base_url):
+    return eval_only_config(evaluation={"answers": "dataset", "metrics": ["faithfulness"], "judge": {"base_url": base_url, "model": "judge"}})
+
+
+def test_judge_urls_with_credentials_are_refused():
+    errors = errors_of(judge_config("http://user:secret@judge.example/v1"))
+    assert errors == {"evaluation.judge.base_url": "must not carry credentials (user:password@); name the key's variable in api_key_env"}
+
+
+def test_judge_urls_are_limited_to_the_operators_prefixes_when_set(settings):
+    settings.MLOPS_JUDGE_URL_PREFIXES = []
+    validate_config(judge_config("http://169.254.169.254/latest"), known_datasets=KNOWN)  # no list: any http(s) endpoint
+    settings.MLOPS_JUDGE_URL_PREFIXES = ["http://vllm:8000/v1", "https://api.openai.com/v1/"]
+    for good in ["http://vllm:8000/v1", "http://VLLM:8000/v1/", "http://vllm:8000/v1/chat", "https://api.openai.com/v1"]:
+        validate_config(judge_config(good), known_datasets=KNOWN)
+    for bad in ["http://vllm:8000/v10", "http://vllm:8000.evil.example/v1", "http://vllm:8001/v1", "https://vllm:8000/v1",
+                "http://vllm:8000/", "http://169.254.169.254/latest", "http://vllm:8000@evil.example/v1", "http://evil.example/?http://vllm:8000/v1"]:
+        errors = errors_of(judge_config(bad))
+        assert set(errors) == {"evaluation.judge.base_url"}, (bad, errors)
+        assert any(why in errors["evaluation.judge.base_url"] for why in ("MLOPS_JUDGE_URL_PREFIXES", "credentials", "not a valid URL")), (bad, errors)
