@@ -294,7 +294,7 @@ def test_html_and_script_are_escaped_on_every_page(client, user, api, ledger):
 
 
 def test_csv_exports_neutralise_formulas(client, api, user, ledger):
-    ledger.record("hostile input", "CSV export of values starting with = + - @", "every such cell prefixed with ' in both CSV exports")
+    ledger.record("hostile input", "CSV export of values starting with = + - @", "both CSVs 200 with every row; every such cell prefixed with '")
     run = make_run(user, status="completed")
     dataset = Dataset.objects.get(name="ragas_eval")
     PipelineRun.objects.filter(pk=run.pk).update(name="=HYPERLINK(\"http://evil\")")
@@ -302,10 +302,16 @@ def test_csv_exports_neutralise_formulas(client, api, user, ledger):
         SampleResult.objects.create(run=run, dataset=dataset, variant="finetuned", index=index, question=evil, contexts=["c"],
                                     ground_truth=evil, answer=evil, scores={}, reasons={})
     RunResult.objects.create(run=run, dataset=dataset, variant="finetuned", metric="rouge_score", value=0.5, n_scored=1)
-    results = list(csv.reader(io.StringIO(api.get(f"/api/runs/{run.pk}/export.csv").content.decode())))
-    assert results[1][1].startswith("'=")
+    response = api.get(f"/api/runs/{run.pk}/export.csv")
+    assert response.status_code == 200
+    results = list(csv.reader(io.StringIO(response.content.decode())))
+    assert len(results) == 2 and results[1][1] == "'=HYPERLINK(\"http://evil\")"
     client.force_login(user)
-    samples = list(csv.reader(io.StringIO(client.get(f"/runs/{run.pk}/samples.csv").content.decode())))
+    response = client.get(f"/runs/{run.pk}/samples.csv")
+    assert response.status_code == 200
+    samples = list(csv.reader(io.StringIO(response.content.decode())))
+    assert len(samples) == 1 + 4  # a header and the four evil rows, so the loop below has cells to check
+    assert [row[2] for row in samples[1:]] == ["'=1+1", "'+cmd|' /C calc'!A0", "'-2+3", "'@SUM(A1:A2)"]
     for row in samples[1:]:
         for cell in row:
             assert cell[:1] not in ("=", "+", "-", "@"), row

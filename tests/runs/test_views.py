@@ -5,6 +5,7 @@ import io
 
 import pytest
 import yaml
+from django.utils import timezone
 
 from datasets_app.models import Dataset
 from runs.models import PipelineRun, RunResult, SampleResult
@@ -61,9 +62,15 @@ def test_other_users_runs_are_not_found(client, other_user, user, path):
     assert client.get(path.format(id=run.pk)).status_code == 404
 
 
+def beating_run(owner, **fields):
+    """A run whose job is alive: it beat just now. (Without a heartbeat an active run
+    is what the embedded reaper, run by the dashboard and run pages, fails.)"""
+    return make_run(owner, heartbeat_at=timezone.now(), **fields)
+
+
 def test_dashboard_filters_and_shows_headline_scores(logged_in, user):
     scored_run(user)
-    make_run(user, status="training")
+    beating_run(user, status="training")
     page = logged_in.get("/").content.decode()
     assert "rouge_score" in page and "+0.2000" in page
     assert page.count('hx-trigger="every 2s"') == 1  # only the unfinished run polls
@@ -72,7 +79,7 @@ def test_dashboard_filters_and_shows_headline_scores(logged_in, user):
 
 
 def test_polling_fragments_stop_for_terminal_runs(logged_in, user):
-    done, running = make_run(user, status="completed"), make_run(user, status="training")
+    done, running = make_run(user, status="completed"), beating_run(user, status="training")
     assert logged_in.get(f"/runs/{done.pk}/status/").status_code == 286
     assert logged_in.get(f"/runs/{done.pk}/row/").status_code == 286
     assert logged_in.get(f"/runs/{running.pk}/status/").status_code == 200
@@ -88,7 +95,7 @@ def test_run_page_shows_timeline_logs_error_and_loss_data(logged_in, user):
 
 
 def test_cancel_button_cancels_through_the_status_machine(logged_in, user):
-    run = make_run(user, status="training")
+    run = beating_run(user, status="training")
     response = logged_in.post(f"/runs/{run.pk}/cancel/")
     assert response.status_code == 302
     run.refresh_from_db()
@@ -167,12 +174,44 @@ def test_results_page_shows_difference_unmeasured_reasons_and_samples(logged_in,
     assert "question 0" in worst and "question 1" not in worst
 
 
-def test_samples_csv_is_neutralised(logged_in, user):
+def csv_rows(response) -> list[list[str]]:
+    assert response.status_code == 200, response.content[:300]
+    assert response["Content-Type"] == "text/csv; charset=utf-8"
+    return list(csv.reader(io.StringIO(response.content.decode())))
+
+
+def test_samples_csv_has_every_column_and_row_neutralised(logged_in, user):
     run = scored_run(user)
     response = logged_in.get(f"/runs/{run.pk}/samples.csv")
-    rows = list(csv.reader(io.StringIO(response.content.decode())))
-    assert rows[0][:4] == ["dataset", "index", "question", "ground_truth"]
-    assert rows[1][4].startswith("'=answer")
+    assert response["Content-Disposition"] == f'attachment; filename="run-{run.pk}-samples.csv"'
+    rows = csv_rows(response)
+    assert len(rows) == 1 + 2  # the header, then one line per (dataset, index) with both variants side by side
+    assert rows == [
+        ["dataset", "index", "question", "ground_truth", "answer_finetuned", "answer_base",
+         "rouge_score_finetuned", "exact_match_finetuned", "rouge_score_base", "exact_match_base"],
+        # exact_match was not measured on any sample: empty cells, never 0. Answers starting with = are neutralised.
+        ["ragas_eval", "0", "question 0", "truth", "'=answer finetuned 0", "'=answer base 0", "0.2", "", "0.0", ""],
+        ["ragas_eval", "1", "question 1", "truth", "'=answer finetuned 1", "'=answer base 1", str(0.1 + 0.2), "", "0.1", ""],
+    ]
+
+
+def test_results_csv_linked_from_the_results_page_has_every_column_and_row(logged_in, user):
+    run = scored_run(user)
+    page = logged_in.get(f"/runs/{run.pk}/results/").content.decode()
+    link = f"/api/runs/{run.pk}/export.csv"
+    assert f'href="{link}"' in page
+    response = logged_in.get(link)
+    assert response["Content-Disposition"] == f'attachment; filename="run-{run.pk}-results.csv"'
+    rows = csv_rows(response)
+    assert len(rows) == 1 + 4  # the header, then one line per (dataset, metric, variant)
+    assert rows == [
+        ["run_id", "run_name", "dataset", "variant", "metric", "value", "n_scored", "n_failed"],
+        # Not measured: an empty value with n_scored 0 and every sample counted in n_failed.
+        [str(run.pk), run.name, "ragas_eval", "base", "exact_match", "", "0", "2"],
+        [str(run.pk), run.name, "ragas_eval", "finetuned", "exact_match", "", "0", "2"],
+        [str(run.pk), run.name, "ragas_eval", "base", "rouge_score", "0.3", "2", "0"],
+        [str(run.pk), run.name, "ragas_eval", "finetuned", "rouge_score", "0.5", "2", "0"],
+    ]
 
 
 def test_compare_highlights_the_best_and_diffs_configs(logged_in, user):
