@@ -1,8 +1,11 @@
-"""Reading docker-compose.yml and .env.example the way Docker Compose does (enough of it)."""
+"""Reading docker-compose.yml and .env.example the way Docker Compose does (enough of it),
+and, where a Compose binary is installed, asking Compose itself (`config`)."""
 
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +14,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
+STANDINS_FILE = ROOT / "docker/compose-check/standins.yml"
 
 # ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?error}, ${NAME?error}, ${NAME:+alt}; $$ escapes a $.
 INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}")
@@ -77,3 +81,37 @@ def service_environment(service: str, env: dict[str, str]) -> dict[str, str]:
         environment = dict(item.split("=", 1) for item in environment)
     result.update({key: str(value) for key, value in interpolate(environment, env).items()})
     return result
+
+
+def compose_command() -> list[str] | None:
+    """docker-compose (v1, Debian's package) or `docker compose` (the plugin); None without either.
+
+    `config` needs no Docker engine: only the binary."""
+    if shutil.which("docker-compose"):
+        return [shutil.which("docker-compose")]
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True, check=False).returncode == 0:
+        return [docker, "compose"]
+    return None
+
+
+def compose_config(env: dict[str, str], project_dir: Path, *overrides: Path) -> subprocess.CompletedProcess:
+    """`compose config` of docker-compose.yml (plus overrides) with `env` as the project's .env.
+
+    project_dir gets the .env and links to what the file reads relative to itself."""
+    command = compose_command()
+    assert command, "no Compose binary"
+    (project_dir / ".env").write_text("".join(f"{key}={value}\n" for key, value in env.items()))
+    for entry in ("docker-compose.yml", "docker", "requirements"):
+        if not (project_dir / entry).is_symlink():
+            (project_dir / entry).symlink_to(ROOT / entry)
+    files = [arg for path in (project_dir / "docker-compose.yml", *overrides) for arg in ("--file", str(path))]
+    return subprocess.run([*command, *files, "config"], capture_output=True, text=True, cwd=project_dir, check=False,
+                          env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(project_dir)})
+
+
+def resolved_services(env: dict[str, str], project_dir: Path, *overrides: Path) -> dict[str, dict[str, Any]]:
+    """The services as Compose resolves them (interpolated, env_file merged into environment)."""
+    result = compose_config(env, project_dir, *overrides)
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)["services"]

@@ -1,16 +1,18 @@
 """docker-compose.yml, the Dockerfiles and .env.example are wired to code that exists.
 
-Docker does not run on the test machines: these tests read the files and check
-each reference against the project (management commands, modules, settings,
-queues, files) instead of building images.
+These tests read the files and check each reference against the project
+(management commands, modules, settings, queues, files) instead of building
+images; where a Compose binary is installed (docker-compose v1 or the plugin:
+`config` needs no engine), Compose itself resolves the file and the tests check
+its reading against theirs. Building and running the images is `make
+compose-check` (scripts/compose_check.sh), too slow for the suite.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import re
-import shutil
-import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,11 +20,24 @@ from django.conf import settings
 from django.core.management import get_commands
 from django.urls import reverse
 
-from .compose_helpers import ROOT, env_example, interpolate, referenced_variables, service_environment, services
+from .compose_helpers import (
+    ROOT,
+    STANDINS_FILE,
+    compose_command,
+    compose_config,
+    env_example,
+    interpolate,
+    referenced_variables,
+    resolved_services,
+    service_environment,
+    services,
+)
 
 DESIGN_SERVICES = {"db", "redis", "mlflow", "web", "worker-gpu", "worker-cpu", "scheduler"}
 DJANGO_SERVICES = ("web", "worker-gpu", "worker-cpu", "scheduler")
 SECRETS = ("SECRET_KEY", "POSTGRES_PASSWORD", "REDIS_PASSWORD")
+WORKER_CLASS = "runs.worker.PreloadingWorker"
+needs_compose = pytest.mark.skipif(compose_command() is None, reason="no docker-compose or compose plugin installed")
 # Where Python code reads its environment: settings, the gunicorn config, the reaper's schedule.
 ENV_READERS = ("mlops_site/settings.py", "mlops_site/gunicorn_conf.py", "runs/cron.py")
 ENV_READ = re.compile(r"""(?:os\.environ\.get|os\.environ\[|env(?:bool|int|list))\(?\s*["']([A-Z][A-Z0-9_]*)["']""")
@@ -102,7 +117,7 @@ def test_mlflow_keeps_runs_in_postgres_and_serves_artifacts_from_a_volume():
     artifacts = command[command.index("--artifacts-destination") + 1]
     assert volumes_of("mlflow")[artifacts] == "mlflow-artifacts"
     assert "--serve-artifacts" in command and command[command.index("--port") + 1] == "5000"
-    assert any(port.endswith(":5000:5000") or port == "5000:5000" for port in services()["mlflow"]["ports"])
+    assert interpolate(services()["mlflow"]["ports"], example_env_with_secrets()) == ["127.0.0.1:5000:5000"]
     assert "mlflow" in env["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")  # the name the workers use
 
     pins = (ROOT / "requirements/mlflow.txt").read_text()
@@ -124,7 +139,8 @@ def test_the_web_service_migrates_collects_static_and_runs_gunicorn():
     ]
     assert {"migrate", "collectstatic"} <= set(get_commands())
     assert importlib.util.find_spec("mlops_site.wsgi") and importlib.util.find_spec("mlops_site.gunicorn_conf")
-    assert "8000:8000" in services()["web"]["ports"]
+    (port,) = interpolate(services()["web"]["ports"], example_env_with_secrets())
+    assert port == "127.0.0.1:8000:8000"  # plain HTTP for the proxy: loopback unless WEB_BIND_ADDRESS says otherwise
     assert service_environment("web", example_env_with_secrets())["WEB_BIND"] == "0.0.0.0:8000"
     assert healthcheck_command("web") == ["python", "docker/healthcheck.py", "http", "http://127.0.0.1:8000/healthz"]
     assert reverse("healthz") == "/healthz"
@@ -132,13 +148,17 @@ def test_the_web_service_migrates_collects_static_and_runs_gunicorn():
 
 @pytest.mark.parametrize(("service", "queue"), [("worker-gpu", "gpu"), ("worker-cpu", "cpu")])
 def test_each_worker_runs_rqworker_on_its_queue(service, queue):
-    assert command_of(service) == ["python", "manage.py", "rqworker", queue]
+    assert command_of(service) == ["python", "manage.py", "rqworker", queue, "--worker-class", WORKER_CLASS]
     assert "rqworker" in get_commands()
+    module, name = WORKER_CLASS.rsplit(".", 1)
+    from rq import Worker
+
+    assert issubclass(getattr(importlib.import_module(module), name), Worker)
     assert queue in settings.RQ_QUEUES
     assert healthcheck_command(service) == ["python", "docker/healthcheck.py", "rq-worker", queue]
-    from runs.orchestration import JOB_QUEUES
+    from runs.pipeline import QUEUES
 
-    assert queue in JOB_QUEUES.values()
+    assert queue in QUEUES.values()
 
 
 def test_the_scheduler_runs_the_reaper_schedule():
@@ -228,9 +248,12 @@ def dockerfile_instructions(name: str) -> list[tuple[str, str]]:
 def test_images_are_pinned_run_as_a_user_and_copy_files_that_exist(name):
     instructions = dockerfile_instructions(name)
     args = {value.split("=", 1)[0]: value.split("=", 1)[1] for op, value in instructions if op == "ARG" and "=" in value}
-    (base,) = [value for op, value in instructions if op == "FROM"]
-    image = args.get(base.strip("${}"), base)
-    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", image), image
+    bases = [value for op, value in instructions if op == "FROM"]
+    final = bases[-1]  # the image's own stage: the Python base, as are the helper stages but TORCH_WHEELS's
+    assert final == "${PYTHON_IMAGE}"
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", args["PYTHON_IMAGE"]), args["PYTHON_IMAGE"]
+    for base in bases[:-1]:
+        assert re.fullmatch(r"\$\{(PYTHON_IMAGE|TORCH_WHEELS)\} AS [a-z-]+", base), base
     users = [value for op, value in instructions if op == "USER"]
     assert users and users[-1] not in ("root", "0")
     for op, value in instructions:
@@ -268,9 +291,29 @@ def test_the_worker_image_installs_the_pinned_torch_from_the_chosen_index():
     torch_pin = re.search(r"^torch==(\S+)$", (ROOT / "requirements/worker.txt").read_text(), re.M)[1]
     assert args["TORCH_VERSION"] == torch_pin
     assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
-    installs = " ".join(value for op, value in instructions if op == "RUN")
-    assert '--index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"' in installs
-    assert "-r requirements/worker.txt" in installs
+    # by default the wheel comes from the stage that downloads it from TORCH_INDEX_URL ...
+    assert args["TORCH_WHEELS"] == "torch-from-index"
+    assert ("FROM", "${PYTHON_IMAGE} AS torch-from-index") in instructions
+    assert ("FROM", "${TORCH_WHEELS} AS torch-wheels") in instructions
+    downloads, install = [value for op, value in instructions if op == "RUN" and "torch==${TORCH_VERSION}" in value]
+    assert '--dest /wheels --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"' in downloads
+    # ... and is installed from that stage's /wheels alone, mounted for the step, then the rest from PyPI
+    assert "--mount=type=bind,from=torch-wheels,source=/wheels,target=/tmp/torch-wheels" in install
+    assert '--no-deps --no-index --find-links /tmp/torch-wheels "torch==${TORCH_VERSION}"' in install
+    assert install.index("torch==") < install.index("-r requirements/worker.txt")
+    assert "--require-hashes -r requirements/models.txt" in install
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.web", "Dockerfile.worker", "Dockerfile.mlflow"])
+def test_the_pip_ca_bundle_is_a_build_secret_never_a_layer(name):
+    text = (ROOT / "docker" / name).read_text()
+    assert not re.match(r"#\s*syntax=", text)  # the engine's own frontend: a build pulls no frontend image from Docker Hub
+    for op, value in dockerfile_instructions(name):
+        if op == "RUN" and re.search(r"\bpip (install|download)\b", value):
+            assert value.startswith("--mount=type=secret,id=pip_ca") or " --mount=type=secret,id=pip_ca " in value, value
+            assert "export PIP_CERT=/run/secrets/pip_ca" in value
+        assert not (op in ("ENV", "ARG") and "PIP_CERT" in value), f"{name}: {op} {value}"
+        assert not (op in ("COPY", "ADD") and re.search(r"\.(crt|pem)\b|ca-certificates", value)), f"{name}: {op} {value}"
 
 
 def test_the_image_context_leaves_out_secrets_and_local_state():
@@ -285,15 +328,123 @@ def test_the_scripts_the_containers_run_exist():
     assert (ROOT / "mlops_site/gunicorn_conf.py").is_file()
 
 
-@pytest.mark.skipif(not (shutil.which("docker-compose") or shutil.which("docker")), reason="no docker compose here")
-def test_docker_compose_itself_accepts_the_file(tmp_path):
-    """Where a Compose binary exists, let it validate and interpolate the file too."""
-    compose = [shutil.which("docker-compose")] if shutil.which("docker-compose") else [shutil.which("docker"), "compose"]
-    if subprocess.run([*compose, "version"], capture_output=True, check=False).returncode != 0:
-        pytest.skip("the docker CLI has no compose plugin here")
-    env_file = tmp_path / ".env"
-    env_file.write_text("".join(f"{key}={value}\n" for key, value in example_env_with_secrets().items()))
-    for entry in ("docker-compose.yml", "docker", "requirements"):
-        (tmp_path / entry).symlink_to(ROOT / entry)
-    result = subprocess.run([*compose, "--project-directory", str(tmp_path), "config", "--quiet"], capture_output=True, text=True, cwd=tmp_path, check=False)
-    assert result.returncode == 0, result.stderr
+def test_the_hugging_face_token_reaches_the_gpu_worker_only():
+    _, documented = env_example()
+    assert {"HF_TOKEN", "HF_HUB_OFFLINE"} <= documented
+    env = {**example_env_with_secrets(), "HF_TOKEN": "hf_secret", "HF_HUB_OFFLINE": "1"}
+    for service in DJANGO_SERVICES:
+        container = service_environment(service, env)
+        if service == "worker-gpu":
+            assert container["HF_TOKEN"] == "hf_secret" and container["HF_HUB_OFFLINE"] == "1"
+        else:  # .env reaches them through env_file: the compose file blanks it
+            assert container["HF_TOKEN"] == "", service
+    assert service_environment("worker-gpu", example_env_with_secrets())["HF_HUB_OFFLINE"] == "0"
+    assert "HF_TOKEN" not in service_environment("mlflow", env) and "HF_TOKEN" not in service_environment("db", env)
+
+
+def test_docker_compose_v1_can_read_the_file():
+    # docker-compose v1 (Debian's package) refuses a top-level `name:`; the project
+    # name comes from COMPOSE_PROJECT_NAME in .env instead.
+    from .compose_helpers import compose
+
+    assert set(compose()) <= {"services", "volumes", "networks"} | {key for key in compose() if key.startswith("x-")}
+    values, _ = env_example()
+    assert values["COMPOSE_PROJECT_NAME"] == "rag-finetune-platform"
+
+
+def published_port(port: str | dict) -> tuple[str, str, str]:
+    """(host address, published, target) from v1's "IP:PUBLISHED:TARGET/tcp" or v2's mapping."""
+    if isinstance(port, dict):
+        return port.get("host_ip", ""), str(port["published"]), str(port["target"])
+    host, published, target = port.removesuffix("/tcp").split(":")
+    return host, published, target
+
+
+@needs_compose
+def test_compose_itself_resolves_the_file_as_these_tests_read_it(tmp_path):
+    env = {**example_env_with_secrets(), "HF_TOKEN": "hf_secret"}
+    resolved = resolved_services(env, tmp_path)
+    assert set(resolved) == DESIGN_SERVICES
+    for service in DJANGO_SERVICES + ("mlflow", "db"):
+        assert {key: str(value) for key, value in resolved[service]["environment"].items()} == service_environment(service, env), service
+    for service in services():
+        assert resolved[service]["healthcheck"]["test"] == services()[service]["healthcheck"]["test"]
+        command = services()[service].get("command")
+        if command:
+            assert resolved[service]["command"] == interpolate(command_of(service), env)
+    assert published_port(resolved["web"]["ports"][0]) == ("127.0.0.1", "8000", "8000")
+    assert published_port(resolved["mlflow"]["ports"][0]) == ("127.0.0.1", "5000", "5000")
+    assert resolved["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+
+
+@needs_compose
+def test_compose_refuses_to_resolve_the_file_without_each_secret(tmp_path):
+    for name in SECRETS:
+        project = tmp_path / name
+        project.mkdir()
+        result = compose_config({**example_env_with_secrets(), name: ""}, project)
+        assert result.returncode != 0 and name in result.stderr, (name, result.stderr)
+
+
+@needs_compose
+def test_the_checks_stand_ins_only_replace_the_db_and_redis_images(tmp_path):
+    env = {**example_env_with_secrets(), "COMPOSE_CHECK_POSTGRES_IMAGE": "check/postgres", "COMPOSE_CHECK_REDIS_IMAGE": "check/redis"}
+    plain = resolved_services(env, tmp_path)
+    overridden = resolved_services(env, tmp_path, STANDINS_FILE)
+    assert overridden["db"]["image"] == "check/postgres" and overridden["redis"]["image"] == "check/redis"
+    for service in plain:  # (a merge may reorder volumes)
+        for key in set(plain[service]) | set(overridden[service]):
+            if key == "volumes":
+                assert sorted(plain[service][key]) == sorted(overridden[service][key]), service
+            elif not (key == "image" and service in ("db", "redis")):
+                assert plain[service][key] == overridden[service][key], (service, key)
+
+
+def test_the_stand_in_images_keep_the_official_images_contract():
+    import yaml
+
+    standins = yaml.safe_load(STANDINS_FILE.read_text())["services"]
+    assert {name: set(spec) for name, spec in standins.items()} == {"db": {"image"}, "redis": {"image"}}
+    entrypoint = (ROOT / "docker/compose-check/docker-entrypoint.sh").read_text()
+    for variable in ("POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB", "PGDATA", "/docker-entrypoint-initdb.d"):
+        assert variable in entrypoint
+    postgres = (ROOT / "docker/compose-check/Dockerfile.postgres").read_text()
+    assert "PGDATA=/var/lib/postgresql/data" in postgres
+    assert "ENTRYPOINT [\"docker-entrypoint.sh\"]" in postgres
+    redis = (ROOT / "docker/compose-check/Dockerfile.redis").read_text()
+    assert "redis-server" in redis and "WORKDIR /data" in redis
+    assert command_of("redis")[0] == "redis-server"  # the stand-in has no entrypoint: the command runs as given
+
+
+def load_check_helpers():
+    spec = importlib.util.spec_from_file_location("compose_check_helpers", ROOT / "scripts/compose_check_helpers.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("compose_check_helpers", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_checks_runs_are_valid_configs_of_a_short_pipeline():
+    from runs.config import RunConfig
+
+    configs = load_check_helpers().run_configs()
+    eval_only = RunConfig.model_validate(configs["eval_only"])
+    assert eval_only.kind == "eval_only"
+    finetune = RunConfig.model_validate(configs["finetune"])
+    assert finetune.kind == "finetune" and finetune.model.base == "local:tiny-llama"
+    assert finetune.training.max_steps <= 10 and finetune.evaluation.max_samples <= 10
+
+
+def test_the_check_runs_the_gpu_queue_on_the_cpu_image_without_the_reservation(tmp_path, capsys):
+    import yaml
+
+    resolved = tmp_path / "resolved.yml"
+    resolved.write_text(yaml.safe_dump({"services": {name: dict(spec) for name, spec in services().items()}}))
+    out = tmp_path / "stack.yml"
+    load_check_helpers().adapt(resolved, out, ["worker-gpu=check/worker-cpu", "web=check/web"], gpu_queue_on_cpu=True)
+    stack = yaml.safe_load(out.read_text())["services"]
+    assert stack["worker-gpu"]["image"] == "check/worker-cpu" and "build" not in stack["worker-gpu"]
+    assert "deploy" not in stack["worker-gpu"]
+    assert stack["worker-gpu"]["command"] == services()["worker-gpu"]["command"]  # still the gpu queue
+    assert stack["web"]["image"] == "check/web" and "build" not in stack["web"]
+    assert stack["mlflow"]["build"] == services()["mlflow"]["build"]
