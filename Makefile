@@ -76,3 +76,12 @@ bench: $(VENV)/.installed
 .PHONY: reliability
 reliability: $(VENV)/.installed
 	$(PY) -m pytest tests/reliability $(PYTEST_ARGS)
+
+# make compose-check - docker-compose.yml for real on this machine's Docker engine: builds
+#                      the web, mlflow and CPU worker images, starts the stack, runs an
+#                      eval-only run and a short fine-tune over HTTP, removes it all and
+#                      prints sizes and timings (scripts/compose_check.sh; slow: not in CI).
+#                      COMPOSE_CHECK_ARGS=--keep-images keeps the images for a rerun.
+.PHONY: compose-check
+compose-check: $(VENV)/.installed
+	PYTHON=$(PY) scripts/compose_check.sh $(COMPOSE_CHECK_ARGS)
