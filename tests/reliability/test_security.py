@@ -99,8 +99,36 @@ def test_logins_lock_after_repeated_failures(client, staff_user, settings, login
 
 @pytest.mark.django_db
 def test_there_is_no_default_account(ledger):
-    ledger.record("security", "default accounts after migrate", "no user exists; no usable password anywhere")
+    ledger.record("security", "default accounts after migrate + seed_datasets", "no user row exists (none with a usable password, none at all)")
+    from django.core.management import call_command
+
+    call_command("seed_datasets")
     assert not get_user_model().objects.exists()
+    assert not any(u.has_usable_password() for u in get_user_model().objects.all())
+
+
+def test_no_shipped_file_holds_a_usable_secret_or_creates_an_account(ledger):
+    ledger.record(
+        "security", "shipped secrets and account creation",
+        ".env.example leaves SECRET_KEY, POSTGRES_PASSWORD, REDIS_PASSWORD empty; docker-compose.yml refuses to start without each (${VAR:?}); "
+        "no migration, script, Dockerfile or compose file creates a user",
+    )
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env_example = dict(
+        line.split("=", 1) for line in (root / ".env.example").read_text().splitlines() if "=" in line and not line.lstrip().startswith("#")
+    )
+    compose = (root / "docker-compose.yml").read_text()
+    for name in ("SECRET_KEY", "POSTGRES_PASSWORD", "REDIS_PASSWORD"):
+        assert env_example.get(name) == "", f"{name} in .env.example must be empty, got {env_example.get(name)!r}"
+        uses = re.findall(r"\$\{" + name + r"([^}]*)\}", compose)
+        assert uses and all(use.startswith(":?") for use in uses), f"docker-compose.yml must require {name}: {uses}"
+    shipped = [*root.glob("*/migrations/*.py"), *root.glob("scripts/*"), *root.glob("docker/**/*"), root / "docker-compose.yml", root / "Makefile"]
+    creators = re.compile(r"create_superuser|create_user|createsuperuser\s+--noinput|DJANGO_SUPERUSER_PASSWORD")
+    offenders = [str(p.relative_to(root)) for p in shipped if p.is_file() and creators.search(p.read_text(errors="replace"))]
+    assert offenders == [], offenders
 
 
 @pytest.mark.pipeline
