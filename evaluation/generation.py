@@ -1,7 +1,10 @@
 """Batched greedy answer generation from question + contexts (gpu queue).
 
 Prompts are sorted by length and left-padded per batch, so little compute is
-spent on padding; answers come back in the original order.
+spent on padding; answers come back in the original order. Prompts follow the
+run's prompt format (training/data.py): with chat, generation stops at the chat
+template's end-of-turn token; with plain, the answer ends at EOS or where the
+model starts a new "###" section.
 """
 
 from __future__ import annotations
@@ -10,19 +13,35 @@ import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from training.data import encode_prompt, join_contexts
+from training.data import encode_prompt, join_contexts, resolve_prompt_format, stop_token_ids
 
 ANSWER_STOP = "\n###"
 
 
 def clean_answer(text: str) -> str:
-    """The answer part of a generation: up to the next prompt section, trimmed."""
+    """The answer part of a plain-format generation: up to the next prompt section, trimmed."""
     return text.split(ANSWER_STOP, 1)[0].strip()
 
 
-def encode_eval_prompts(tokenizer, rows: Sequence[dict[str, Any]], *, max_prompt_tokens: int) -> list[list[int]]:
+def answer_from_ids(tokenizer, ids: Sequence[int], *, prompt_format: str = "auto", stops: Sequence[int] | None = None) -> str:
+    """The answer in generated token ids (prompt excluded): up to the first stop token
+    (EOS; with chat the end-of-turn token), decoded without special tokens; plain
+    answers are also cut at the next "###" section."""
+    fmt = resolve_prompt_format(tokenizer, prompt_format)
+    stop_set = set(stop_token_ids(tokenizer, fmt) if stops is None else stops)
+    ids = [int(i) for i in ids]
+    for position, token in enumerate(ids):
+        if token in stop_set:
+            ids = ids[:position]
+            break
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return clean_answer(text) if fmt == "plain" else text.strip()
+
+
+def encode_eval_prompts(tokenizer, rows: Sequence[dict[str, Any]], *, max_prompt_tokens: int, prompt_format: str = "auto") -> list[list[int]]:
+    fmt = resolve_prompt_format(tokenizer, prompt_format)
     return [
-        encode_prompt(tokenizer, question=r["question"], context=join_contexts(r["contexts"]), max_prompt_tokens=max_prompt_tokens)
+        encode_prompt(tokenizer, question=r["question"], context=join_contexts(r["contexts"]), max_prompt_tokens=max_prompt_tokens, prompt_format=fmt)
         for r in rows
     ]
 
@@ -35,9 +54,12 @@ def generate_answers(
     batch_size: int,
     max_new_tokens: int,
     on_batch: Callable[[int, int], None] | None = None,
+    prompt_format: str = "auto",
 ) -> list[str]:
     import torch
 
+    fmt = resolve_prompt_format(tokenizer, prompt_format)
+    stops = stop_token_ids(tokenizer, fmt)
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     answers: list[str] = [""] * len(prompts)
@@ -57,10 +79,10 @@ def generate_answers(
             output = model.generate(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=pad_id, eos_token_id=stops or None,
             )
         for row, i in enumerate(indices):
-            answers[i] = clean_answer(tokenizer.decode(output[row, longest:], skip_special_tokens=True))
+            answers[i] = answer_from_ids(tokenizer, output[row, longest:].tolist(), prompt_format=fmt, stops=stops)
         done += len(indices)
         if on_batch:
             on_batch(done, len(prompts))

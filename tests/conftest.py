@@ -159,3 +159,11 @@ def tiny_model() -> str:
     from training.tiny_model import resolve_model_path
 
     return resolve_model_path("local:tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2_model() -> str:
+    """local:smollm2-135m-instruct, converted from its GGUF once per machine (MLOPS_MODELS_DIR) and reused."""
+    from training.local_models import resolve_model_path
+
+    return resolve_model_path("local:smollm2-135m-instruct")

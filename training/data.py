@@ -1,7 +1,18 @@
-"""Prompt template, tokenised examples and length-grouped dynamic-padding batches.
+"""Prompts, tokenised examples and length-grouped dynamic-padding batches.
 
 Shared by fine-tuning (loss on answer tokens only) and generation (the same
 prompt without the answer), so the model is asked exactly what it was taught.
+
+Two prompt formats (config `model.prompt_format`):
+- chat: the tokenizer's own chat template (how an instruct model was trained): a
+  fixed system message, a user turn with the context and the question, the answer
+  as the assistant turn; the loss covers the assistant's tokens and the template's
+  end-of-turn token, so the model learns to stop.
+- plain: the "### Context / ### Question / ### Answer" template (models without a
+  chat template, e.g. local:tiny-llama).
+`auto` (the default) is chat when the tokenizer has a chat template, else plain.
+In both, a prompt over its budget loses the end of its context first, never the
+question or the answer.
 """
 
 from __future__ import annotations
@@ -9,9 +20,37 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 IGNORE_INDEX = -100
 PROMPT_TEMPLATE = "### Context:\n{context}\n\n### Question:\n{question}\n\n### Answer:\n"
+SYSTEM_MESSAGE = "You answer questions using only the given context. Answer briefly."
+USER_TEMPLATE = "Context:\n{context}\n\nQuestion: {question}"
+PROMPT_FORMATS = ("auto", "chat", "plain")
+
+PromptFormat = Literal["auto", "chat", "plain"]
+
+
+class PromptFormatError(ValueError):
+    """A prompt format the tokenizer cannot serve (chat without a chat template)."""
+
+
+def resolve_prompt_format(tokenizer, prompt_format: str = "auto") -> Literal["chat", "plain"]:
+    """"auto" -> "chat" when the tokenizer has a chat template, else "plain"; explicit choices are checked."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if prompt_format == "auto":
+        return "chat" if has_template else "plain"
+    if prompt_format == "chat":
+        if not has_template:
+            name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+            raise PromptFormatError(
+                f"model.prompt_format is 'chat' but the tokenizer of {name} has no chat template; "
+                "use prompt_format 'plain' (or 'auto', which picks plain for it)"
+            )
+        return "chat"
+    if prompt_format == "plain":
+        return "plain"
+    raise PromptFormatError(f"unknown prompt_format {prompt_format!r}; expected one of {', '.join(PROMPT_FORMATS)}")
 
 
 def format_prompt(*, question: str, context: str) -> str:
@@ -20,6 +59,55 @@ def format_prompt(*, question: str, context: str) -> str:
 
 def join_contexts(contexts: Sequence[str]) -> str:
     return "\n\n".join(c.strip() for c in contexts)
+
+
+def chat_messages(*, question: str, context: str, answer: str | None = None) -> list[dict[str, str]]:
+    messages = [
+        {"role": "system", "content": SYSTEM_MESSAGE},
+        {"role": "user", "content": USER_TEMPLATE.format(context=context.strip(), question=question.strip())},
+    ]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer.strip()})
+    return messages
+
+
+def _prompt_text(tokenizer, *, question: str, context: str, fmt: str) -> str:
+    if fmt == "chat":
+        return tokenizer.apply_chat_template(chat_messages(question=question, context=context), tokenize=False, add_generation_prompt=True)
+    return format_prompt(question=question, context=context)
+
+
+def _tokenize_prompt(tokenizer, text: str, fmt: str) -> list[int]:
+    # A rendered chat template already holds its special tokens (BOS included where the template has one).
+    return tokenizer(text, add_special_tokens=fmt != "chat")["input_ids"]
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The tokens the chat template puts right after an assistant's content, up to and
+    including its end-of-turn token (SmolLM2: <|im_end|>); what follows it (a newline
+    before the next turn) is left out, since generation stops at the end of turn."""
+    marker = "\u2063ANSWER\u2063"
+    rendered = tokenizer.apply_chat_template(chat_messages(question="q", context="c", answer=marker), tokenize=False)
+    suffix = rendered[rendered.rindex(marker) + len(marker):]
+    ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    if tokenizer.eos_token_id is not None:
+        special.add(tokenizer.eos_token_id)
+    for position, token in enumerate(ids):
+        if token in special:
+            return ids[: position + 1]
+    # A template that ends the turn without a special token: end it with EOS.
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else ids
+
+
+def stop_token_ids(tokenizer, prompt_format: str = "auto") -> list[int]:
+    """Token ids that end an answer: EOS, and with chat the template's end-of-turn token."""
+    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if resolve_prompt_format(tokenizer, prompt_format) == "chat":
+        for token in end_of_turn_ids(tokenizer)[-1:]:
+            if token not in stops:
+                stops.append(token)
+    return stops
 
 
 @dataclass
@@ -32,24 +120,53 @@ class Example:
         return len(self.input_ids)
 
 
-def encode_prompt(tokenizer, *, question: str, context: str, max_prompt_tokens: int) -> list[int]:
+def encode_prompt(tokenizer, *, question: str, context: str, max_prompt_tokens: int, prompt_format: str = "auto") -> list[int]:
     """Token ids of the prompt; the context is cut first, so the question always fits."""
-    ids = tokenizer(format_prompt(question=question, context=context), add_special_tokens=True)["input_ids"]
+    fmt = resolve_prompt_format(tokenizer, prompt_format)
+    ids = _tokenize_prompt(tokenizer, _prompt_text(tokenizer, question=question, context=context, fmt=fmt), fmt)
     if len(ids) <= max_prompt_tokens:
         return ids
     context_ids = tokenizer(context.strip(), add_special_tokens=False)["input_ids"]
     overflow = len(ids) - max_prompt_tokens
     keep = max(0, len(context_ids) - overflow - 1)
-    shortened = tokenizer.decode(context_ids[:keep])
-    ids = tokenizer(format_prompt(question=question, context=shortened), add_special_tokens=True)["input_ids"]
+    # Decoding a cut and re-encoding it can merge tokens differently at the seams; cut a little more if needed.
+    for _attempt in range(4):
+        shortened = tokenizer.decode(context_ids[:keep])
+        ids = _tokenize_prompt(tokenizer, _prompt_text(tokenizer, question=question, context=shortened, fmt=fmt), fmt)
+        if len(ids) <= max_prompt_tokens or keep == 0:
+            break
+        keep = max(0, keep - (len(ids) - max_prompt_tokens) - 1)
+    # Only a question longer than the whole budget gets here: its prompt loses its start.
     return ids[-max_prompt_tokens:] if len(ids) > max_prompt_tokens else ids
 
 
-def build_example(tokenizer, *, question: str, context: str, answer: str, max_seq_length: int) -> Example:
-    """Prompt + answer + EOS; labels mask the prompt so only answer tokens carry loss."""
-    answer_ids = tokenizer(answer.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+def render_prompt(
+    tokenizer, *, question: str, contexts: Sequence[str] | str, prompt_format: str = "auto", max_prompt_tokens: int | None = None,
+) -> str:
+    """The exact text the model is asked (special tokens included), for the run page and MLflow.
+
+    With max_prompt_tokens it is the decoded token ids generation uses (context cut to fit).
+    """
+    context = contexts if isinstance(contexts, str) else join_contexts(contexts)
+    fmt = resolve_prompt_format(tokenizer, prompt_format)
+    if max_prompt_tokens is None:
+        return _prompt_text(tokenizer, question=question, context=context, fmt=fmt)
+    ids = encode_prompt(tokenizer, question=question, context=context, max_prompt_tokens=max_prompt_tokens, prompt_format=fmt)
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def build_example(
+    tokenizer, *, question: str, context: str, answer: str, max_seq_length: int, prompt_format: str = "auto",
+) -> Example:
+    """Prompt + answer + end (EOS; with chat the template's end-of-turn token); labels mask the
+    prompt so only answer tokens carry loss."""
+    fmt = resolve_prompt_format(tokenizer, prompt_format)
+    end = end_of_turn_ids(tokenizer) if fmt == "chat" else [tokenizer.eos_token_id]
+    answer_ids = tokenizer(answer.strip(), add_special_tokens=False)["input_ids"] + end
     answer_ids = answer_ids[: max(1, max_seq_length // 2)]
-    prompt_ids = encode_prompt(tokenizer, question=question, context=context, max_prompt_tokens=max_seq_length - len(answer_ids))
+    prompt_ids = encode_prompt(
+        tokenizer, question=question, context=context, max_prompt_tokens=max_seq_length - len(answer_ids), prompt_format=fmt,
+    )
     return Example(input_ids=prompt_ids + answer_ids, labels=[IGNORE_INDEX] * len(prompt_ids) + answer_ids)
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data import IGNORE_INDEX, Example, build_example, collate, iter_batches
+from .data import IGNORE_INDEX, Example, build_example, collate, iter_batches, resolve_prompt_format
 
 
 class TrainingStopped(Exception):
@@ -80,9 +80,10 @@ def load_base_model(path: str, *, device: str, dtype):
     return model.to(device)
 
 
-def encode_rows(tokenizer, rows: Sequence[dict[str, str]], max_seq_length: int) -> list[Example]:
+def encode_rows(tokenizer, rows: Sequence[dict[str, str]], max_seq_length: int, *, prompt_format: str = "auto") -> list[Example]:
+    fmt = resolve_prompt_format(tokenizer, prompt_format)  # checked once, not per row
     return [
-        build_example(tokenizer, question=r["question"], context=r["context"], answer=r["answer"], max_seq_length=max_seq_length)
+        build_example(tokenizer, question=r["question"], context=r["context"], answer=r["answer"], max_seq_length=max_seq_length, prompt_format=fmt)
         for r in rows
     ]
 
@@ -147,6 +148,7 @@ def finetune(
     rows: Sequence[dict[str, str]],
     training: dict[str, Any],
     output_dir: Path,
+    prompt_format: str = "auto",
     on_step: Callable[[StepInfo], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> FinetuneOutcome:
@@ -159,7 +161,7 @@ def finetune(
     device, dtype = pick_device(training.get("precision", "auto"))
     tokenizer = load_tokenizer(base_model_path)
     model = load_base_model(base_model_path, device=device, dtype=dtype)
-    examples = encode_rows(tokenizer, rows, training["max_seq_length"])
+    examples = encode_rows(tokenizer, rows, training["max_seq_length"], prompt_format=prompt_format)
     if not examples:
         raise ValueError("no training examples")
     model = make_lora_model(model, training["lora"], gradient_checkpointing=training.get("gradient_checkpointing", False))

@@ -1,13 +1,15 @@
-"""Build the offline `local:` models (tokenizer + short pre-training) from the bundled data.
+"""Build the from-scratch offline `local:` models (tokenizer + short pre-training) from the bundled data.
 
 Pipelines build `local:tiny-llama` on first use; this command builds it ahead of
-time (e.g. in an image) or rebuilds it with --force.
+time (e.g. in an image) or rebuilds it with --force. `manage.py build_model NAME`
+builds any local model (SmolLM2 too); this one stays for the tiny ones.
 """
 
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
-from training.tiny_model import SPECS, build_tiny_model, local_model_dir
+from training.local_models import build_local_model
+from training.tiny_model import SPECS, local_model_dir
 
 
 class Command(BaseCommand):
@@ -34,7 +36,7 @@ class Command(BaseCommand):
             bar.update(step - bar.n)
 
         try:
-            path = build_tiny_model(name, force=force, progress=progress)
+            path = build_local_model(name, force=force, progress=progress)
         except Exception as exc:
             raise CommandError(f"could not build local:{name}: {exc}") from exc
         finally:
