@@ -32,8 +32,10 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
+# SERVE_ADDR: where runserver listens (the browser tests pick a free port).
+SERVE_ADDR ?= 127.0.0.1:8000
 serve: migrate
-	$(PY) manage.py runserver 127.0.0.1:8000
+	$(PY) manage.py runserver $(SERVE_ADDR)
 
 superuser: migrate
 	$(PY) manage.py createsuperuser

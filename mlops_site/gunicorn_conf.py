@@ -9,6 +9,10 @@ processes. Jobs never run here: they go to the RQ workers.
 
 import os
 
+# gunicorn serves what `collectstatic` gathered (the web container and served_mode.sh
+# run it first), never the source folders that runserver reads (settings.py).
+os.environ.setdefault("STATIC_FROM_SOURCE", "false")
+
 bind = os.environ.get("WEB_BIND", "0.0.0.0:8000")  # noqa: S104 - the container's port; served_mode.sh binds 127.0.0.1
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 threads = int(os.environ.get("WEB_THREADS", "4"))

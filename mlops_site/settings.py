@@ -79,6 +79,8 @@ INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
+    # runserver hands static files to WhiteNoise with DEBUG on too: one way to serve them.
+    "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "rest_framework",
     "rest_framework.authtoken",
@@ -171,6 +173,17 @@ STORAGES = {
         else "django.contrib.staticfiles.storage.StaticFilesStorage"
     },
 }
+# Where WhiteNoise finds static files. Without hashed names (the embedded default:
+# `make serve`, runserver with DEBUG on or off) it reads them from their source
+# folders (static/, the apps', the vendored plotly.js) at each request, so nothing
+# needs collecting and an edited stylesheet shows on reload. gunicorn
+# (mlops_site/gunicorn_conf.py sets STATIC_FROM_SOURCE=false) and production serve
+# only what `collectstatic` gathered into STATIC_ROOT.
+STATIC_FROM_SOURCE = envbool("STATIC_FROM_SOURCE", not STATIC_MANIFEST)
+if STATIC_FROM_SOURCE and STATIC_MANIFEST:
+    raise ImproperlyConfigured("STATIC_FROM_SOURCE needs STATIC_MANIFEST=false: hashed names exist only in collected files")
+WHITENOISE_USE_FINDERS = STATIC_FROM_SOURCE
+WHITENOISE_AUTOREFRESH = STATIC_FROM_SOURCE
 
 LOGIN_URL = "/accounts/login/"
 # Password logins (login page, admin) lock after LOGIN_FAILURE_LIMIT failures per

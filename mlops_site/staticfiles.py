@@ -36,7 +36,9 @@ class VendorFinder(BaseFinder):
         if path.startswith(f"{PREFIX}/") and name in self.files:
             match = str(_plotly_dir() / name)
             return [match] if find_all or kwargs.get("all") else match
-        return [] if find_all or kwargs.get("all") else None
+        # Not found is [] whatever find_all says, as with Django's own finders:
+        # staticfiles.finders.find() would take None for a match.
+        return []
 
     def list(self, ignore_patterns):
         storage = self._storage()

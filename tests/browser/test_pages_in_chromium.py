@@ -1,8 +1,10 @@
 """The pages in a real browser: Playwright driving Debian's headless chromium.
 
-A real RQ worker (one process on both queues) runs the pipeline while the
-browser watches the run page. Screenshots of every page go to
-test-artifacts/screenshots/ for a person to look at.
+The app runs exactly as the README starts it: `make serve` (runserver, DEBUG off,
+the embedded default with runs executing in the server process), on a free port,
+against the test database. Every page visited must load every asset it asks for
+(stylesheets, scripts, images, fonts, the favicon) and raise no script error.
+Screenshots of every page go to test-artifacts/screenshots/ for a person to look at.
 """
 
 from __future__ import annotations
@@ -16,15 +18,16 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
-import psutil
 import pytest
 
 from runs.models import PipelineRun
-from tests.conftest import ROOT, worker_env
+from tests.conftest import ROOT, free_port, wait_for_port, worker_env
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = ROOT / "test-artifacts" / "screenshots"
+ASSET_TYPES = {"stylesheet", "script", "image", "font", "media", "manifest"}
 
 pytestmark = [
     pytest.mark.pipeline,
@@ -35,6 +38,48 @@ pytestmark = [
 # Playwright's sync API keeps an event loop in this thread; the ORM calls the
 # test makes between browser steps are synchronous and safe.
 os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+
+
+def serve_env() -> dict[str, str]:
+    """What `make serve` sees on a developer's machine, pointed at the test database and var dir.
+
+    No REDIS_URL (runs execute in the server process) and no DEBUG or static
+    settings: the defaults are what is under test.
+    """
+    env = worker_env("")
+    for name in ("REDIS_URL", "TEST_REDIS_URL", "DEBUG", "MLOPS_PRODUCTION", "STATIC_MANIFEST", "STATIC_FROM_SOURCE", "STATIC_ROOT",
+                 "DJANGO_ALLOW_ASYNC_UNSAFE"):
+        env.pop(name, None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def app_url(django_db_setup, tiny_model) -> Iterator[str]:
+    """`make serve` on a free port; its output goes to test-artifacts/make-serve.log."""
+    port = free_port()
+    venv = str(Path(sys.prefix))
+    log_path = ROOT / "test-artifacts" / "make-serve.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        # -o: the virtual environment is the one running these tests; never reinstall it here.
+        proc = subprocess.Popen(
+            ["make", "--no-print-directory", "-o", f"{venv}/.installed", "serve", f"VENV={venv}", f"SERVE_ADDR=127.0.0.1:{port}"],
+            cwd=ROOT, env=serve_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        try:
+            wait_for_port(port, timeout=120)
+        except TimeoutError:
+            pytest.fail(f"make serve did not listen on {port}:\n{log_path.read_text()[-3000:]}")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        # make, runserver's reloader and its child share the session started above.
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
 
 
 @pytest.fixture(scope="module")
@@ -52,42 +97,87 @@ def browser() -> Iterator:
         browser.close()
 
 
-@pytest.fixture
-def page(browser, live_server, user):
-    context = browser.new_context(viewport={"width": 1366, "height": 900}, base_url=live_server.url)
-    page = context.new_page()
+class AssetWatch:
+    """Every asset request of a page and how it ended; problems name the page that asked."""
+
+    def __init__(self, page) -> None:
+        self.problems: list[str] = []
+        self.loaded: set[str] = set()
+        page.on("response", self._response)
+        page.on("requestfailed", self._failed)
+        page.on("pageerror", lambda error: self.problems.append(f"script error on {page.url}: {error}"))
+        self.page = page
+
+    @staticmethod
+    def _is_asset(request) -> bool:
+        path = urlparse(request.url).path
+        return request.resource_type in ASSET_TYPES or path.startswith("/static/") or path == "/favicon.ico"
+
+    def _response(self, response) -> None:
+        if not self._is_asset(response.request):
+            return
+        if 200 <= response.status < 400:
+            self.loaded.add(urlparse(response.url).path)
+        else:
+            self.problems.append(f"{response.status} {response.url} (on {self.page.url})")
+
+    def _failed(self, request) -> None:
+        if self._is_asset(request):
+            self.problems.append(f"failed {request.url}: {request.failure} (on {self.page.url})")
+
+    def check(self) -> None:
+        assert not self.problems, "\n".join(self.problems)
+
+
+def servable_password(user, password: str) -> None:
+    """The test settings hash with MD5 (fast); `make serve` knows only the real hashers."""
+    from django.contrib.auth.hashers import PBKDF2PasswordHasher
+
+    user.password = PBKDF2PasswordHasher().encode(password, PBKDF2PasswordHasher().salt())
+    user.save(update_fields=["password"])
+
+
+def log_in(page, username: str = "alice", password: str = "correct-horse-battery-staple") -> None:
     page.goto("/accounts/login/")
-    page.fill("input[name=username]", "alice")
-    page.fill("input[name=password]", "correct-horse-battery-staple")
+    page.fill("input[name=username]", username)
+    page.fill("input[name=password]", password)
     page.click("button[type=submit]")
-    page.wait_for_url(f"{live_server.url}/")
-    yield page
-    context.close()
+    page.wait_for_url(lambda url: "/accounts/login/" not in url)
 
 
 @pytest.fixture
-def worker(rq_settings, redis_url, tiny_model) -> Iterator[subprocess.Popen]:
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "manage.py"), "rqworker", "gpu", "cpu"],
-        env=worker_env(redis_url, HEARTBEAT_SECONDS="1"), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    yield proc
-    if proc.poll() is None:
-        for child in psutil.Process(proc.pid).children(recursive=True):
-            child.kill()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+def watched(browser, app_url):
+    """A fresh browser context on the app, its asset watch, checked once more at the end."""
+    context = browser.new_context(viewport={"width": 1366, "height": 900}, base_url=app_url)
+    page = context.new_page()
+    watch = AssetWatch(page)
+    yield page, watch
+    context.close()
+    watch.check()
+
+
+@pytest.fixture
+def page(watched, user):
+    page, _ = watched
+    servable_password(user, "correct-horse-battery-staple")
+    log_in(page)
+    return page
 
 
 def shot(page, name: str) -> None:
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
-def test_launch_from_the_form_watch_it_complete_and_see_the_results(page, worker):
+def assert_styled(page) -> None:
+    """The stylesheet applied (a 404 or a wrong MIME type leaves the default white top bar)."""
+    colour = page.evaluate("getComputedStyle(document.querySelector('.topbar')).backgroundColor")
+    assert colour == "rgb(17, 24, 39)", f"app.css not applied on {page.url}: top bar is {colour}"
+
+
+def test_launch_from_the_form_watch_it_complete_and_see_the_results(page, watched):
+    _, watch = watched
     page.goto("/runs/new/")
+    assert_styled(page)
     shot(page, "01-new-run")
     page.fill("input[name=name]", "browser-finetune")
     page.fill("input[name=epochs]", "1")
@@ -103,8 +193,6 @@ def test_launch_from_the_form_watch_it_complete_and_see_the_results(page, worker
     shot(page, "02-new-run-validation-error")
     page.fill("input[name=epochs]", "1")
     page.click("button[value=launch]")
-    page.wait_for_load_state()
-    shot(page, "02b-after-launch")
     page.wait_for_url(re.compile(r".*/runs/\d+/$"))
     run = PipelineRun.objects.get(name="browser-finetune")
     page.wait_for_selector("#run-status-badge:has-text('training'), #run-status-badge:has-text('evaluating'), #run-status-badge:has-text('completed')", timeout=120_000)
@@ -117,14 +205,16 @@ def test_launch_from_the_form_watch_it_complete_and_see_the_results(page, worker
     page.click("a:has-text('Open the results')")
     page.wait_for_selector(".results-chart .main-svg")
     assert page.locator("table.scores").count() == 1
-    page.locator("details.sample summary").first.click()
     shot(page, "05-results")
     page.goto("/")
     assert page.locator(f"#run-row-{run.pk} .badge.completed").count() == 1
     shot(page, "06-dashboard")
+    watch.check()
+    # The plotted pages really fetched plotly.js and htmx, from the app itself.
+    assert {"/static/vendor/plotly.min.js", "/static/django_htmx/htmx-2.min.js", "/static/css/app.css", "/static/js/app.js"} <= watch.loaded
 
 
-def test_compare_two_runs(page, worker):
+def test_compare_two_runs(page, watched):
     from tests.runs.factories import eval_only_config
 
     config = {**eval_only_config(), "name": "browser-eval"}
@@ -133,12 +223,13 @@ def test_compare_two_runs(page, worker):
     page.click("button:has-text('Load into the form')")
     page.wait_for_selector("text=YAML loaded into the form")
     page.click("button[value=launch]")
-    page.wait_for_load_state()
+    page.wait_for_url(re.compile(r".*/runs/\d+/$"))
     shot(page, "07a-eval-run")
     page.wait_for_selector("#run-status-badge:has-text('completed')", timeout=180_000)
     first = PipelineRun.objects.get(name="browser-eval")
     page.goto(f"/runs/new/?clone={first.pk}")
     page.click("button[value=launch]")
+    page.wait_for_url(re.compile(rf".*/runs/(?!{first.pk}/)\d+/$"))
     page.wait_for_selector("#run-status-badge:has-text('completed')", timeout=180_000)
     page.goto("/")
     for run in PipelineRun.objects.all():
@@ -146,9 +237,10 @@ def test_compare_two_runs(page, worker):
     page.click("button:has-text('Compare selected')")
     page.wait_for_selector("#compare-chart .main-svg")
     shot(page, "07-compare")
+    watched[1].check()
 
 
-def test_upload_a_bad_dataset_and_see_the_line_numbered_error(page, tmp_path):
+def test_upload_a_bad_dataset_and_see_the_line_numbered_error(page, watched, tmp_path):
     bad = tmp_path / "bad.jsonl"
     row = json.dumps({"question": "q", "answer": "a", "context": "c"})
     bad.write_text(f"{row}\n{row}\n{{not json\n")
@@ -163,3 +255,54 @@ def test_upload_a_bad_dataset_and_see_the_line_numbered_error(page, tmp_path):
     page.goto("/datasets/")
     page.click("a:has-text('ragas_eval')")
     shot(page, "09-dataset-preview")
+    watched[1].check()
+
+
+def test_every_page_loads_every_asset(watched, user, staff_user):
+    """A tour of every page, as a user and as staff: all styled, every asset 2xx/3xx, no script error."""
+    from tests.runs.test_views import scored_run
+
+    page, watch = watched
+    servable_password(user, "correct-horse-battery-staple")
+    servable_password(staff_user, "admin-long-passphrase")
+    page.goto("/accounts/login/")
+    assert_styled(page)
+    shot(page, "10-login")
+    log_in(page)
+    finetune, eval_only = scored_run(user), scored_run(user, kind="eval_only")
+    from datasets_app.models import Dataset
+
+    pages = {
+        "11-dashboard": "/",
+        "12-new-run": "/runs/new/",
+        "13-run-page": f"/runs/{finetune.pk}/",
+        "14-results": f"/runs/{finetune.pk}/results/",
+        "15-results-eval-only": f"/runs/{eval_only.pk}/results/",
+        "16-compare": f"/compare/?runs={finetune.pk},{eval_only.pk}",
+        "17-datasets": "/datasets/",
+        "18-dataset-train": f"/datasets/{Dataset.objects.get(name='rag_qa_train').pk}/",
+        "19-dataset-eval": f"/datasets/{Dataset.objects.get(name='ragas_eval').pk}/",
+        "20-api-docs": "/api/docs/",
+        "21-not-found": "/runs/999999/",
+    }
+    for name, path in pages.items():
+        page.goto(path)
+        page.wait_for_load_state("networkidle")
+        if name != "20-api-docs":
+            assert_styled(page)
+        shot(page, name)
+        watch.check()
+    favicon = page.request.get("/favicon.ico")  # what browsers ask for on pages that name no icon
+    assert favicon.ok and favicon.headers["content-type"].startswith("image/"), (favicon.status, favicon.headers)
+    page.goto("/")
+    page.click("button:has-text('Log out')")
+    page.wait_for_url(re.compile(r".*/accounts/logout/$"))
+    shot(page, "22-logged-out")
+    log_in(page, "root-admin", "admin-long-passphrase")
+    for name, path in {"23-admin": "/admin/", "24-admin-runs": "/admin/runs/pipelinerun/", "25-queues": "/admin/django-rq/"}.items():
+        page.goto(path)
+        page.wait_for_load_state("networkidle")
+        shot(page, name)
+        watch.check()
+    assert any(path.startswith("/static/admin/") for path in watch.loaded)
+    assert any(path.startswith("/static/drf_spectacular_sidecar/") for path in watch.loaded)
