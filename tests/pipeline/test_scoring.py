@@ -6,7 +6,6 @@ import math
 import pytest
 
 from evaluation.metric_names import NON_JUDGE_METRICS
-from evaluation.metrics import build_metrics, packaged_embeddings
 from evaluation.scoring import Sample, score_samples
 from tests.judge_server import JudgeServer
 
@@ -33,23 +32,96 @@ SAMPLES = [
 ]
 
 
-def direct_ragas_score(metric_name: str, sample: Sample) -> float:
-    """The score from calling the ragas metric directly, outside our pipeline."""
-    from ragas.dataset_schema import SingleTurnSample
+# DESIGN.md's metric names -> the ragas 0.4 class of that meaning, by ragas' own
+# public name: written out here, not read from evaluation/metrics.py under test.
+RAGAS_CLASS_OF = {
+    "semantic_similarity": "SemanticSimilarity",
+    "rouge_score": "RougeScore",
+    "bleu_score": "BleuScore",
+    "non_llm_context_precision": "NonLLMContextPrecisionWithReference",
+    "non_llm_context_recall": "NonLLMContextRecall",
+    "exact_match": "ExactMatch",
+    "string_presence": "StringPresence",
+}
+# The same three samples as ragas samples, built by hand (not by Sample.to_ragas()):
+# a row without reference_contexts uses its ground truth as the reference passage (README).
+RAGAS_SAMPLES = [
+    {
+        "user_input": "What does mitochondria produce?",
+        "retrieved_contexts": ["Mitochondria produce most of the cell's ATP through oxidative phosphorylation.", "The nucleus stores DNA."],
+        "reference_contexts": ["Mitochondria produce most of the cell's ATP through oxidative phosphorylation."],
+        "response": "They produce ATP through oxidative phosphorylation.",
+        "reference": "Mitochondria produce ATP, the cell's energy currency.",
+    },
+    {
+        "user_input": "Who wrote the Federalist Papers?",
+        "retrieved_contexts": ["The Federalist Papers were written by Alexander Hamilton, James Madison and John Jay."],
+        "reference_contexts": ["Alexander Hamilton, James Madison and John Jay."],
+        "response": "Alexander Hamilton, James Madison and John Jay.",
+        "reference": "Alexander Hamilton, James Madison and John Jay.",
+    },
+    {
+        "user_input": "What is the boiling point of water at sea level?",
+        "retrieved_contexts": ["At sea level water boils at 100 degrees Celsius."],
+        "reference_contexts": ["100 degrees Celsius."],
+        "response": "It boils at 90 degrees.",
+        "reference": "100 degrees Celsius.",
+    },
+    {  # one of two reference passages retrieved: context precision and recall part ways
+        "user_input": "Which planets are gas giants?",
+        "retrieved_contexts": ["Jupiter is a gas giant.", "Mars is a rocky planet."],
+        "reference_contexts": ["Jupiter is a gas giant.", "Saturn, the ringed sixth planet, is mostly hydrogen and helium too."],
+        "response": "Jupiter and Saturn. Both are mostly hydrogen.",  # holds the reference, is not it
+        "reference": "Jupiter and Saturn.",
+    },
+]
+DIRECT_SAMPLES = [
+    *SAMPLES,
+    Sample(
+        question="Which planets are gas giants?",
+        contexts=["Jupiter is a gas giant.", "Mars is a rocky planet."],
+        reference_contexts=["Jupiter is a gas giant.", "Saturn, the ringed sixth planet, is mostly hydrogen and helium too."],
+        ground_truth="Jupiter and Saturn.",
+        answer="Jupiter and Saturn. Both are mostly hydrogen.",
+    ),
+]
 
-    embeddings = packaged_embeddings() if metric_name == "semantic_similarity" else None
-    (metric,) = build_metrics([metric_name], embeddings=embeddings)
-    return asyncio.run(metric.single_turn_ascore(SingleTurnSample(**sample.to_ragas())))
+
+def direct_ragas_scores() -> dict[str, list[float]]:
+    """Each metric's score on each hand-built sample, from ragas' class called directly."""
+    import warnings
+
+    import ragas.metrics
+    from ragas.dataset_schema import SingleTurnSample
+    from ragas.run_config import RunConfig
+
+    from evaluation.metrics import packaged_embeddings  # the shipped embedding model, for SemanticSimilarity
+
+    scores = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name, class_name in RAGAS_CLASS_OF.items():
+            metric_class = getattr(ragas.metrics, class_name)
+            metric = metric_class(embeddings=packaged_embeddings()) if class_name == "SemanticSimilarity" else metric_class()
+            metric.init(RunConfig())  # what ragas.evaluate() does first
+            scores[name] = [asyncio.run(metric.single_turn_ascore(SingleTurnSample(**sample))) for sample in RAGAS_SAMPLES]
+    return scores
 
 
 def test_each_non_judge_metric_equals_ragas_called_directly():
-    names = list(NON_JUDGE_METRICS)
-    scored = score_samples(SAMPLES, names)
-    for index, sample in enumerate(SAMPLES):
-        for name in names:
-            assert scored.scores[index][name] == pytest.approx(direct_ragas_score(name, sample), abs=1e-9), (index, name)
-    assert scored.scores[1]["exact_match"] == 1.0 and scored.scores[2]["exact_match"] == 0.0
+    assert set(RAGAS_CLASS_OF) == set(NON_JUDGE_METRICS)
+    direct = direct_ragas_scores()
+    scored = score_samples(DIRECT_SAMPLES, list(NON_JUDGE_METRICS))
+    for name, expected in direct.items():
+        ours = [row[name] for row in scored.scores]
+        assert ours == pytest.approx(expected, abs=1e-9), (name, ours, expected)
     assert all(not reasons for reasons in scored.reasons)
+    # The samples tell the metrics apart, so a name mapped to the wrong class fails above.
+    for a in direct:
+        for b in direct:
+            if a < b:
+                assert direct[a] != pytest.approx(direct[b], abs=1e-6), (a, b, direct[a])
+    assert direct["exact_match"] == [0.0, 1.0, 0.0, 0.0]
 
 
 def test_aggregates_are_means_over_measured_samples_only():
