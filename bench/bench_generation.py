@@ -47,7 +47,7 @@ def eval_prompts(tokenizer, model, *, max_new_tokens: int, limit: int | None) ->
     from evaluation.generation import encode_eval_prompts
 
     rows = [r for path in sorted((ROOT / "data" / "eval").glob("*.jsonl")) for r in read_jsonl(path)][:limit]
-    # The same prompt budget as evaluation.services.run_generate (max_seq_length 512).
+    # The same prompt budget as evaluation.steps.generate_step (max_seq_length 512).
     max_prompt = max(16, min(512, model.config.max_position_embeddings) - max_new_tokens)
     return encode_eval_prompts(tokenizer, rows, max_prompt_tokens=max_prompt)
 

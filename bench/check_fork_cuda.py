@@ -1,6 +1,6 @@
 """Does a work-horse forked from a parent that preloaded the ML stack still get the GPU?
 
-The prototype bench/preloading_worker.py imports torch, transformers and peft in
+The shipped worker class runs/worker.py (PreloadingWorker) imports torch, transformers and peft in
 the RQ worker's parent so that forked work-horses skip those imports. That is
 only safe if the imports leave CUDA uninitialised in the parent (a CUDA context
 does not survive fork). This script checks it on a GPU machine, without Django:

@@ -8,7 +8,7 @@ from django.utils.html import format_html, format_html_join
 from mlops_site.admin_mixins import ServiceAddFormMixin
 
 from .models import Dataset
-from .services import DatasetImportError, dataset_delete, dataset_import
+from .services import DatasetImportError, dataset_delete, dataset_import, dataset_update_description
 from .validation import read_rows
 
 
@@ -54,7 +54,7 @@ class DatasetAdmin(ServiceAddFormMixin, admin.ModelAdmin):
 
     def save_model(self, request, obj, form, change) -> None:
         if change:
-            Dataset.objects.filter(pk=obj.pk).update(description=obj.description)
+            dataset_update_description(dataset_id=obj.pk, description=obj.description)
         # On add, the form's clean() stored it through dataset_import.
 
     def delete_model(self, request: HttpRequest, obj: Dataset) -> None:

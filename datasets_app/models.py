@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 from django.conf import settings
 from django.core.files.storage import FileSystemStorage
 from django.db import models
@@ -36,7 +34,3 @@ class Dataset(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.kind}, {self.row_count} rows)"
-
-    @property
-    def path(self) -> Path:
-        return Path(self.file.path)

@@ -94,6 +94,10 @@ def dataset_import_path(*, path: Path, name: str, kind: str, description: str = 
         return dataset_import(name=name, kind=kind, fileobj=handle, description=description, owner=owner)
 
 
+def dataset_update_description(*, dataset_id: int, description: str) -> None:
+    Dataset.objects.filter(pk=dataset_id).update(description=description)
+
+
 def dataset_delete(*, dataset: Dataset) -> None:
     dataset.file.delete(save=False)
     dataset.delete()

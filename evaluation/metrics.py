@@ -13,7 +13,8 @@ from typing import Any
 from .metric_names import ALL_METRICS, needs_judge
 
 
-def _factories() -> dict[str, Any]:
+def metric_classes() -> dict[str, Any]:
+    """The ragas 0.4 metric class of each metric name (DESIGN.md, Metric names)."""
     from ragas.metrics._answer_correctness import AnswerCorrectness
     from ragas.metrics._answer_relevance import AnswerRelevancy
     from ragas.metrics._answer_similarity import SemanticSimilarity
@@ -46,7 +47,7 @@ def build_metrics(names: list[str], *, llm=None, embeddings=None) -> list[Any]:
     """Fresh ragas metric objects for these names, wired to the judge and embeddings."""
     from ragas.metrics.base import MetricWithEmbeddings, MetricWithLLM
 
-    factories = _factories()
+    factories = metric_classes()
     metrics = []
     for name in names:
         if name not in ALL_METRICS:

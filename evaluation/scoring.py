@@ -21,27 +21,9 @@ from langchain_core.callbacks import BaseCallbackHandler
 
 from .metric_names import needs_judge
 from .metrics import build_metrics, packaged_embeddings, result_key, uses_embeddings
+from .samples import Sample
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Sample:
-    question: str
-    contexts: list[str]
-    ground_truth: str
-    answer: str
-    reference_contexts: list[str] | None = None
-
-    def to_ragas(self) -> dict[str, Any]:
-        return {
-            "user_input": self.question,
-            "retrieved_contexts": list(self.contexts),
-            # Without annotated reference passages, the ground truth is the reference context.
-            "reference_contexts": list(self.reference_contexts or [self.ground_truth]),
-            "response": self.answer,
-            "reference": self.ground_truth,
-        }
 
 
 @dataclass

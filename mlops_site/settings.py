@@ -225,6 +225,8 @@ RQ_QUEUES = {
     for name in ("gpu", "cpu", "default")
 }
 RQ_SHOW_ADMIN_LINK = True
+# `manage.py rqworker gpu|cpu` imports the ML stack once per worker, not once per job (runs/worker.py).
+RQ = {"WORKER_CLASS": os.environ.get("RQ_WORKER_CLASS", "runs.worker.PreloadingWorker")}
 HEARTBEAT_SECONDS = envint("HEARTBEAT_SECONDS", 10)
 REAPER_STALE_SECONDS = envint("REAPER_STALE_SECONDS", 120)
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
-
 from django.db.models import Prefetch, QuerySet
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404
@@ -15,10 +12,10 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from .exports import results_csv
 from .models import PipelineRun, RunResult, RunStatus, SampleResult, Variant
-from .selectors import run_results_rows, run_visible_to
+from .selectors import run_visible_to
 from .services import (
-    default_variant,
     run_append_logs,
     run_cancel,
     run_create,
@@ -174,7 +171,7 @@ class RunResultsApi(_RunActionApi):
                 "metric": item["metric"],
                 "value": item["value"],
                 "dataset_id": eval_datasets[name] if name else first_eval,
-                "variant": item.get("variant") or default_variant(run),
+                "variant": item.get("variant") or run.main_variant,
                 "n_scored": item["n_scored"] or (1 if item["value"] is not None else 0),
                 "n_failed": item["n_failed"],
             })
@@ -212,23 +209,11 @@ class RunSamplesApi(generics.ListAPIView):
         return qs
 
 
-def neutralise_csv_cell(value: object) -> object:
-    """Keep spreadsheet programs from executing a cell as a formula."""
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + value
-    return value
-
-
 class RunExportCsvApi(_RunActionApi):
     @extend_schema(responses={(200, "text/csv"): OpenApiTypes.STR})
     def get(self, request: Request, pk: int) -> HttpResponse:
         run = self.get_run(request, pk)
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(["run_id", "run_name", "dataset", "variant", "metric", "value", "n_scored", "n_failed"])
-        for row in run_results_rows(run):
-            writer.writerow([neutralise_csv_cell(cell) for cell in (run.pk, run.name, *row)])
-        response = HttpResponse(buffer.getvalue(), content_type="text/csv; charset=utf-8")
+        response = HttpResponse(results_csv(run), content_type="text/csv; charset=utf-8")
         response["Content-Disposition"] = f'attachment; filename="run-{run.pk}-results.csv"'
         return response
 

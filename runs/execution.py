@@ -1,9 +1,8 @@
-"""What every pipeline job does around its work: claim, heartbeat, status, failure.
+"""Job plumbing the step registry (runs/pipeline.py) wraps every step body in.
 
-Jobs stay thin (`finetune_job(run_id)` calls `execute_job(...)` with a body);
-this module makes sure a job delivered twice runs once, a live job keeps its
-heartbeat fresh, an exception ends the run `failed` with the traceback in its
-logs, and a cancelled run stops quietly.
+A live job keeps its heartbeat fresh from a side thread, its log lines are
+timestamped into the run's logs, and best-effort writes survive a dropped
+database connection.
 
 A lost database connection (server restarted, backend terminated) is closed
 before the failure is recorded, so recording it reconnects; the heartbeat
@@ -15,16 +14,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from django.conf import settings
 from django.db import Error as DatabaseError
 from django.db import connection
 from django.utils import timezone
 
-from .models import TERMINAL_STATUSES, PipelineRun, RunStatus
-from .orchestration import run_claim_job
+from .models import RunStatus
 from .services import InvalidTransition, run_append_logs, run_heartbeat, run_transition
 
 log = logging.getLogger(__name__)
@@ -120,41 +117,6 @@ def heartbeat(run_id: int, every: float | None = None) -> Iterator[None]:
         thread.join(timeout=5)
 
 
-def check_not_cancelled(run_id: int) -> None:
-    status = PipelineRun.objects.values_list("status", flat=True).get(pk=run_id)
-    if status in TERMINAL_STATUSES:
-        raise RunCancelled(f"run {run_id} is {status}")
-
-
-def execute_job(*, run_id: int, job: str, status: str, body: Callable[[PipelineRun, RunLog], None]) -> None:
-    """Claim `job` for the run, move it to `status` if needed, run body, record failure."""
-    if not run_claim_job(run_id=run_id, job=job):
-        log.info("run %s: %s job not claimed (already taken, or the run ended); skipping", run_id, job)
-        return
-    run_log = RunLog(run_id)
-    try:
-        run = PipelineRun.objects.get(pk=run_id)
-        if run.status != status and not run_transition(run_id=run_id, to=status, expected=run.status, message=f"{job} started"):
-            raise RunCancelled(f"run {run_id} changed status before {job} started")
-        run.refresh_from_db()
-        with heartbeat(run_id):
-            body(run, run_log)
-    except RunCancelled as exc:
-        run_log(f"{job} stopped: {exc}")
-        _finish_mlflow(run_id, "KILLED")
-    except BaseException as exc:
-        if isinstance(exc, DatabaseError):
-            drop_broken_connection()  # else recording the failure fails the same way
-        try:
-            run_log(f"{job} failed:\n{traceback.format_exc()}")
-        except DatabaseError:
-            log.exception("run %s: could not append the failure to the run's logs", run_id)
-            drop_broken_connection()
-        run_fail(run_id=run_id, reason=failure_reason(job, exc))
-        _finish_mlflow(run_id, "FAILED")
-        raise
-
-
 def failure_reason(job: str, exc: BaseException) -> str:
     if isinstance(exc, DatabaseError):
         return f"{job} failed: the database connection was lost or refused the query ({type(exc).__name__}: {_first_line(exc)})"
@@ -178,15 +140,3 @@ def run_fail(*, run_id: int, reason: str) -> bool:
             log.warning("run %s: recording the failure hit a database error; retrying on a new connection", run_id, exc_info=True)
             _close_quietly()
     return False
-
-
-def _finish_mlflow(run_id: int, status: str) -> None:
-    """Best effort: the pipeline run's state is already recorded in the database."""
-    from . import tracking
-
-    try:
-        mlflow_run_id = PipelineRun.objects.values_list("mlflow_run_id", flat=True).get(pk=run_id)
-        if mlflow_run_id:
-            tracking.mlflow_finish(mlflow_run_id, status)
-    except Exception:
-        log.warning("run %s: could not mark its MLflow run %s", run_id, status, exc_info=True)

@@ -1,54 +1,113 @@
-"""The "New run" form: every field of the config schema, validated by the same
-pydantic schema as the API and the YAML loader (runs/config.py).
+"""The "New run" form: every field of the config schema, driven by one table.
 
-Ranges in the HTML (min/max) are read from the schema, so the form and the API
-can never disagree about what is allowed.
+`FIELDS` lists (form field, config path) once; the form's fields, `to_config`
+(form -> config), `initial_from_config` (config -> form: clone, load YAML) and
+the error mapping (a config error on `training.lora.r` goes next to `lora_r`)
+all read it. Types, defaults, choices and ranges come from the pydantic models
+of runs/config.py, so the form and the API can never disagree, and a schema
+field without a row here fails tests/runs/test_forms.py.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal, Union
 
 from django import forms
+from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from datasets_app.selectors import dataset_visible_to
-from evaluation.metric_names import ALL_METRICS, DEFAULT_METRICS, JUDGE_METRICS
+from evaluation.metric_names import ALL_METRICS, JUDGE_METRICS
 
-from .config import MAX_CONFIG_BYTES, ConfigError, EvaluationConfig, JudgeConfig, LoraConfig, TrainingConfig, parse_yaml, validate_config
+from .config import MAX_CONFIG_BYTES, ConfigError, RunConfig, parse_yaml, validate_config
 from .services import dataset_name_types
 
-# Config path -> form field. Errors on a path go to the field of its longest prefix here.
-FIELD_PATHS = {
-    "name": "name",
-    "kind": "kind",
-    "model": "base_model",
-    "model.base": "base_model",
-    "datasets.train": "train_datasets",
-    "datasets.eval": "eval_datasets",
-    "training.epochs": "epochs",
-    "training.learning_rate": "learning_rate",
-    "training.batch_size": "batch_size",
-    "training.max_seq_length": "max_seq_length",
-    "training.seed": "seed",
-    "training.lora.r": "lora_r",
-    "training.lora.alpha": "lora_alpha",
-    "training.lora.dropout": "lora_dropout",
-    "training.lora.target_modules": "target_modules",
-    "training.gradient_accumulation_steps": "gradient_accumulation_steps",
-    "training.gradient_checkpointing": "gradient_checkpointing",
-    "training.max_steps": "max_steps",
-    "evaluation": "metrics",
-    "evaluation.answers": "answers",
-    "evaluation.compare_base": "compare_base",
-    "evaluation.metrics": "metrics",
-    "evaluation.max_samples": "max_samples",
-    "evaluation.max_new_tokens": "max_new_tokens",
-    "evaluation.judge": "judge_base_url",
-    "evaluation.judge.base_url": "judge_base_url",
-    "evaluation.judge.model": "judge_model",
-    "evaluation.judge.api_key_env": "judge_api_key_env",
+
+@dataclass(frozen=True)
+class FormField:
+    name: str  # the form field (and HTML input) name
+    path: str  # the config path it edits
+    label: str = ""
+    help: str = ""
+
+
+FIELDS: tuple[FormField, ...] = (
+    FormField("name", "name"),
+    FormField("kind", "kind"),
+    FormField("base_model", "model.base", "Base model",
+              "local:smollm2-135m-instruct or local:tiny-llama (offline), a Hugging Face hub id such as Qwen/Qwen2.5-0.5B-Instruct, or a local path."),
+    FormField("prompt_format", "model.prompt_format", "Prompt format", "auto: the tokenizer's chat template when it has one, else the plain template."),
+    FormField("train_datasets", "datasets.train", "Train (fine-tune on all of them)"),
+    FormField("eval_datasets", "datasets.eval", "Eval (results per dataset)"),
+    FormField("epochs", "training.epochs"),
+    FormField("learning_rate", "training.learning_rate"),
+    FormField("batch_size", "training.batch_size"),
+    FormField("max_seq_length", "training.max_seq_length", help="The context is cut first, never the question or the answer."),
+    FormField("seed", "training.seed"),
+    FormField("lora_r", "training.lora.r", "LoRA r"),
+    FormField("lora_alpha", "training.lora.alpha", "LoRA alpha"),
+    FormField("lora_dropout", "training.lora.dropout", "LoRA dropout"),
+    FormField("target_modules", "training.lora.target_modules", "Target modules", "all-linear, or module names separated by commas (q_proj, v_proj)."),
+    FormField("gradient_accumulation_steps", "training.gradient_accumulation_steps", help="Effective batch = batch size x this, same memory."),
+    FormField("gradient_checkpointing", "training.gradient_checkpointing", help="Less activation memory, ~30% slower steps."),
+    FormField("warmup_ratio", "training.warmup_ratio", help="Linear warm-up share of the steps, then linear decay."),
+    FormField("max_steps", "training.max_steps", help="Stop after N optimizer steps (blank: all epochs)."),
+    FormField("precision", "training.precision", help="auto: bf16 on a CUDA GPU that supports it, float32 on CPU."),
+    FormField("answers", "evaluation.answers"),
+    FormField("compare_base", "evaluation.compare_base", "Compare with the base model", "Also score the base model so the gain is visible."),
+    FormField("metrics", "evaluation.metrics"),
+    FormField("max_samples", "evaluation.max_samples", help="Score only the first N rows of each eval set (blank: all)."),
+    FormField("max_new_tokens", "evaluation.max_new_tokens"),
+    FormField("generation_batch_size", "evaluation.batch_size", "Generation batch size"),
+    FormField("judge_base_url", "evaluation.judge.base_url", "Judge base URL", "OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (vLLM, Ollama, TGI, OpenAI)."),
+    FormField("judge_model", "evaluation.judge.model", "Judge model"),
+    FormField("judge_api_key_env", "evaluation.judge.api_key_env", "Judge API key variable",
+              "The NAME of the environment variable holding the key on the workers; the key itself is never stored."),
+    FormField("judge_timeout", "evaluation.judge.timeout", "Judge timeout (s)"),
+    FormField("judge_max_retries", "evaluation.judge.max_retries", "Judge max retries"),
+)
+BY_PATH = {f.path: f for f in FIELDS}
+# Sections that only exist in some configs: the judge when a URL or model is given, training for fine-tunes.
+OPTIONAL_SECTIONS = ("evaluation.judge", "training")
+CHOICE_LABELS = {
+    "kind": [("finetune", "Fine-tune + evaluate"), ("eval_only", "Evaluate only")],
+    "answers": [("generate", "Generate answers with the model"), ("dataset", "Score the answers stored in the eval set")],
 }
+
+
+def schema_field(path: str) -> FieldInfo:
+    """The pydantic field of a config path (through optional sub-models)."""
+    model: type[BaseModel] = RunConfig
+    *parents, leaf = path.split(".")
+    for part in parents:
+        model = _submodel(model.model_fields[part].annotation)
+    return model.model_fields[leaf]
+
+
+def schema_leaf_paths(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
+    """Every leaf of the config schema, by dotted path (what the form must cover)."""
+    paths = []
+    for name, info in model.model_fields.items():
+        sub = _submodel(info.annotation, strict=False)
+        path = f"{prefix}{name}"
+        paths += schema_leaf_paths(sub, f"{path}.") if sub else [path]
+    return paths
+
+
+def _submodel(annotation: Any, *, strict: bool = True) -> type[BaseModel] | None:
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    if strict:
+        raise TypeError(f"{annotation} is not a config section")
+    return None
+
+
+def _default(info: FieldInfo) -> Any:
+    return None if info.is_required() else info.get_default(call_default_factory=True)
 
 
 def _bounds(info: FieldInfo) -> dict[str, Any]:
@@ -60,68 +119,73 @@ def _bounds(info: FieldInfo) -> dict[str, Any]:
     return attrs
 
 
-def _int(model, name: str, **kwargs) -> forms.IntegerField:
-    info = model.model_fields[name]
-    bounds = _bounds(info)
-    # Not required: a blank field takes the schema's default (and eval-only runs have no training).
-    return forms.IntegerField(
-        required=False, initial=info.default, min_value=bounds.get("min"), max_value=bounds.get("max"), **kwargs,
-    )
+def _literal_choices(annotation: Any) -> list[str] | None:
+    if typing.get_origin(annotation) is Literal:
+        return list(typing.get_args(annotation))
+    return None
 
 
-def _float(model, name: str, step: str = "any", **kwargs) -> forms.FloatField:
-    info = model.model_fields[name]
+def _core_type(annotation: Any) -> Any:
+    """int | None -> int; everything else unchanged."""
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def build_field(spec: FormField) -> forms.Field:
+    """A Django form field for a table row, typed and bounded by the schema."""
+    info = schema_field(spec.path)
+    annotation = _core_type(info.annotation)
+    common = {"required": False, "label": spec.label or None, "help_text": spec.help, "initial": _default(info)}
     bounds = _bounds(info)
-    # Bounds are HTML hints only: exclusive bounds (gt) are left to the schema's own message.
-    return forms.FloatField(required=False, initial=info.default, widget=forms.NumberInput(attrs={"step": step, **bounds}), **kwargs)
+    if spec.name in ("train_datasets", "eval_datasets"):
+        return forms.MultipleChoiceField(widget=forms.CheckboxSelectMultiple, **common)
+    if spec.name == "metrics":
+        return forms.MultipleChoiceField(choices=[(m, m) for m in ALL_METRICS], widget=forms.CheckboxSelectMultiple, **common)
+    if spec.name == "target_modules":
+        return forms.CharField(max_length=2000, **common)
+    choices = _literal_choices(annotation)
+    if choices:
+        labelled = CHOICE_LABELS.get(spec.name, [(c, c) for c in choices])
+        widget = forms.RadioSelect if spec.name in CHOICE_LABELS else forms.Select
+        return forms.ChoiceField(choices=labelled, widget=widget, **common)
+    if annotation is bool:
+        return forms.BooleanField(**common)
+    # Bounds are HTML hints only: the schema checks them, so every problem is reported at once.
+    if annotation is int:
+        return forms.IntegerField(widget=forms.NumberInput(attrs=bounds), **common)
+    if annotation is float:
+        return forms.FloatField(widget=forms.NumberInput(attrs={"step": "any", **bounds}), **common)
+    max_length = next((m.max_length for m in info.metadata if getattr(m, "max_length", None)), None)
+    return forms.CharField(max_length=max_length, **common)
 
 
 class RunForm(forms.Form):
-    name = forms.CharField(max_length=200, initial="finetune-rag-qa")
-    kind = forms.ChoiceField(choices=[("finetune", "Fine-tune + evaluate"), ("eval_only", "Evaluate only")], initial="finetune", widget=forms.RadioSelect)
-    base_model = forms.CharField(
-        max_length=500, initial="local:tiny-llama",
-        help_text="local:tiny-llama (offline), a Hugging Face hub id such as Qwen/Qwen2.5-0.5B-Instruct, or a local path.",
-    )
-    train_datasets = forms.MultipleChoiceField(required=False, widget=forms.CheckboxSelectMultiple)
-    eval_datasets = forms.MultipleChoiceField(widget=forms.CheckboxSelectMultiple)
-
-    epochs = _int(TrainingConfig, "epochs")
-    learning_rate = _float(TrainingConfig, "learning_rate")
-    batch_size = _int(TrainingConfig, "batch_size")
-    max_seq_length = _int(TrainingConfig, "max_seq_length")
-    seed = _int(TrainingConfig, "seed")
-    lora_r = _int(LoraConfig, "r", label="LoRA r")
-    lora_alpha = _int(LoraConfig, "alpha", label="LoRA alpha")
-    lora_dropout = _float(LoraConfig, "dropout", step="0.01", label="LoRA dropout")
-    target_modules = forms.CharField(required=False, initial="all-linear", max_length=2000, help_text="all-linear, or module names separated by commas (q_proj, v_proj).")
-    gradient_accumulation_steps = _int(TrainingConfig, "gradient_accumulation_steps")
-    gradient_checkpointing = forms.BooleanField(required=False, help_text="Less activation memory, slower steps.")
-    max_steps = forms.IntegerField(required=False, min_value=1, help_text="Stop after N optimizer steps (blank: all epochs).")
-
-    answers = forms.ChoiceField(
-        choices=[("generate", "Generate answers with the model"), ("dataset", "Score the answers stored in the eval set")],
-        initial="generate", widget=forms.RadioSelect,
-    )
-    compare_base = forms.BooleanField(required=False, initial=True, help_text="Also score the base model so the gain is visible.")
-    metrics = forms.MultipleChoiceField(choices=[(m, m) for m in ALL_METRICS], initial=DEFAULT_METRICS, widget=forms.CheckboxSelectMultiple)
-    max_samples = forms.IntegerField(required=False, min_value=1, help_text="Score only the first N rows of each eval set (blank: all).")
-    max_new_tokens = _int(EvaluationConfig, "max_new_tokens")
-
-    judge_base_url = forms.CharField(required=False, max_length=500, label="Judge base URL", help_text="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (vLLM, Ollama, TGI, OpenAI).")
-    judge_model = forms.CharField(required=False, max_length=200, label="Judge model")
-    judge_api_key_env = forms.CharField(
-        required=False, max_length=128, label="Judge API key variable", initial=JudgeConfig.model_fields["api_key_env"].default,
-        help_text="The NAME of the environment variable holding the key on the workers; the key itself is never stored.",
-    )
-
     def __init__(self, *args: Any, user, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        for spec in FIELDS:
+            self.fields[spec.name] = build_field(spec)
+        self.fields["name"].required = True
+        self.fields["name"].initial = "finetune-rag-qa"
         self.user = user
         datasets = list(dataset_visible_to(user).order_by("name").values_list("name", "kind", "row_count"))
         self.fields["train_datasets"].choices = [(n, f"{n} ({rows} rows)") for n, k, rows in datasets if k == "train"]
         self.fields["eval_datasets"].choices = [(n, f"{n} ({rows} rows)") for n, k, rows in datasets if k == "eval"]
         self.config: dict[str, Any] | None = None
+
+    @property
+    def sections(self) -> dict[str, list[forms.BoundField]]:
+        """The form's plain fields by config section, in table order (the template renders them in a loop)."""
+        special = {"name", "kind", "train_datasets", "eval_datasets", "answers", "compare_base", "metrics"}
+        out: dict[str, list[forms.BoundField]] = {"model": [], "training": [], "evaluation": [], "judge": []}
+        for spec in FIELDS:
+            if spec.name in special:
+                continue
+            section = "judge" if spec.path.startswith("evaluation.judge.") else spec.path.split(".")[0]
+            out[section].append(self[spec.name])
+        return out
 
     def metric_groups(self) -> list[tuple[str, list]]:
         options = list(self["metrics"])
@@ -130,88 +194,94 @@ class RunForm(forms.Form):
         return [("No judge needed", no_judge), ("Judge needed (LLM)", judged)]
 
     def to_config(self, data: dict[str, Any]) -> dict[str, Any]:
-        targets = data.get("target_modules", "").strip()
-        config: dict[str, Any] = {
-            "name": data["name"],
-            "kind": data["kind"],
-            "model": {"base": data["base_model"]},
-            "datasets": {"eval": list(data.get("eval_datasets") or [])},
-            "evaluation": {
-                "answers": data["answers"],
-                "compare_base": bool(data.get("compare_base")),
-                "metrics": list(data.get("metrics") or []),
-                "max_samples": data.get("max_samples"),
-                **({"max_new_tokens": data["max_new_tokens"]} if data.get("max_new_tokens") is not None else {}),
-            },
-        }
-        if data.get("judge_base_url") or data.get("judge_model"):
-            config["evaluation"]["judge"] = {
-                "base_url": data.get("judge_base_url", ""), "model": data.get("judge_model", ""),
-                "api_key_env": data.get("judge_api_key_env") or "OPENAI_API_KEY",
-            }
-        if data["kind"] == "finetune":
-            config["datasets"]["train"] = list(data.get("train_datasets") or [])
-            lora = {"r": data.get("lora_r"), "alpha": data.get("lora_alpha"), "dropout": data.get("lora_dropout")}
-            if targets and targets != "all-linear":
-                lora["target_modules"] = [t.strip() for t in targets.split(",") if t.strip()]
-            training = {
-                "epochs": data.get("epochs"), "learning_rate": data.get("learning_rate"), "batch_size": data.get("batch_size"),
-                "max_seq_length": data.get("max_seq_length"), "seed": data.get("seed"),
-                "lora": {k: v for k, v in lora.items() if v is not None},
-                "gradient_accumulation_steps": data.get("gradient_accumulation_steps"),
-                "gradient_checkpointing": bool(data.get("gradient_checkpointing")),
-                "max_steps": data.get("max_steps"),
-            }
-            # Blank fields take the schema's defaults.
-            config["training"] = {k: v for k, v in training.items() if v is not None or k == "max_steps"}
-        return config
+        return to_config(data)
 
     def clean(self) -> dict[str, Any]:
         data = super().clean()
-        if self.errors:
-            return data
+        # The schema sees the fields that parsed, so its problems come with the parse errors, all at once.
         try:
-            self.config = validate_config(self.to_config(data), known_datasets=dataset_name_types(self.user))
+            config = validate_config(self.to_config(data), known_datasets=dataset_name_types(self.user))
         except ConfigError as exc:
             self.add_config_errors(exc)
+        else:
+            self.config = None if self.errors else config
         return data
 
     def add_config_errors(self, exc: ConfigError) -> None:
         for error in exc.errors:
-            path = error["field"]
-            match = max((p for p in FIELD_PATHS if path == p or path.startswith(p + ".") or path.startswith(p + "[")), key=len, default=None)
-            message = error["message"] if match == path or not path else f"{path}: {error['message']}"
-            self.add_error(FIELD_PATHS[match] if match else None, message)
+            field, message = field_for_error(error["field"]), error["message"]
+            if field in self.errors:
+                continue  # already says what is wrong with what was typed
+            if field is None or BY_PATH.get(error["field"]) is None:
+                message = f"{error['field']}: {message}" if error["field"] else message
+            self.add_error(field, message)
+
+
+def field_for_error(path: str) -> str | None:
+    """The form field a config error belongs next to: the row of its path, or of the nearest row below it."""
+    clean = path.split("[", 1)[0]
+    if clean in BY_PATH:
+        return BY_PATH[clean].name
+    below = [f for f in FIELDS if f.path.startswith(clean + ".")] if clean else []
+    return below[0].name if below else None
+
+
+def _form_to_value(spec: FormField, value: Any) -> Any:
+    if spec.name == "target_modules":
+        text = (value or "").strip()
+        return "all-linear" if text in ("", "all-linear") else [t.strip() for t in text.split(",") if t.strip()]
+    if isinstance(value, list):
+        return list(value)
+    return value
+
+
+def to_config(data: dict[str, Any]) -> dict[str, Any]:
+    """Cleaned form data -> a config dict (validated by the caller). Blank fields take the schema's defaults."""
+    config: dict[str, Any] = {}
+    for spec in FIELDS:
+        value = data.get(spec.name)
+        info = schema_field(spec.path)
+        if value in (None, "") and not isinstance(value, bool):
+            if info.is_required() or _core_type(info.annotation) is info.annotation or _default(info) is not None:
+                continue  # left to the schema: its default, or its "field required"
+            value = None  # nullable and blank: null (e.g. max_steps: all epochs)
+        _set(config, spec.path, _form_to_value(spec, value))
+    judge = (config.get("evaluation") or {}).get("judge") or {}
+    if not (judge.get("base_url") or judge.get("model")):
+        config.get("evaluation", {}).pop("judge", None)
+    if config.get("kind") != "finetune":
+        config.pop("training", None)
+        config.get("datasets", {}).pop("train", None)
+    return config
+
+
+def _set(config: dict[str, Any], path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    node = config
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def _get(config: dict[str, Any], path: str) -> tuple[bool, Any]:
+    node: Any = config
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
 
 
 def initial_from_config(config: dict[str, Any]) -> dict[str, Any]:
-    """Form values for a config (clone a run, or load a YAML file into the form)."""
-    training = config.get("training") or {}
-    lora = training.get("lora") or {}
-    evaluation = config.get("evaluation") or {}
-    judge = evaluation.get("judge") or {}
-    targets = lora.get("target_modules", "all-linear")
-    initial = {
-        "name": config.get("name", ""),
-        "kind": config.get("kind", "finetune"),
-        "base_model": (config.get("model") or {}).get("base", "local:tiny-llama"),
-        "train_datasets": (config.get("datasets") or {}).get("train", []),
-        "eval_datasets": (config.get("datasets") or {}).get("eval", []),
-        "target_modules": targets if isinstance(targets, str) else ", ".join(targets),
-        "answers": evaluation.get("answers", "generate"),
-        "compare_base": evaluation.get("compare_base", True),
-        "metrics": evaluation.get("metrics", DEFAULT_METRICS),
-        "max_samples": evaluation.get("max_samples"),
-        "max_new_tokens": evaluation.get("max_new_tokens", 64),
-        "judge_base_url": judge.get("base_url", ""),
-        "judge_model": judge.get("model", ""),
-        "judge_api_key_env": judge.get("api_key_env", "OPENAI_API_KEY"),
-    }
-    defaults = TrainingConfig().model_dump()
-    for key in ("epochs", "learning_rate", "batch_size", "max_seq_length", "seed", "gradient_accumulation_steps", "gradient_checkpointing", "max_steps"):
-        initial[key] = training.get(key, defaults[key])
-    for key, field in (("r", "lora_r"), ("alpha", "lora_alpha"), ("dropout", "lora_dropout")):
-        initial[field] = lora.get(key, defaults["lora"][key])
+    """Form values for a config (clone a run, or load a YAML file into the form); missing keys take the schema's defaults."""
+    initial: dict[str, Any] = {}
+    for spec in FIELDS:
+        present, value = _get(config, spec.path)
+        if not present:
+            value = _default(schema_field(spec.path))
+        if spec.name == "target_modules" and isinstance(value, list):
+            value = ", ".join(value)
+        initial[spec.name] = value
     return initial
 
 
@@ -227,10 +297,14 @@ def default_initial() -> dict[str, Any]:
 
 
 class YamlConfigForm(forms.Form):
-    """Start from a YAML config: paste it or upload the file."""
+    """Start from a YAML config: paste it or upload the file. Refused exactly as the API refuses it."""
 
     yaml_text = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 8, "spellcheck": "false"}), label="Paste YAML")
     yaml_file = forms.FileField(required=False, label="or upload a .yaml file")
+
+    def __init__(self, *args: Any, user=None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.user = user
 
     def clean(self) -> dict[str, Any]:
         data = super().clean()
@@ -248,9 +322,9 @@ class YamlConfigForm(forms.Form):
             raise forms.ValidationError("paste a YAML config or choose a file")
         try:
             parsed = parse_yaml(text, source="YAML")
+            # The same validation as POST /api/runs/: unknown keys, ranges, datasets.
+            validate_config(parsed, known_datasets=dataset_name_types(self.user) if self.user else None)
         except ConfigError as exc:
-            raise forms.ValidationError([e["message"] for e in exc.errors]) from None
-        if not isinstance(parsed, dict):
-            raise forms.ValidationError("the YAML must be a mapping (name: ..., kind: ..., ...)")
+            raise forms.ValidationError([f"{e['field']}: {e['message']}" if e["field"] else e["message"] for e in exc.errors]) from None
         data["config"] = parsed
         return data

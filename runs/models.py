@@ -15,6 +15,8 @@ class RunStatus(models.TextChoices):
 
 TERMINAL_STATUSES = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
 ACTIVE_STATUSES = frozenset({RunStatus.TRAINING, RunStatus.EVALUATING})
+# A run that ended like this can be started again (a new run from the same config).
+RETRYABLE_STATUSES = frozenset({RunStatus.FAILED, RunStatus.CANCELLED})
 
 
 class RunKind(models.TextChoices):
@@ -26,6 +28,21 @@ class Variant(models.TextChoices):
     BASE = "base", "base"
     FINETUNED = "finetuned", "finetuned"
     DATASET = "dataset", "dataset"
+
+
+# The order variants are shown and scored in, everywhere (tables, charts, CSV, the CLI).
+VARIANT_ORDER = (Variant.FINETUNED, Variant.BASE, Variant.DATASET)
+
+
+def ordered_variants(variants) -> list[str]:
+    return sorted(set(variants), key=VARIANT_ORDER.index)
+
+
+def main_variant(*, kind: str, answers: str = "generate") -> str:
+    """The variant a run is about: the fine-tuned model, the stored answers, or the base model."""
+    if kind == RunKind.FINETUNE:
+        return Variant.FINETUNED
+    return Variant.DATASET if answers == "dataset" else Variant.BASE
 
 
 class PipelineRun(models.Model):
@@ -68,6 +85,14 @@ class PipelineRun(models.Model):
     @property
     def is_terminal(self) -> bool:
         return self.status in TERMINAL_STATUSES
+
+    @property
+    def is_retryable(self) -> bool:
+        return self.status in RETRYABLE_STATUSES
+
+    @property
+    def main_variant(self) -> str:
+        return main_variant(kind=self.kind, answers=(self.config.get("evaluation") or {}).get("answers", "generate"))
 
     @property
     def registered_model(self) -> str:

@@ -76,7 +76,8 @@ def requeue_lost_jobs(*, grace_seconds: int = REQUEUE_GRACE_SECONDS) -> list[tup
     """
     from redis.exceptions import RedisError
 
-    from .orchestration import JobKeepsFailing, run_resend_lost_job
+    from .pipeline import resend_lost_step
+    from .queues import JobKeepsFailing
 
     if settings.JOBS_INLINE:
         return []
@@ -84,7 +85,7 @@ def requeue_lost_jobs(*, grace_seconds: int = REQUEUE_GRACE_SECONDS) -> list[tup
     for run_id, current_job in waiting_runs(grace_seconds=grace_seconds).values_list("pk", "current_job"):
         job = current_job.partition(":")[0]
         try:
-            outcome = run_resend_lost_job(run_id=run_id, job=job)
+            outcome = resend_lost_step(run_id=run_id, step_name=job)
         except RedisError as exc:
             log.warning("requeue: Redis unreachable (%s: %s); lost jobs are sent on a later pass", type(exc).__name__, exc)
             break

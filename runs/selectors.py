@@ -8,13 +8,23 @@ from django.conf import settings
 from django.db.models import Prefetch, QuerySet
 from django.shortcuts import get_object_or_404
 
-from .models import PipelineRun, RunResult, SampleResult
+from .config import flatten_config
+from .models import VARIANT_ORDER, PipelineRun, RunResult, SampleResult, ordered_variants
 
 
 def run_visible_to(user) -> QuerySet[PipelineRun]:
     """A user's own runs; staff see every run."""
     qs = PipelineRun.objects.all()
     return qs if user.is_staff else qs.filter(owner=user)
+
+
+def run_status(run_id: int) -> str:
+    return PipelineRun.objects.values_list("status", flat=True).get(pk=run_id)
+
+
+def run_generated_samples(run: PipelineRun, *, dataset_name: str) -> list[SampleResult]:
+    """The answers a run generated for one eval dataset, every variant, in row order."""
+    return list(SampleResult.objects.filter(run=run, dataset__name=dataset_name).order_by("variant", "index"))
 
 
 def run_results_rows(run: PipelineRun) -> Iterator[tuple]:
@@ -70,7 +80,7 @@ def headline_scores(run: PipelineRun) -> list[dict[str, Any]]:
     first_dataset = min(r.dataset.name if r.dataset else "" for r in results)
     by_key = {(r.metric, r.variant): r.value for r in results if (r.dataset.name if r.dataset else "") == first_dataset}
     wanted = [m for m in (run.config.get("evaluation") or {}).get("metrics", []) if any(k[0] == m for k in by_key)][:2]
-    main = "finetuned" if run.kind == "finetune" else next((v for _, v in by_key), "dataset")
+    main = run.main_variant
     out = []
     for metric in wanted:
         value, base = by_key.get((metric, main)), by_key.get((metric, "base"))
@@ -117,7 +127,7 @@ def run_samples_table(run: PipelineRun, *, dataset: str | None, sort: str | None
         row["reasons"][sample.variant] = sample.reasons
         if sample.variant not in variants:
             variants.append(sample.variant)
-    variants.sort(key=["finetuned", "base", "dataset"].index)
+    variants = ordered_variants(variants)
     ordered = list(rows.values())
     if sort:
         metric, _, variant = sort.partition(":")
@@ -134,22 +144,13 @@ def run_samples_table(run: PipelineRun, *, dataset: str | None, sort: str | None
     return {"rows": ordered, "variants": variants, "metrics": metrics, "datasets": datasets}
 
 
-def _main_variant_value(results: list[RunResult], dataset: str, metric: str, kind: str) -> float | None:
-    preference = ["finetuned", "dataset", "base"] if kind == "finetune" else ["dataset", "base", "finetuned"]
+def _main_variant_value(results: list[RunResult], dataset: str, metric: str, run: PipelineRun) -> float | None:
+    preference = [run.main_variant, *VARIANT_ORDER]
     by_variant = {r.variant: r.value for r in results if (r.dataset.name if r.dataset else "") == dataset and r.metric == metric}
     for variant in preference:
         if by_variant.get(variant) is not None:
             return by_variant[variant]
     return None
-
-
-def _flatten(prefix: str, value: Any) -> dict[str, str]:
-    if isinstance(value, dict):
-        out: dict[str, str] = {}
-        for key, item in value.items():
-            out.update(_flatten(f"{prefix}.{key}" if prefix else key, item))
-        return out
-    return {prefix: json.dumps(value) if not isinstance(value, str) else value}
 
 
 def compare_runs(user, ids: list[int]) -> dict[str, Any]:
@@ -160,7 +161,7 @@ def compare_runs(user, ids: list[int]) -> dict[str, Any]:
     rows = []
     chart: dict[str, dict[str, float]] = {}
     for dataset, metric in keys:
-        values = [_main_variant_value(list(run.results.all()), dataset, metric, run.kind) for run in runs]
+        values = [_main_variant_value(list(run.results.all()), dataset, metric, run) for run in runs]
         measured = [v for v in values if v is not None]
         best = max(measured) if measured else None
         differ = len(set(measured)) > 1  # a tie everywhere has no best
@@ -168,7 +169,7 @@ def compare_runs(user, ids: list[int]) -> dict[str, Any]:
         for run, value in zip(runs, values, strict=True):
             if value is not None:
                 chart.setdefault(f"#{run.pk} {run.name}", {})[f"{dataset}/{metric}"] = value
-    flat = [_flatten("", run.config) for run in runs]
+    flat = [{k: v if isinstance(v, str) else json.dumps(v) for k, v in flatten_config(run.config).items()} for run in runs]
     fields = sorted({k for f in flat for k in f})
     diff = [{"field": field, "values": [f.get(field, "—") for f in flat]} for field in fields if len({f.get(field, "—") for f in flat}) > 1]
     return {"runs": runs, "rows": rows, "chart": chart, "diff": diff}

@@ -1,7 +1,10 @@
 """Every write to a run goes through here: the API, pages, admin, commands and jobs.
 
 run_transition is the status machine of DESIGN.md: a compare-and-swap UPDATE so
-two workers cannot both win, and one RunEvent per accepted transition.
+two workers cannot both win, and one RunEvent per accepted transition. The step
+registry (runs/pipeline.py) moves runs through their steps with run_queue_step,
+run_claim_step and run_advance; what a step produced is stored with the
+run_record_* and run_set_* services.
 """
 
 from __future__ import annotations
@@ -16,11 +19,10 @@ from django.db import models, transaction
 from django.db.models.functions import Concat
 from django.utils import timezone
 
-from datasets_app.models import Dataset
-from datasets_app.selectors import dataset_visible_to
+from datasets_app.selectors import dataset_visible_to, datasets_by_names
 
 from .config import validate_config
-from .models import TERMINAL_STATUSES, PipelineRun, RunEvent, RunKind, RunResult, RunStatus, SampleResult, Variant
+from .models import RETRYABLE_STATUSES, TERMINAL_STATUSES, PipelineRun, RunEvent, RunKind, RunResult, RunStatus, SampleResult
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +67,11 @@ def dataset_name_types(user) -> dict[str, str]:
 
 
 def run_create(*, config: dict[str, Any], owner) -> PipelineRun:
-    """Validate a config, store a pending run and enqueue its first job after commit."""
-    from .orchestration import first_job, run_enqueue_first_job
+    """Validate a config, store a pending run and send its first step after commit."""
+    from . import pipeline
 
     validated = validate_config(config, known_datasets=dataset_name_types(owner))
+    first = pipeline.chain_for(kind=validated["kind"], answers=validated["evaluation"]["answers"])[0]
     with transaction.atomic():
         run = PipelineRun.objects.create(
             name=validated["name"],
@@ -77,17 +80,16 @@ def run_create(*, config: dict[str, Any], owner) -> PipelineRun:
             base_model=validated["model"]["base"],
             owner=owner,
             stage="queued",
-            current_job=f"{first_job(kind=validated['kind'], answers=validated['evaluation']['answers'])}:queued",
+            current_job=f"{first.name}:queued",
         )
-        by_name = {d.name: d for d in Dataset.objects.filter(name__in=validated["datasets"]["train"] + validated["datasets"]["eval"])}
+        by_name = datasets_by_names(validated["datasets"]["train"] + validated["datasets"]["eval"])
         run.train_datasets.set([by_name[n] for n in validated["datasets"]["train"]])
         run.eval_datasets.set([by_name[n] for n in validated["datasets"]["eval"]])
         RunEvent.objects.create(run=run, from_status=S.PENDING, to_status=S.PENDING, message="created")
-        transaction.on_commit(lambda: run_enqueue_first_job(run_id=run.pk))
+        transaction.on_commit(lambda: pipeline.start(run_id=run.pk))
     return run
 
 
-RETRYABLE_STATUSES = frozenset({S.FAILED, S.CANCELLED})
 _RETRY_SUFFIX = re.compile(r" \(retry of #\d+\)$")
 
 
@@ -110,12 +112,15 @@ def run_retry(*, run_id: int, owner) -> PipelineRun:
     return retry
 
 
-def run_transition(*, run_id: int, to: str, message: str = "", expected: str | None = None, error: str = "") -> bool:
+def run_transition(
+    *, run_id: int, to: str, message: str = "", expected: str | None = None, error: str = "", also: dict[str, Any] | None = None,
+) -> bool:
     """Move a run to `to` if the machine allows it from its current status.
 
     Returns False when another writer changed the status first (lost the race);
     raises InvalidTransition when the move is not allowed from the current status.
     With `expected`, the move only happens from that status (a job's claim).
+    `also` are more fields written by the same UPDATE (the step the run is on).
     """
     run = PipelineRun.objects.only("pk", "kind", "status").get(pk=run_id)
     current = expected or run.status
@@ -134,6 +139,7 @@ def run_transition(*, run_id: int, to: str, message: str = "", expected: str | N
         changes["started_at"] = now
     if error:
         changes["error"] = error[:20000]
+    changes.update(also or {})
     with transaction.atomic():
         updated = PipelineRun.objects.filter(pk=run_id, status=current).update(**changes)
         if not updated:
@@ -159,13 +165,23 @@ def run_append_logs(*, run_id: int, text: str) -> None:
     PipelineRun.objects.filter(pk=run_id).update(logs=Concat(models.F("logs"), models.Value(text[-MAX_LOG_CHARS:])))
 
 
-def run_update_progress(*, run_id: int, progress: int | None = None, stage: str | None = None) -> None:
+def run_update_progress(
+    *, run_id: int, progress: int | None = None, stage: str | None = None, train_history: list[dict[str, Any]] | None = None,
+) -> None:
+    """Live state of an unfinished run: progress (0-100), stage text, the training history so far."""
     changes: dict[str, Any] = {"heartbeat_at": timezone.now()}
     if progress is not None:
         changes["progress"] = max(0, min(100, int(progress)))
     if stage is not None:
         changes["stage"] = stage[:200]
+    if train_history is not None:
+        changes["train_history"] = train_history
     PipelineRun.objects.filter(pk=run_id).exclude(status__in=TERMINAL_STATUSES).update(**changes)
+
+
+def run_set_train_history(*, run_id: int, train_history: list[dict[str, Any]]) -> None:
+    """The final training history, whatever the run's status (a cancelled run keeps its curve)."""
+    PipelineRun.objects.filter(pk=run_id).update(train_history=train_history)
 
 
 def run_heartbeat(*, run_id: int) -> None:
@@ -174,11 +190,50 @@ def run_heartbeat(*, run_id: int) -> None:
 
 def run_cancel(*, run_id: int, message: str = "cancelled by user") -> None:
     """Cancel a run that has not finished; queued jobs are removed, a running
-    fine-tune stops at its next step (it sees the status)."""
-    from .orchestration import run_remove_queued_jobs
+    step stops at its next check (it sees the status)."""
+    from . import pipeline
 
     run_transition_or_raise(run_id=run_id, to=S.CANCELLED, message=message)
-    transaction.on_commit(lambda: run_remove_queued_jobs(run_id=run_id))
+    transaction.on_commit(lambda: pipeline.remove_queued_steps(run_id=run_id))
+
+
+def run_queue_step(*, run_id: int, step: str) -> None:
+    """The run now waits for `step`; heartbeat_at doubles as "queued since" (the reaper's grace period)."""
+    PipelineRun.objects.filter(pk=run_id).update(current_job=f"{step}:queued", heartbeat_at=timezone.now())
+
+
+def run_claim_step(*, run_id: int, step: str) -> bool:
+    """queued -> running for this step; False when someone else has it or the run ended."""
+    claimed = (
+        PipelineRun.objects.filter(pk=run_id, current_job=f"{step}:queued")
+        .exclude(status__in=TERMINAL_STATUSES)
+        .update(current_job=f"{step}:running", heartbeat_at=timezone.now())
+    )
+    return bool(claimed)
+
+
+def run_advance(*, run_id: int, step: str, next_step: str | None, next_status: str) -> bool:
+    """After `step`: the run waits for `next_step` (in `next_status`), or is completed when there is none.
+
+    One transaction, one compare-and-swap on "<step>:running": False when the
+    run was cancelled (or failed by the reaper) while the step ran.
+    """
+    now = timezone.now()
+    running = {"pk": run_id, "current_job": f"{step}:running"}
+    with transaction.atomic():
+        current = PipelineRun.objects.select_for_update().only("status").filter(**running).first()
+        if current is None or current.status in TERMINAL_STATUSES:
+            return False
+        if next_step is None:
+            return run_transition(
+                run_id=run_id, to=S.COMPLETED, expected=current.status, message=f"{step} finished", also={"current_job": f"{step}:done"},
+            )
+        if current.status != next_status:
+            return run_transition(
+                run_id=run_id, to=next_status, expected=current.status, message=f"{step} finished",
+                also={"current_job": f"{next_step}:queued"},
+            )
+        return bool(PipelineRun.objects.filter(**running).update(current_job=f"{next_step}:queued", heartbeat_at=now))
 
 
 def _clean_value(value: float | None) -> float | None:
@@ -219,16 +274,13 @@ def run_record_samples(*, run_id: int, samples: Iterable[dict[str, Any]]) -> int
     return len(rows)
 
 
-def default_variant(run: PipelineRun) -> str:
-    if run.kind == RunKind.FINETUNE:
-        return Variant.FINETUNED
-    answers = (run.config.get("evaluation") or {}).get("answers", "generate")
-    return Variant.DATASET if answers == "dataset" else Variant.BASE
-
-
 def run_set_reproducibility(*, run_id: int, record: dict[str, Any]) -> None:
     PipelineRun.objects.filter(pk=run_id).update(reproducibility=record)
 
 
 def run_set_registered_model(*, run_id: int, name: str, version: str) -> None:
     PipelineRun.objects.filter(pk=run_id).update(registered_model_name=name, registered_model_version=version)
+
+
+def run_set_mlflow_ids(*, run_id: int, experiment_id: str, mlflow_run_id: str) -> None:
+    PipelineRun.objects.filter(pk=run_id).update(mlflow_experiment_id=experiment_id, mlflow_run_id=mlflow_run_id)

@@ -1,7 +1,8 @@
 """MLflow tracking for pipeline runs, through MlflowClient (no global active run).
 
-Jobs on different workers log into the same MLflow run: the first job creates
-it and stores its id on the PipelineRun; later jobs write to that id.
+Jobs on different workers log into the same MLflow run: the first step creates
+it (runs/step_io.py stores its id on the run through a service); later steps
+write to that id. Nothing here touches the database.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from django.conf import settings
 
-from .models import PipelineRun
+from .config import flatten_config
 
 MAX_PARAM_CHARS = 6000
 
@@ -30,13 +31,9 @@ def client():
     return _client(settings.MLFLOW_TRACKING_URI)
 
 
-def flatten(prefix: str, value: Any) -> dict[str, str]:
-    if isinstance(value, dict):
-        out: dict[str, str] = {}
-        for key, item in value.items():
-            out.update(flatten(f"{prefix}.{key}" if prefix else str(key), item))
-        return out
-    return {prefix: str(value)[:MAX_PARAM_CHARS]}
+def flatten(value: dict[str, Any]) -> dict[str, str]:
+    """A nested dict as MLflow params/tags: dotted keys, string values cut to MLflow's limit."""
+    return {key: str(item)[:MAX_PARAM_CHARS] for key, item in flatten_config(value).items()}
 
 
 def experiment_id() -> str:
@@ -53,26 +50,22 @@ def experiment_id() -> str:
         return mlflow_client.get_experiment_by_name(settings.MLFLOW_EXPERIMENT).experiment_id
 
 
-def mlflow_start(run: PipelineRun, *, tags: dict[str, str]) -> str:
-    """The MLflow run of this pipeline run, created (with params and tags) on first use."""
+def mlflow_start(*, run_id: int, name: str, kind: str, config: dict[str, Any], tags: dict[str, str]) -> tuple[str, str]:
+    """A new MLflow run for pipeline run `run_id`, with its config as params. Returns (experiment id, MLflow run id)."""
     from mlflow.entities import Param, RunTag
 
-    if run.mlflow_run_id:
-        return run.mlflow_run_id
     mlflow_client = client()
     exp_id = experiment_id()
-    created = mlflow_client.create_run(exp_id, run_name=f"{run.name} (#{run.pk})", tags={"platform.run_id": str(run.pk), "platform.kind": run.kind})
-    config = dict(run.config)
+    created = mlflow_client.create_run(exp_id, run_name=f"{name} (#{run_id})", tags={"platform.run_id": str(run_id), "platform.kind": kind})
+    config = dict(config)
     if (config.get("evaluation") or {}).get("judge"):
         # The judge is referenced by env-var name only; never a key.
         config["evaluation"] = {**config["evaluation"], "judge": {k: v for k, v in config["evaluation"]["judge"].items() if k != "api_key"}}
-    params = [Param(k, v) for k, v in flatten("", config).items()]
+    params = [Param(k, v) for k, v in flatten(config).items()]
     for start in range(0, len(params), 100):
         mlflow_client.log_batch(created.info.run_id, params=params[start : start + 100])
     mlflow_client.log_batch(created.info.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
-    PipelineRun.objects.filter(pk=run.pk).update(mlflow_run_id=created.info.run_id, mlflow_experiment_id=exp_id)
-    run.mlflow_run_id, run.mlflow_experiment_id = created.info.run_id, exp_id
-    return created.info.run_id
+    return exp_id, created.info.run_id
 
 
 class MetricBuffer:

@@ -6,9 +6,6 @@ Polled fragments answer 286 (htmx: stop polling) once a run is terminal.
 
 from __future__ import annotations
 
-import csv
-import io
-
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
@@ -16,8 +13,8 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from .api import neutralise_csv_cell
 from .config import ConfigError
+from .exports import samples_csv
 from .forms import RunForm, YamlConfigForm, default_initial, initial_from_config
 from .models import PipelineRun, RunKind, RunStatus
 from .reaper import reap_if_embedded
@@ -63,7 +60,7 @@ def run_new(request: HttpRequest) -> HttpResponse:
     yaml_form = YamlConfigForm()
     validated = False
     if request.method == "POST" and request.POST.get("action") == "load_yaml":
-        yaml_form = YamlConfigForm(request.POST, request.FILES)
+        yaml_form = YamlConfigForm(request.POST, request.FILES, user=request.user)
         form = RunForm(user=request.user)
         if yaml_form.is_valid():
             config = yaml_form.cleaned_data["config"]
@@ -165,16 +162,7 @@ def _results_chart(table: list[dict]) -> dict:
 @login_required
 def run_samples_csv(request: HttpRequest, pk: int) -> HttpResponse:
     run = get_object_or_404(run_visible_to(request.user), pk=pk)
-    samples = run_samples_table(run, dataset=None, sort=None, order="asc")
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    metrics, variants = samples["metrics"], samples["variants"]
-    writer.writerow(["dataset", "index", "question", "ground_truth", *(f"answer_{v}" for v in variants), *(f"{m}_{v}" for v in variants for m in metrics)])
-    for row in samples["rows"]:
-        cells = [row["dataset"], row["index"], row["question"], row["ground_truth"], *(row["answers"].get(v, "") for v in variants)]
-        cells += [("" if row["scores"].get(v, {}).get(m) is None else row["scores"][v][m]) for v in variants for m in metrics]
-        writer.writerow([neutralise_csv_cell(c) for c in cells])
-    response = HttpResponse(buffer.getvalue(), content_type="text/csv; charset=utf-8")
+    response = HttpResponse(samples_csv(run), content_type="text/csv; charset=utf-8")
     response["Content-Disposition"] = f'attachment; filename="run-{run.pk}-samples.csv"'
     return response
 

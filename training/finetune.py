@@ -18,15 +18,11 @@ import inspect
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .data import IGNORE_INDEX, Example, build_example, collate, iter_batches, resolve_prompt_format
-
-
-class TrainingStopped(Exception):
-    """should_stop() said so (the run was cancelled)."""
 
 
 @dataclass
@@ -50,7 +46,6 @@ class FinetuneOutcome:
     dtype: str
     trainable_parameters: int
     total_parameters: int
-    history: list[dict[str, float]] = field(default_factory=list)
 
 
 def pick_device(precision: str = "auto") -> tuple[str, Any]:
@@ -150,7 +145,7 @@ def finetune(
     output_dir: Path,
     prompt_format: str = "auto",
     on_step: Callable[[StepInfo], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    check_cancelled: Callable[[], None] | None = None,
 ) -> FinetuneOutcome:
     import torch
     from transformers import get_linear_schedule_with_warmup, set_seed
@@ -183,7 +178,6 @@ def finetune(
 
     model.train()
     step, tokens, loss_value = 0, 0, float("nan")
-    history: list[dict[str, float]] = []
     pad_multiple = 8 if device == "cuda" else None
     trim_logits = supports_logits_to_keep(model)
     for epoch in range(training["epochs"]):
@@ -213,11 +207,10 @@ def finetune(
                 step=step, total_steps=total_steps, epoch=epoch + (batch_number + 1) / batches_per_epoch,
                 loss=loss_value, learning_rate=scheduler.get_last_lr()[0], tokens=tokens,
             )
-            history.append({"step": step, "loss": info.loss, "learning_rate": info.learning_rate, "epoch": round(info.epoch, 4)})
             if on_step:
                 on_step(info)
-            if should_stop and should_stop():
-                raise TrainingStopped(f"stopped at step {step}")
+            if check_cancelled:
+                check_cancelled()  # raises when the run was cancelled: the loop ends here
             if step >= total_steps:
                 break
         if step >= total_steps:
@@ -232,5 +225,5 @@ def finetune(
     return FinetuneOutcome(
         adapter_dir=adapter_dir, steps=step, final_loss=loss_value, tokens=tokens,
         seconds=time.monotonic() - started, device=device, dtype=str(dtype).removeprefix("torch."),
-        trainable_parameters=trainable, total_parameters=total_params, history=history,
+        trainable_parameters=trainable, total_parameters=total_params,
     )

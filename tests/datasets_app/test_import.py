@@ -49,7 +49,7 @@ def test_it_stores_the_file_under_a_generated_name(user):
     assert dataset.row_count == 2
     assert Path(dataset.file.name).name.startswith("train-")
     assert "my-set" not in dataset.file.name
-    assert dataset.path.read_bytes() == jsonl_bytes(ROW, ROW)
+    assert Path(dataset.file.path).read_bytes() == jsonl_bytes(ROW, ROW)
 
 
 @pytest.mark.django_db

@@ -115,12 +115,13 @@ def test_runs_go_through_real_gpu_and_cpu_workers(rq_settings, redis_url, user):
 def test_a_job_delivered_twice_runs_once(rq_settings, redis_url, user):
     import django_rq
 
-    from runs.orchestration import _send_to_queue
+    from runs.pipeline import run_step
+    from runs.queues import send_job
 
     run_id = token_client(user).post("/api/runs/", eval_only_config(), format="json").json()["id"]
-    _send_to_queue("score", run_id)  # a second enqueue of the same job id is refused by RQ
+    send_job(func=run_step, queue="cpu", run_id=run_id, step="score")  # a second enqueue of the same job id is refused by RQ
     cpu = django_rq.get_queue("cpu")
-    cpu.enqueue_call("evaluation.jobs.score_job", args=(run_id,), job_id=f"redelivered-score-{run_id}")  # a redelivery
+    cpu.enqueue_call(run_step, args=(run_id, "score"), job_id=f"redelivered-score-{run_id}")  # a redelivery
     assert len(cpu.job_ids) == 2
     result = run_worker_burst("cpu", redis_url)
     assert result.returncode == 0, result.stderr[-3000:]

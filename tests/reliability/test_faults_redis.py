@@ -10,7 +10,8 @@ from rq import Queue
 from rq.job import Job
 
 from runs.models import ACTIVE_STATUSES, PipelineRun, RunEvent, RunResult, SampleResult
-from runs.orchestration import MAX_RESENDS, _send_to_queue
+from runs.pipeline import run_step
+from runs.queues import MAX_RESENDS, send_job
 from runs.reaper import requeue_lost_jobs
 from tests.conftest import token_client
 from tests.runs.factories import eval_only_config
@@ -149,7 +150,7 @@ def test_with_redis_down_nothing_crashes_and_nothing_is_marked_lost(owned_rq_set
     run_id = api.post("/api/runs/", EVAL, format="json").json()["id"]
     other_id = api.post("/api/runs/", {**EVAL, "name": "to-cancel"}, format="json").json()["id"]
     owned_redis.stop()
-    assert _send_to_queue("score", run_id) is False
+    assert send_job(func=run_step, queue="cpu", run_id=run_id, step="score") is False
     assert requeue_lost_jobs(grace_seconds=0) == []
     response = api.post(f"/api/runs/{other_id}/cancel/")
     assert response.status_code == 200 and response.json()["status"] == "cancelled"

@@ -38,3 +38,14 @@ def make_run(owner, *, kind: str = "finetune", status: str = "pending", **fields
     )
     RunEvent.objects.create(run=run, from_status="pending", to_status="pending", message="created")
     return run
+
+
+def replace_step_body(monkeypatch, step_name: str, body) -> None:
+    """Every chain of the step registry runs `body` for `step_name` (a fault injected into a real step)."""
+    import dataclasses
+
+    from runs import pipeline
+
+    for chain_name in ("FINETUNE", "EVAL_GENERATE", "EVAL_STORED_ANSWERS"):
+        chain = getattr(pipeline, chain_name)
+        monkeypatch.setattr(pipeline, chain_name, tuple(dataclasses.replace(s, body=body) if s.name == step_name else s for s in chain))

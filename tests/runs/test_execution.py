@@ -1,4 +1,4 @@
-"""runs.execution under database errors, on any engine (the PostgreSQL-only tests
+"""runs.execution and the step registry under database errors, on any engine (the PostgreSQL-only tests
 that terminate real connections are in tests/reliability/test_faults_database.py)."""
 
 import threading
@@ -35,19 +35,20 @@ def test_the_heartbeat_thread_outlives_database_errors(user, monkeypatch):
     assert PipelineRun.objects.get(pk=run.pk).heartbeat_at is not None
 
 
-def test_a_database_error_in_a_job_is_reported_as_a_lost_connection(user):
-    from runs.orchestration import inline_foreground
+def test_a_database_error_in_a_job_is_reported_as_a_lost_connection(user, monkeypatch):
+    from runs.pipeline import inline_foreground, run_step
     from runs.services import run_create
-    from tests.runs.factories import eval_only_config
+    from tests.runs.factories import eval_only_config, replace_step_body
 
     with inline_foreground():
         run = run_create(config=eval_only_config(), owner=user)
 
-    def body(run, run_log) -> None:
+    def body(ctx) -> None:
         raise OperationalError("terminating connection due to administrator command\nmore detail")
 
+    replace_step_body(monkeypatch, "score", body)
     with pytest.raises(OperationalError):
-        execution.execute_job(run_id=run.pk, job="score", status="evaluating", body=body)
+        run_step(run.pk, "score")
     run.refresh_from_db()
     assert run.status == "failed"
     assert run.error == (

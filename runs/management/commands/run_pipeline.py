@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from runs.config import ConfigError, parse_yaml
 from runs.models import PipelineRun, RunStatus
-from runs.orchestration import drive_inline, inline_foreground
+from runs.pipeline import drive_inline, inline_foreground
 from runs.selectors import run_score_table
 from runs.services import run_create
 

@@ -1,0 +1,151 @@
+"""The generate and score step bodies: answers from the model, RAGAS scores of answers.
+
+Called by the step registry (runs/pipeline.py) with a context that carries the
+validated config, the eval rows and a few callbacks; they import nothing from
+the application and return what they produced (the registry stores it).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .samples import Sample
+
+if TYPE_CHECKING:
+    from .scoring import ScoredSamples
+
+
+@dataclass
+class EvalSet:
+    """An eval dataset's rows as the run scores them (the first max_samples)."""
+
+    name: str
+    rows: list[dict[str, Any]]
+
+
+@dataclass
+class AnswerSet:
+    """Answers of one model variant to one eval set, in row order."""
+
+    dataset: str
+    variant: str
+    rows: list[dict[str, Any]]
+    answers: list[str]
+
+
+@dataclass
+class ToScore:
+    """One (eval set, variant) to score: samples with their row indices."""
+
+    dataset: str
+    variant: str
+    indices: list[int]
+    samples: list[Sample]
+
+
+@dataclass
+class ScoredSet:
+    dataset: str
+    variant: str
+    indices: list[int]
+    samples: list[Sample]
+    scored: ScoredSamples
+
+
+class GenerateContext(Protocol):
+    config: dict[str, Any]
+    base_model: str
+    variants: list[str]  # what to generate, in order: "finetuned" (the adapter) and/or "base"
+
+    def eval_sets(self) -> list[EvalSet]: ...
+    def adapter_dir(self) -> Path: ...  # the run's adapter on this machine (only asked for "finetuned")
+    def progress(self, fraction: float | None, stage: str) -> None: ...
+    def log(self, line: str) -> None: ...
+    def check_cancelled(self) -> None: ...
+    def build_progress(self) -> Callable[[int, int], None]: ...
+
+
+class ScoreContext(Protocol):
+    config: dict[str, Any]
+
+    def to_score(self) -> list[ToScore]: ...
+    def progress(self, fraction: float | None, stage: str) -> None: ...
+    def log(self, line: str) -> None: ...
+    def check_cancelled(self) -> None: ...
+
+
+def generate_step(ctx: GenerateContext) -> list[AnswerSet]:
+    from training.finetune import load_base_model, load_tokenizer, pick_device
+    from training.local_models import resolve_model_path
+
+    from .generation import adapter_disabled, encode_eval_prompts, generate_answers
+
+    config = ctx.config
+    evaluation = config["evaluation"]
+    training = config.get("training") or {}
+    prompt_format = config["model"].get("prompt_format", "auto")
+    ctx.progress(0.0, "loading model for generation")
+    base_path = resolve_model_path(ctx.base_model, progress=ctx.build_progress())
+    device, dtype = pick_device(training.get("precision", "auto"))
+    tokenizer = load_tokenizer(base_path)
+    model = load_base_model(base_path, device=device, dtype=dtype)
+    if "finetuned" in ctx.variants:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(ctx.adapter_dir()))
+    max_seq = training.get("max_seq_length", 512)
+    max_prompt = max(16, min(max_seq, getattr(model.config, "max_position_embeddings", max_seq)) - evaluation["max_new_tokens"])
+
+    eval_sets = ctx.eval_sets()
+    jobs = [(s, v) for s in eval_sets for v in ctx.variants]
+    produced: list[AnswerSet] = []
+    for number, (eval_set, variant) in enumerate(jobs):
+        ctx.check_cancelled()
+        prompts = encode_eval_prompts(tokenizer, eval_set.rows, max_prompt_tokens=max_prompt, prompt_format=prompt_format)
+
+        def on_batch(done: int, total: int, number: int = number, eval_set: EvalSet = eval_set, variant: str = variant) -> None:
+            ctx.progress((number + done / max(total, 1)) / len(jobs), f"generating {variant} answers for {eval_set.name}: {done}/{total}")
+            ctx.check_cancelled()
+
+        settings = {"batch_size": evaluation["batch_size"], "max_new_tokens": evaluation["max_new_tokens"], "on_batch": on_batch}
+        if variant == "base" and "finetuned" in ctx.variants:
+            with adapter_disabled(model):
+                answers = generate_answers(model, tokenizer, prompts, **settings)
+        else:
+            answers = generate_answers(model, tokenizer, prompts, **settings)
+        produced.append(AnswerSet(dataset=eval_set.name, variant=variant, rows=eval_set.rows, answers=answers))
+        ctx.log(f"generated {len(answers)} {variant} answers for {eval_set.name}")
+    return produced
+
+
+def score_step(ctx: ScoreContext) -> list[ScoredSet]:
+    from .scoring import score_samples
+
+    evaluation = ctx.config["evaluation"]
+    judge = evaluation.get("judge")
+    api_key = judge_api_key(judge) if judge else ""
+    if judge and not api_key:
+        ctx.log(f"note: environment variable {judge['api_key_env']} is not set; calling the judge without an API key")
+    groups = ctx.to_score()
+    if not groups:
+        raise RuntimeError("nothing to score: no samples were generated")
+    produced: list[ScoredSet] = []
+    for number, group in enumerate(groups):
+        ctx.check_cancelled()
+        ctx.progress(number / len(groups), f"scoring {group.variant} answers for {group.dataset} ({len(group.samples)} samples)")
+        scored = score_samples(group.samples, evaluation["metrics"], judge=judge, judge_api_key=api_key)
+        produced.append(ScoredSet(dataset=group.dataset, variant=group.variant, indices=group.indices, samples=group.samples, scored=scored))
+        aggregates = scored.aggregate()
+        summary = ", ".join(f"{m}={a['value']:.4f}" if a["value"] is not None else f"{m}=not measured" for m, a in aggregates.items())
+        failed = {m: a["failure_reasons"] for m, a in aggregates.items() if a["n_failed"]}
+        ctx.log(f"scored {group.variant} on {group.dataset}: {summary}" + (f"; not measured: {failed}" if failed else ""))
+    return produced
+
+
+def judge_api_key(judge: dict[str, Any]) -> str:
+    """The judge's API key, read from the named environment variable at use time (never stored)."""
+    return os.environ.get(judge["api_key_env"], "")

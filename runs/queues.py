@@ -1,0 +1,142 @@
+"""RQ transport: put a run's step on its queue, take it off, send it again if Redis lost it.
+
+Which step goes to which queue is declared in runs/pipeline.py; this module only
+carries work. The database is the truth: `PipelineRun.current_job` says which
+step the run waits for ("generate:queued") or runs ("generate:running"); RQ
+job ids derive from the run (`generate-12`), enqueued with unique=True, and the
+claim (a compare-and-swap in runs/services.py) keeps a job delivered twice from
+running twice.
+
+Redis may lose a job (restarted without persistence) or be unreachable when a
+job is sent: the run then still says "<step>:queued" and nothing would ever run
+it. Sending never fails a request or a job because of Redis; the reaper's
+`requeue_lost_jobs` sends such jobs again (`resend_lost_job`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+from django.conf import settings
+
+from .models import TERMINAL_STATUSES, PipelineRun
+
+log = logging.getLogger(__name__)
+
+# RQ states of a job that a worker will still take (or has taken) by itself.
+RQ_WAITING_STATES = frozenset({"queued", "started", "deferred", "scheduled"})
+# A job that keeps failing in RQ before it claims its run is not sent forever.
+MAX_RESENDS = 3
+
+
+class JobKeepsFailing(Exception):
+    """A run's job failed in RQ before it could claim the run, MAX_RESENDS times."""
+
+
+def job_id(step: str, run_id: int) -> str:
+    return f"{step}-{run_id}"
+
+
+def send_job(*, func: Callable[..., None], queue: str, run_id: int, step: str, resends: int = 0) -> bool:
+    """Put `func(run_id, step)` on `queue`; False when Redis could not take it.
+
+    The database already says "<step>:queued", so an unreachable Redis must not
+    fail the request or the job that sends it: the reaper sends it again.
+    """
+    import django_rq
+    from redis.exceptions import RedisError
+    from rq.exceptions import DuplicateJobError
+
+    try:
+        django_rq.get_queue(queue).enqueue_call(
+            func, args=(run_id, step), job_id=job_id(step, run_id), unique=True,
+            timeout=settings.RQ_QUEUES[queue]["DEFAULT_TIMEOUT"], result_ttl=86400, failure_ttl=7 * 86400,
+            meta={"resends": resends},
+        )
+    except DuplicateJobError:
+        log.info("run %s: %s job already queued; a second enqueue is harmless", run_id, step)
+    except RedisError as exc:
+        log.warning(
+            "run %s: could not send the %s job to the %s queue (%s: %s); it stays queued in the database "
+            "and the reaper sends it again", run_id, step, queue, type(exc).__name__, exc,
+        )
+        return False
+    return True
+
+
+def remove_queued_jobs(*, run_id: int, steps: Iterable[tuple[str, str]]) -> None:
+    """Drop a cancelled run's waiting jobs, given (step, queue) pairs; running ones stop by themselves."""
+    if settings.JOBS_INLINE:
+        return
+    import django_rq
+    from redis.exceptions import RedisError
+    from rq.exceptions import NoSuchJobError
+    from rq.job import Job
+
+    for step, queue in steps:
+        try:
+            try:
+                rq_job = Job.fetch(job_id(step, run_id), connection=django_rq.get_queue(queue).connection)
+            except NoSuchJobError:
+                continue
+            if rq_job.get_status(refresh=True) in ("queued", "deferred", "scheduled"):
+                rq_job.cancel()
+                rq_job.delete()
+        except RedisError as exc:
+            # The run is cancelled in the database: a job left behind does not claim it.
+            log.warning("run %s: could not remove the queued %s job (%s: %s)", run_id, step, type(exc).__name__, exc)
+            return
+
+
+def resend_lost_job(*, func: Callable[..., None], queue: str, run_id: int, step: str) -> str | None:
+    """Send a job again that the run waits for but RQ no longer holds; returns why, or None.
+
+    RQ no longer holds it when Redis has no such job (Redis restarted, or was
+    unreachable when the job was sent) or when it ended in RQ without claiming
+    the run (failed, stopped or cancelled before its first query). A job RQ
+    still holds (queued, started, ...) is left alone. Raises JobKeepsFailing
+    after MAX_RESENDS failures before the claim; RedisError when Redis is down.
+    """
+    import django_rq
+    from rq.exceptions import NoSuchJobError
+    from rq.job import Job
+
+    try:
+        rq_job = Job.fetch(job_id(step, run_id), connection=django_rq.get_queue(queue).connection)
+    except NoSuchJobError:
+        rq_job = None
+    status = None if rq_job is None else rq_job.get_status(refresh=False)
+    state = getattr(status, "value", status)  # JobStatus is a str enum
+    if state in RQ_WAITING_STATES or not _still_waiting_for(run_id, step):
+        return None  # a worker has it, or took it since the reaper looked
+    resends = 0
+    if rq_job is None:
+        reason = f"the {step} job was not in Redis (Redis restarted, or was unreachable when the job was sent)"
+    else:
+        resends = int(rq_job.meta.get("resends", 0)) + 1
+        failure = _last_line(_rq_failure(rq_job))
+        reason = f"the {step} job ended {state} in RQ before it started{f' ({failure})' if failure else ''}"
+        if resends > MAX_RESENDS:
+            raise JobKeepsFailing(f"{reason}, {MAX_RESENDS + 1} times; not sending it again")
+        rq_job.delete()  # its id is taken until then (jobs are enqueued unique)
+    if not send_job(func=func, queue=queue, run_id=run_id, step=step, resends=resends):
+        return None
+    return f"{reason}: sent it again to the {queue} queue"
+
+
+def _still_waiting_for(run_id: int, step: str) -> bool:
+    return PipelineRun.objects.filter(pk=run_id, current_job=f"{step}:queued").exclude(status__in=TERMINAL_STATUSES).exists()
+
+
+def _rq_failure(rq_job) -> str:
+    try:
+        result = rq_job.latest_result()
+    except Exception:  # Best effort: the reason only decorates the log line.
+        return ""
+    return (getattr(result, "exc_string", None) or "") if result is not None else ""
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""

@@ -1,0 +1,274 @@
+"""The boundary between the application and the engines: what a step body gets, and where its output goes.
+
+A body (training/steps.py, evaluation/steps.py) receives a `StepContext`: the
+validated config, its rows, and callbacks (progress, log, check_cancelled,
+record_step) implemented here through runs' services. It returns plain data;
+the `store_*` functions below put that in the database (through services) and
+in MLflow. The step registry (runs/pipeline.py) calls both.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from django.conf import settings
+
+from datasets_app.selectors import dataset_rows
+from evaluation.samples import Sample
+from evaluation.steps import AnswerSet, EvalSet, ScoredSet, ToScore
+from training.finetune import FinetuneOutcome, StepInfo
+
+from . import tracking
+from .execution import RunCancelled, RunLog, tolerate_db_errors
+from .exports import write_scored_samples_csv
+from .models import TERMINAL_STATUSES, PipelineRun, RunKind, Variant, ordered_variants
+from .reproducibility import reproducibility_record
+from .selectors import run_generated_samples, run_status
+from .services import (
+    run_record_results,
+    run_record_samples,
+    run_set_mlflow_ids,
+    run_set_registered_model,
+    run_set_reproducibility,
+    run_set_train_history,
+    run_update_progress,
+)
+
+if TYPE_CHECKING:
+    from .pipeline import Step
+
+log = logging.getLogger(__name__)
+
+# Live updates (progress, loss curve, cancel checks) at most this often.
+LIVE_UPDATE_SECONDS = 1.0
+
+
+def runs_dir() -> Path:
+    """Where runs write their working copies (the adapter before MLflow has it).
+
+    settings.RUNS_DIR when a deployment sets it, else MLOPS_VAR_DIR/runs.
+    """
+    configured = getattr(settings, "RUNS_DIR", None)
+    return Path(configured) if configured else Path(settings.VAR_DIR) / "runs"
+
+
+def run_dir(run_id: int) -> Path:
+    return runs_dir() / str(run_id)
+
+
+class StepContext:
+    """What a step body may know and do about its run (the engines' Protocols list it)."""
+
+    def __init__(self, run: PipelineRun, step: Step) -> None:
+        self.run = run
+        self.run_id = run.pk
+        self.config: dict[str, Any] = run.config
+        self.base_model: str = run.base_model
+        self.work_dir: Path = run_dir(run.pk)
+        self.step = step
+        self.variants: list[str] = generated_variants(run)
+        self._log = RunLog(run.pk)
+        self._last_live = 0.0
+        self._last_check = 0.0
+        self._history: list[dict[str, Any]] = []
+        self._metrics = tracking.MetricBuffer(run.mlflow_run_id) if run.mlflow_run_id else None
+
+    # --- inputs
+    def train_rows(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        for dataset in self.run.train_datasets.order_by("name"):
+            rows += dataset_rows(dataset)
+        return rows
+
+    def eval_sets(self) -> list[EvalSet]:
+        limit = self.config["evaluation"]["max_samples"]
+        return [EvalSet(name=d.name, rows=dataset_rows(d, limit=limit)) for d in self.run.eval_datasets.order_by("name")]
+
+    def adapter_dir(self) -> Path:
+        """The run's adapter on this machine: local, or downloaded from MLflow (another gpu worker trained it)."""
+        local = self.work_dir / "adapter"
+        if (local / "adapter_config.json").exists():
+            return local
+        return tracking.download_artifacts(self.run.mlflow_run_id, "adapter", self.work_dir)
+
+    def to_score(self) -> list[ToScore]:
+        """Each (eval set, variant) to score, the main variant first: stored answers, or the generated ones."""
+        groups: list[ToScore] = []
+        for eval_set in self.eval_sets():
+            references = [r.get("reference_contexts") for r in eval_set.rows]
+            if self.config["evaluation"]["answers"] == "dataset":
+                samples = [_sample(r, r["answer"], references[i]) for i, r in enumerate(eval_set.rows)]
+                groups.append(ToScore(dataset=eval_set.name, variant=Variant.DATASET, indices=list(range(len(samples))), samples=samples))
+                continue
+            stored = run_generated_samples(self.run, dataset_name=eval_set.name)
+            for variant in ordered_variants(s.variant for s in stored):
+                mine = [s for s in stored if s.variant == variant]
+                groups.append(ToScore(
+                    dataset=eval_set.name, variant=variant, indices=[s.index for s in mine],
+                    samples=[Sample(question=s.question, contexts=s.contexts, ground_truth=s.ground_truth, answer=s.answer,
+                                    reference_contexts=references[s.index]) for s in mine],
+                ))
+        return groups
+
+    # --- callbacks
+    def progress(self, fraction: float | None, stage: str) -> None:
+        """Progress within this step (0-1, mapped onto the step's share of the run) and the stage text."""
+        start, end = self.step.progress
+        percent = None if fraction is None else start + int((end - start) * min(max(fraction, 0.0), 1.0))
+        # A lost database connection must not stop the work: the next update carries it.
+        with tolerate_db_errors(f"run {self.run_id}: progress"):
+            run_update_progress(run_id=self.run_id, progress=percent, stage=stage)
+
+    def log(self, line: str) -> None:
+        self._log(line)
+
+    def check_cancelled(self, *, now: bool = False) -> None:
+        """Raise RunCancelled once the run has ended (cancelled, or failed by the reaper); cheap to call often."""
+        moment = time.monotonic()
+        if not now and moment - self._last_check < LIVE_UPDATE_SECONDS:
+            return
+        self._last_check = moment
+        with tolerate_db_errors(f"run {self.run_id}: cancel check"):
+            status = run_status(self.run_id)
+            if status in TERMINAL_STATUSES:
+                raise RunCancelled(f"run {self.run_id} is {status}")
+
+    def record_step(self, info: StepInfo) -> None:
+        """One optimizer step: to MLflow (batched), the loss curve and the progress bar (at most once a second)."""
+        if self._metrics is not None:
+            self._metrics.add({"train/loss": info.loss, "train/learning_rate": info.learning_rate, "train/epoch": info.epoch}, info.step)
+        self._history.append({"step": info.step, "loss": round(info.loss, 5), "learning_rate": info.learning_rate, "epoch": round(info.epoch, 3)})
+        moment = time.monotonic()
+        if moment - self._last_live >= LIVE_UPDATE_SECONDS or info.step == info.total_steps:
+            self._last_live = moment
+            start, end = self.step.progress
+            with tolerate_db_errors(f"run {self.run_id}: live training update"):
+                run_update_progress(
+                    run_id=self.run_id, progress=start + int((end - start) * info.step / info.total_steps), train_history=self._history,
+                    stage=f"training step {info.step}/{info.total_steps}, epoch {info.epoch:.2f}, loss {info.loss:.4f}",
+                )
+
+    def build_progress(self) -> Callable[[int, int], None]:
+        """Stage updates while a local: model is built on first use (it takes a while)."""
+        last = [0.0]
+
+        def report(step: int, total: int) -> None:
+            moment = time.monotonic()
+            if moment - last[0] >= LIVE_UPDATE_SECONDS or step == total:
+                last[0] = moment
+                self.progress(None, f"building {self.base_model} on first use: step {step}/{total}")
+
+        return report
+
+    def close(self) -> None:
+        """Whatever the step's outcome: buffered metrics to MLflow, the loss curve kept."""
+        if self._metrics is not None:
+            try:
+                self._metrics.flush()
+            except Exception:  # Best effort: the run's own row has the history.
+                log.warning("run %s: could not flush step metrics to MLflow", self.run_id, exc_info=True)
+        if self._history:
+            with tolerate_db_errors(f"run {self.run_id}: training history"):
+                run_set_train_history(run_id=self.run_id, train_history=self._history)
+
+
+def generated_variants(run: PipelineRun) -> list[str]:
+    """The variants a run generates answers for, in the order of VARIANT_ORDER."""
+    if run.kind != RunKind.FINETUNE:
+        return [Variant.BASE]
+    return ordered_variants([Variant.FINETUNED] + ([Variant.BASE] if run.config["evaluation"]["compare_base"] else []))
+
+
+def _sample(row: dict[str, Any], answer: str, reference_contexts: list[str] | None) -> Sample:
+    return Sample(question=row["question"], contexts=row["contexts"], ground_truth=row["ground_truth"], answer=answer,
+                  reference_contexts=reference_contexts)
+
+
+def start_tracking(ctx: StepContext) -> None:
+    """Reproducibility record + MLflow run, once per pipeline run (whichever step comes first)."""
+    run = ctx.run
+    if run.mlflow_run_id:
+        return
+    record = reproducibility_record(run)
+    run_set_reproducibility(run_id=run.pk, record=record)
+    experiment_id, mlflow_run_id = tracking.mlflow_start(
+        run_id=run.pk, name=run.name, kind=run.kind, config=run.config,
+        tags={f"repro.{k}": v for k, v in tracking.flatten(record).items()},
+    )
+    run_set_mlflow_ids(run_id=run.pk, experiment_id=experiment_id, mlflow_run_id=mlflow_run_id)
+    run.mlflow_experiment_id, run.mlflow_run_id = experiment_id, mlflow_run_id
+    ctx._metrics = tracking.MetricBuffer(mlflow_run_id)
+    ctx.log(f"MLflow run {mlflow_run_id}")
+
+
+# --- where each step's output goes
+
+
+def store_finetune(ctx: StepContext, outcome: FinetuneOutcome) -> None:
+    """The adapter and its training figures to MLflow, a new version of the registered model."""
+    run = ctx.run
+    ctx.progress(1.0, "logging adapter to MLflow")
+    tracking.log_metrics(run.mlflow_run_id, {
+        "train/final_loss": outcome.final_loss, "train/tokens_per_second": outcome.tokens / max(outcome.seconds, 1e-9),
+        "train/seconds": outcome.seconds, "train/trainable_parameters": outcome.trainable_parameters,
+    }, step=outcome.steps)
+    tracking.log_artifacts(run.mlflow_run_id, outcome.adapter_dir, "adapter")
+    name = tracking.registered_model_name(base_model=run.base_model, train_datasets=run.config["datasets"]["train"])
+    version = tracking.register_adapter(run.mlflow_run_id, name=name, artifact_path="adapter", description=f"{run.name} (run #{run.pk})")
+    run_set_registered_model(run_id=run.pk, name=name, version=version)
+    ctx.log(f"registered model {name} version {version}")
+
+
+def store_answers(ctx: StepContext, answer_sets: list[AnswerSet]) -> None:
+    datasets = _dataset_ids(ctx.run)
+    for answer_set in answer_sets:
+        run_record_samples(run_id=ctx.run_id, samples=[
+            {"dataset_id": datasets[answer_set.dataset], "variant": answer_set.variant, "index": i, "question": r["question"],
+             "contexts": r["contexts"], "ground_truth": r["ground_truth"], "answer": answer, "scores": {}, "reasons": {}}
+            for i, (r, answer) in enumerate(zip(answer_set.rows, answer_set.answers, strict=True))
+        ])
+
+
+def store_scores(ctx: StepContext, scored_sets: list[ScoredSet]) -> None:
+    """Per-sample scores and aggregates to the run; metrics, differences and sample CSVs to MLflow."""
+    run = ctx.run
+    datasets = _dataset_ids(run)
+    metrics = run.config["evaluation"]["metrics"]
+    for scored_set in scored_sets:
+        samples = [
+            {"dataset_id": datasets[scored_set.dataset], "variant": scored_set.variant, "index": index, "question": s.question,
+             "contexts": s.contexts, "ground_truth": s.ground_truth, "answer": s.answer, "scores": scores, "reasons": reasons}
+            for index, s, scores, reasons in zip(scored_set.indices, scored_set.samples, scored_set.scored.scores, scored_set.scored.reasons, strict=True)
+        ]
+        run_record_samples(run_id=run.pk, samples=samples)
+        aggregates = scored_set.scored.aggregate()
+        run_record_results(run_id=run.pk, results=[
+            {"dataset_id": datasets[scored_set.dataset], "variant": scored_set.variant, "metric": m, **agg} for m, agg in aggregates.items()
+        ])
+        tracking.log_metrics(run.mlflow_run_id, {f"{scored_set.dataset}/{scored_set.variant}/{m}": a["value"] for m, a in aggregates.items()})
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"{scored_set.dataset}__{scored_set.variant}.csv"
+            write_scored_samples_csv(path, samples=samples, metrics=metrics)
+            tracking.log_artifact(run.mlflow_run_id, path, "samples")
+    _log_differences(run, scored_sets)
+
+
+def _log_differences(run: PipelineRun, scored_sets: list[ScoredSet]) -> None:
+    """finetuned - base per dataset and metric, where both were measured."""
+    means = {(s.dataset, s.variant, m): a["value"] for s in scored_sets for m, a in s.scored.aggregate().items()}
+    deltas = {
+        f"{ds}/delta/{metric}": value - means[(ds, Variant.BASE, metric)]
+        for (ds, variant, metric), value in means.items()
+        if variant == Variant.FINETUNED and value is not None and means.get((ds, Variant.BASE, metric)) is not None
+    }
+    if deltas:
+        tracking.log_metrics(run.mlflow_run_id, deltas)
+
+
+def _dataset_ids(run: PipelineRun) -> dict[str, int]:
+    return {d.name: d.pk for d in run.eval_datasets.all()}
