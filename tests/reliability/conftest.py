@@ -102,6 +102,8 @@ def pytest_runtest_makereport(item, call):
         for entry in pending:
             entry.outcome = reason
     elif report.failed:
+        if not LEDGER.of(item.nodeid) and (category := _module_category(item)):  # it failed before recording its row
+            LEDGER.record(category, item.name, "(failed before recording what it checks)", test=item.nodeid)
         for entry in LEDGER.of(item.nodeid):
             if entry.outcome in ("pending", "ok"):  # a teardown failure undoes a pass
                 entry.outcome = "FAILED"
