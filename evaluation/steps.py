@@ -1,4 +1,4 @@
-"""The generate and score step bodies: answers from the model, RAGAS scores of answers.
+"""The generate, score and compare step bodies: answers, their RAGAS scores, fine-tuned vs base.
 
 Called by the step registry (runs/pipeline.py) with a context that carries the
 validated config, the eval rows and a few callbacks; they import nothing from
@@ -17,6 +17,7 @@ from .samples import Sample
 
 if TYPE_CHECKING:
     from .scoring import ScoredSamples
+    from .significance import PairedComparison
 
 
 @dataclass
@@ -149,3 +150,24 @@ def score_step(ctx: ScoreContext) -> list[ScoredSet]:
 def judge_api_key(judge: dict[str, Any]) -> str:
     """The judge's API key, read from the named environment variable at use time (never stored)."""
     return os.environ.get(judge["api_key_env"], "")
+
+
+class CompareContext(Protocol):
+    config: dict[str, Any]
+
+    def paired_scores(self) -> dict[str, dict[str, tuple[list[float | None], list[float | None]]]]: ...
+    def progress(self, fraction: float | None, stage: str) -> None: ...
+    def log(self, line: str) -> None: ...
+
+
+def compare_step(ctx: CompareContext) -> dict[str, dict[str, PairedComparison]]:
+    """Fine-tuned vs base on the same samples, per eval dataset and metric: paired interval, test, verdict."""
+    from .significance import compare_metrics, format_interval
+
+    seed = (ctx.config.get("training") or {}).get("seed", 0)
+    ctx.progress(0.0, "comparing fine-tuned with base: paired bootstrap and permutation tests")
+    produced = {dataset: compare_metrics(pairs, seed=seed) for dataset, pairs in ctx.paired_scores().items()}
+    for dataset, by_metric in produced.items():
+        summary = "; ".join(f"{m} {format_interval(c.delta, c.ci_low, c.ci_high)} {c.verdict}" for m, c in by_metric.items())
+        ctx.log(f"fine-tuned vs base on {dataset}: {summary}")
+    return produced

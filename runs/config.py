@@ -234,6 +234,15 @@ class DatasetsConfig(Strict):
     eval: list[DatasetName] = Field(min_length=1, max_length=20)
 
 
+class PromotionConfig(Strict):
+    """The registry gate: the new version becomes `champion` only if it is significantly better on this metric."""
+
+    # Default: the first metric of evaluation.metrics.
+    metric: str | None = Field(None, max_length=64)
+    datasets: Literal["all"] | Annotated[list[DatasetName], Field(min_length=1, max_length=20)] = "all"
+    min_delta: float = Field(0.0, ge=0.0, le=1000.0)
+
+
 class RunConfig(Strict):
     name: Printable = Field(min_length=1, max_length=200)
     kind: Literal["finetune", "eval_only"]
@@ -241,6 +250,7 @@ class RunConfig(Strict):
     datasets: DatasetsConfig
     training: TrainingConfig | None = None
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    promotion: PromotionConfig | None = None
 
     @model_validator(mode="after")
     def _kind_rules(self) -> RunConfig:
@@ -251,12 +261,27 @@ class RunConfig(Strict):
                 self.training = TrainingConfig()
             if self.evaluation.answers != "generate":
                 raise ValueError("evaluation.answers: a finetune run scores generated answers; use 'generate'")
+            self._promotion_rules()
         else:
+            if self.promotion is not None:
+                raise ValueError("promotion: applies to kind finetune only (it gates the fine-tuned model); remove it for eval_only")
             if self.training is not None:
                 raise ValueError("training: applies to kind finetune only; remove it for eval_only")
             if self.datasets.train:
                 raise ValueError("datasets.train: applies to kind finetune only; remove it for eval_only")
         return self
+
+    def _promotion_rules(self) -> None:
+        if self.promotion is None:
+            self.promotion = PromotionConfig()
+        if self.promotion.metric is None:
+            self.promotion.metric = self.evaluation.metrics[0]
+        elif self.promotion.metric not in self.evaluation.metrics:
+            raise ValueError(f"promotion.metric: {self.promotion.metric!r} is not one of evaluation.metrics ({', '.join(self.evaluation.metrics)})")
+        if self.promotion.datasets != "all":
+            outside = [d for d in self.promotion.datasets if d not in self.datasets.eval]
+            if outside:
+                raise ValueError(f"promotion.datasets: {', '.join(outside)} not in datasets.eval")
 
 
 class ConfigError(Exception):

@@ -68,10 +68,15 @@ FIELDS: tuple[FormField, ...] = (
               "The NAME of the environment variable holding the key on the workers; the key itself is never stored."),
     FormField("judge_timeout", "evaluation.judge.timeout", "Judge timeout (s)"),
     FormField("judge_max_retries", "evaluation.judge.max_retries", "Judge max retries"),
+    FormField("promotion_metric", "promotion.metric", "Promotion metric", "The version becomes champion only if significantly better on it (blank: the first metric)."),
+    FormField("promotion_datasets", "promotion.datasets", "Promotion datasets", "all, or eval dataset names separated by commas."),
+    FormField("promotion_min_delta", "promotion.min_delta", "Promotion minimum gain"),
 )
 BY_PATH = {f.path: f for f in FIELDS}
 # Sections that only exist in some configs: the judge when a URL or model is given, training for fine-tunes.
-OPTIONAL_SECTIONS = ("evaluation.judge", "training")
+OPTIONAL_SECTIONS = ("evaluation.judge", "training", "promotion")
+# Text fields for "a word or a list of names" config values, with the word.
+LIST_OR_WORD = {"target_modules": "all-linear", "promotion_datasets": "all"}
 CHOICE_LABELS = {
     "kind": [("finetune", "Fine-tune + evaluate"), ("eval_only", "Evaluate only")],
     "answers": [("generate", "Generate answers with the model"), ("dataset", "Score the answers stored in the eval set")],
@@ -144,7 +149,7 @@ def build_field(spec: FormField) -> forms.Field:
         return forms.MultipleChoiceField(widget=forms.CheckboxSelectMultiple, **common)
     if spec.name == "metrics":
         return forms.MultipleChoiceField(choices=[(m, m) for m in ALL_METRICS], widget=forms.CheckboxSelectMultiple, **common)
-    if spec.name == "target_modules":
+    if spec.name in LIST_OR_WORD:
         return forms.CharField(max_length=2000, **common)
     choices = _literal_choices(annotation)
     if choices:
@@ -179,7 +184,7 @@ class RunForm(forms.Form):
     def sections(self) -> dict[str, list[forms.BoundField]]:
         """The form's plain fields by config section, in table order (the template renders them in a loop)."""
         special = {"name", "kind", "train_datasets", "eval_datasets", "answers", "compare_base", "metrics"}
-        out: dict[str, list[forms.BoundField]] = {"model": [], "training": [], "evaluation": [], "judge": []}
+        out: dict[str, list[forms.BoundField]] = {"model": [], "training": [], "evaluation": [], "judge": [], "promotion": []}
         for spec in FIELDS:
             if spec.name in special:
                 continue
@@ -227,9 +232,10 @@ def field_for_error(path: str) -> str | None:
 
 
 def _form_to_value(spec: FormField, value: Any) -> Any:
-    if spec.name == "target_modules":
+    if spec.name in LIST_OR_WORD:
+        word = LIST_OR_WORD[spec.name]
         text = (value or "").strip()
-        return "all-linear" if text in ("", "all-linear") else [t.strip() for t in text.split(",") if t.strip()]
+        return word if text in ("", word) else [t.strip() for t in text.split(",") if t.strip()]
     if isinstance(value, list):
         return list(value)
     return value
@@ -251,6 +257,7 @@ def to_config(data: dict[str, Any]) -> dict[str, Any]:
         config.get("evaluation", {}).pop("judge", None)
     if config.get("kind") != "finetune":
         config.pop("training", None)
+        config.pop("promotion", None)
         config.get("datasets", {}).pop("train", None)
     return config
 
@@ -279,7 +286,7 @@ def initial_from_config(config: dict[str, Any]) -> dict[str, Any]:
         present, value = _get(config, spec.path)
         if not present:
             value = _default(schema_field(spec.path))
-        if spec.name == "target_modules" and isinstance(value, list):
+        if spec.name in LIST_OR_WORD and isinstance(value, list):
             value = ", ".join(value)
         initial[spec.name] = value
     return initial

@@ -158,3 +158,61 @@ class SampleResult(models.Model):
 
     def __str__(self) -> str:
         return f"sample {self.index} [{self.variant}]"
+
+
+class Verdict(models.TextChoices):
+    BETTER = "better", "better"
+    WORSE = "worse", "worse"
+    NO_DIFFERENCE = "no significant difference", "no significant difference"
+    TOO_FEW_PAIRS = "too few pairs", "too few pairs"
+
+
+class ScoreComparison(models.Model):
+    """Fine-tuned vs base on the same samples of one eval dataset, for one metric (evaluation/significance.py)."""
+
+    run = models.ForeignKey(PipelineRun, on_delete=models.CASCADE, related_name="comparisons")
+    dataset = models.ForeignKey("datasets_app.Dataset", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    metric = models.CharField(max_length=64)
+    n_pairs = models.PositiveIntegerField(help_text="Samples measured for both variants.")
+    n_excluded = models.PositiveIntegerField(default=0, help_text="Samples left out: a variant not measured.")
+    base_mean = models.FloatField(null=True, blank=True)
+    finetuned_mean = models.FloatField(null=True, blank=True)
+    delta = models.FloatField(null=True, blank=True, help_text="Mean paired difference, fine-tuned - base.")
+    ci_low = models.FloatField(null=True, blank=True)
+    ci_high = models.FloatField(null=True, blank=True)
+    p_value = models.FloatField(null=True, blank=True)
+    p_adjusted = models.FloatField(null=True, blank=True, help_text="Holm, across the metrics of this dataset.")
+    verdict = models.CharField(max_length=32, choices=Verdict.choices)
+    method = models.JSONField(default=dict, blank=True, help_text="How: interval, test, resamples, seed, confidence.")
+
+    class Meta:
+        ordering = ["dataset_id", "metric"]
+        constraints = [models.UniqueConstraint(fields=["run", "dataset", "metric"], name="unique_comparison_per_run_dataset_metric")]
+
+    def __str__(self) -> str:
+        return f"{self.metric}: {self.delta} [{self.ci_low}, {self.ci_high}] {self.verdict}"
+
+
+class PromotionDecision(models.Model):
+    """A decision about a registered model version: the automatic gate, or staff by hand."""
+
+    class Decision(models.TextChoices):
+        PROMOTED = "promoted", "promoted"
+        REJECTED = "rejected", "rejected"
+        DEMOTED = "demoted", "demoted"
+
+    run = models.ForeignKey(PipelineRun, on_delete=models.CASCADE, related_name="promotion_decisions")
+    model_name = models.CharField(max_length=300)
+    model_version = models.CharField(max_length=32)
+    decision = models.CharField(max_length=10, choices=Decision.choices)
+    alias = models.CharField(max_length=64, blank=True, help_text="The alias the version holds after the decision.")
+    reason = models.TextField()
+    automatic = models.BooleanField(default=True)
+    by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["at", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.model_name}/{self.model_version}: {self.decision}"

@@ -1,6 +1,6 @@
 """The step registry: the one place a run's chain of steps is declared and driven.
 
-    finetune:                 finetune (gpu) -> generate (gpu) -> score (cpu)
+    finetune:                 finetune (gpu) -> generate (gpu) -> score (cpu) -> compare (cpu)
     eval_only, generate:      generate (gpu) -> score (cpu)
     eval_only, dataset:       score (cpu)
 
@@ -33,14 +33,14 @@ from django.conf import settings
 from django.db import Error as DatabaseError
 from django.db import close_old_connections, connection, transaction
 
-from evaluation.steps import generate_step, score_step
+from evaluation.steps import compare_step, generate_step, score_step
 from training.steps import finetune_step
 
 from . import queues, tracking
 from .execution import RunCancelled, RunLog, drop_broken_connection, failure_reason, heartbeat, run_fail
 from .models import TERMINAL_STATUSES, PipelineRun, RunKind, RunStatus
 from .services import run_advance, run_claim_step, run_transition, run_update_progress
-from .step_io import StepContext, start_tracking, store_answers, store_finetune, store_scores
+from .step_io import StepContext, start_tracking, store_answers, store_comparisons, store_finetune, store_scores
 
 log = logging.getLogger(__name__)
 GPU, CPU = "gpu", "cpu"
@@ -61,7 +61,8 @@ class Step:
 FINETUNE = (
     Step("finetune", GPU, TRAINING, finetune_step, store_finetune, (1, 70), "fine-tuning"),
     Step("generate", GPU, EVALUATING, generate_step, store_answers, (72, 88), "answer generation"),
-    Step("score", CPU, EVALUATING, score_step, store_scores, (88, 99), "scoring"),
+    Step("score", CPU, EVALUATING, score_step, store_scores, (88, 98), "scoring"),
+    Step("compare", CPU, EVALUATING, compare_step, store_comparisons, (98, 99), "the comparison with the base model and the promotion gate"),
 )
 EVAL_GENERATE = (
     Step("generate", GPU, EVALUATING, generate_step, store_answers, (2, 50), "answer generation"),

@@ -27,6 +27,15 @@ def run_generated_samples(run: PipelineRun, *, dataset_name: str) -> list[Sample
     return list(SampleResult.objects.filter(run=run, dataset__name=dataset_name).order_by("variant", "index"))
 
 
+def run_sample_scores(run: PipelineRun, *, dataset_name: str, variant: str) -> dict[str, dict[int, float | None]]:
+    """{metric: {row index: score or None}} of one variant of a run on one eval dataset."""
+    out: dict[str, dict[int, float | None]] = {}
+    for index, scores in SampleResult.objects.filter(run=run, dataset__name=dataset_name, variant=variant).values_list("index", "scores"):
+        for metric, value in scores.items():
+            out.setdefault(metric, {})[index] = value
+    return out
+
+
 def run_results_rows(run: PipelineRun) -> Iterator[tuple]:
     """(dataset, variant, metric, value, n_scored, n_failed) rows, for export."""
     for result in RunResult.objects.filter(run=run).select_related("dataset").order_by("dataset__name", "metric", "variant"):

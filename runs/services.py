@@ -22,7 +22,18 @@ from django.utils import timezone
 from datasets_app.selectors import dataset_visible_to, datasets_by_names
 
 from .config import validate_config
-from .models import RETRYABLE_STATUSES, TERMINAL_STATUSES, PipelineRun, RunEvent, RunKind, RunResult, RunStatus, SampleResult
+from .models import (
+    RETRYABLE_STATUSES,
+    TERMINAL_STATUSES,
+    PipelineRun,
+    PromotionDecision,
+    RunEvent,
+    RunKind,
+    RunResult,
+    RunStatus,
+    SampleResult,
+    ScoreComparison,
+)
 
 log = logging.getLogger(__name__)
 
@@ -284,3 +295,22 @@ def run_set_registered_model(*, run_id: int, name: str, version: str) -> None:
 
 def run_set_mlflow_ids(*, run_id: int, experiment_id: str, mlflow_run_id: str) -> None:
     PipelineRun.objects.filter(pk=run_id).update(mlflow_experiment_id=experiment_id, mlflow_run_id=mlflow_run_id)
+
+
+def run_record_comparisons(*, run_id: int, comparisons: Iterable[dict[str, Any]]) -> list[ScoreComparison]:
+    """Replace the run's fine-tuned vs base comparisons: one row per (eval dataset, metric)."""
+    rows = [ScoreComparison(run_id=run_id, **{k: _clean_value(v) if isinstance(v, float) else v for k, v in item.items()}) for item in comparisons]
+    with transaction.atomic():
+        ScoreComparison.objects.filter(run_id=run_id).delete()
+        ScoreComparison.objects.bulk_create(rows)
+    return rows
+
+
+def run_record_promotion(
+    *, run_id: int, model_name: str, model_version: str, decision: str, alias: str, reason: str, automatic: bool, by=None,
+) -> PromotionDecision:
+    """One decision about a registered version (the gate's, or staff's by hand)."""
+    return PromotionDecision.objects.create(
+        run_id=run_id, model_name=model_name, model_version=model_version, decision=decision, alias=alias,
+        reason=reason[:5000], automatic=automatic, by=by,
+    )

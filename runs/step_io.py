@@ -28,8 +28,9 @@ from .execution import RunCancelled, RunLog, tolerate_db_errors
 from .exports import write_scored_samples_csv
 from .models import TERMINAL_STATUSES, PipelineRun, RunKind, Variant, ordered_variants
 from .reproducibility import reproducibility_record
-from .selectors import run_generated_samples, run_status
+from .selectors import run_generated_samples, run_sample_scores, run_status
 from .services import (
+    run_record_comparisons,
     run_record_results,
     run_record_samples,
     run_set_mlflow_ids,
@@ -40,6 +41,8 @@ from .services import (
 )
 
 if TYPE_CHECKING:
+    from evaluation.significance import PairedComparison
+
     from .pipeline import Step
 
 log = logging.getLogger(__name__)
@@ -95,6 +98,19 @@ class StepContext:
         if (local / "adapter_config.json").exists():
             return local
         return tracking.download_artifacts(self.run.mlflow_run_id, "adapter", self.work_dir)
+
+    def paired_scores(self) -> dict[str, dict[str, tuple[list[float | None], list[float | None]]]]:
+        """{eval dataset: {metric: (base scores, fine-tuned scores)}}, paired by row, where both variants were scored."""
+        from evaluation.significance import pair_by_index
+
+        out: dict[str, dict[str, tuple[list[float | None], list[float | None]]]] = {}
+        for dataset in self.config["datasets"]["eval"]:
+            base = run_sample_scores(self.run, dataset_name=dataset, variant=Variant.BASE)
+            tuned = run_sample_scores(self.run, dataset_name=dataset, variant=Variant.FINETUNED)
+            metrics = [m for m in self.config["evaluation"]["metrics"] if m in base and m in tuned]
+            if metrics:
+                out[dataset] = {m: pair_by_index(base[m], tuned[m]) for m in metrics}
+        return out
 
     def to_score(self) -> list[ToScore]:
         """Each (eval set, variant) to score, the main variant first: stored answers, or the generated ones."""
@@ -272,3 +288,26 @@ def _log_differences(run: PipelineRun, scored_sets: list[ScoredSet]) -> None:
 
 def _dataset_ids(run: PipelineRun) -> dict[str, int]:
     return {d.name: d.pk for d in run.eval_datasets.all()}
+
+
+def store_comparisons(ctx: StepContext, comparisons: dict[str, dict[str, PairedComparison]]) -> None:
+    """The comparisons to the run and to MLflow; then the promotion gate decides about the new registered version."""
+    from .promotion import decide_after_comparison
+
+    run = ctx.run
+    datasets = _dataset_ids(run)
+    run_record_comparisons(run_id=run.pk, comparisons=[
+        {"dataset_id": datasets[dataset], "metric": metric, "n_pairs": c.n_pairs, "n_excluded": c.n_excluded, "base_mean": c.base_mean,
+         "finetuned_mean": c.finetuned_mean, "delta": c.delta, "ci_low": c.ci_low, "ci_high": c.ci_high, "p_value": c.p_value,
+         "p_adjusted": c.p_adjusted, "verdict": str(c.verdict),
+         "method": {"interval": f"paired bootstrap ({c.ci_method})", "test": "paired permutation test, Holm across metrics",
+                    "resamples": c.resamples, "seed": c.seed, "confidence": c.confidence}}
+        for dataset, by_metric in comparisons.items() for metric, c in by_metric.items()
+    ])
+    tracking.log_metrics(run.mlflow_run_id, {
+        f"{dataset}/compare/{metric}/{field}": getattr(c, field)
+        for dataset, by_metric in comparisons.items() for metric, c in by_metric.items() for field in ("delta", "ci_low", "ci_high", "p_value")
+    })
+    if run.registered_model_name and run.config.get("promotion"):
+        decision = decide_after_comparison(run=run, comparisons=comparisons)
+        ctx.log(f"registry: {run.registered_model} {decision.reason}")

@@ -137,3 +137,39 @@ def register_adapter(mlflow_run_id: str, *, name: str, artifact_path: str, descr
 def mlflow_finish(mlflow_run_id: str, status: str) -> None:
     """FINISHED / FAILED / KILLED, matching the pipeline run's terminal status."""
     client().set_terminated(mlflow_run_id, status=status)
+
+
+CHAMPION = "champion"
+
+
+def champion_version(name: str) -> tuple[str, str] | None:
+    """(version, MLflow run id) of the version holding the `champion` alias, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = client().get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+    return str(version.version), version.run_id
+
+
+def set_champion(name: str, version: str) -> None:
+    client().set_registered_model_alias(name, CHAMPION, version)
+
+
+def remove_champion(name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client().delete_registered_model_alias(name, CHAMPION)
+    except MlflowException:
+        pass  # no version held it
+
+
+def set_version_tags(name: str, version: str, tags: dict[str, str]) -> None:
+    for key, value in tags.items():
+        client().set_model_version_tag(name, version, key, str(value)[:5000])
+
+
+def version_tags(name: str, version: str) -> dict[str, str]:
+    return dict(client().get_model_version(name, version).tags)

@@ -17,8 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 ENGINES = ("training", "evaluation")
 APPLICATION_PACKAGES = ("runs", "datasets_app", "mlops_site")
-RUN_MODELS = {"PipelineRun", "RunEvent", "RunResult", "SampleResult"}
-RUN_RELATIONS = {"results", "events", "samples"}  # PipelineRun's reverse relations
+RUN_MODELS = {"PipelineRun", "RunEvent", "RunResult", "SampleResult", "ScoreComparison", "PromotionDecision"}
+RUN_RELATIONS = {"results", "events", "samples", "comparisons", "promotion_decisions"}  # PipelineRun's reverse relations
 WRITES = {"update", "create", "bulk_create", "bulk_update", "update_or_create", "get_or_create", "save", "delete"}
 ALLOWED_WRITERS = {Path("runs/services.py"), Path("runs/pipeline.py")}
 

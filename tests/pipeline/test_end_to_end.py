@@ -73,8 +73,10 @@ def test_inline_eval_only_run_scores_the_dataset_answers(tmp_path):
     assert SampleResult.objects.filter(run=run, variant="dataset").count() == 4
 
 
-def test_run_pipeline_exits_non_zero_on_a_bad_config_and_on_failure(tmp_path):
+def test_run_pipeline_exits_non_zero_on_a_bad_config_and_on_failure(tmp_path, settings):
     from django.core.management.base import CommandError
+
+    settings.MLOPS_MODEL_PATHS = [str(tmp_path)]  # an allowed folder, with no model in it
 
     with pytest.raises(CommandError, match="training.epochs"):
         call_command("run_pipeline", str(write_config(tmp_path, finetune_config(training={"epochs": 0}))))
@@ -109,7 +111,7 @@ def test_runs_go_through_real_gpu_and_cpu_workers(rq_settings, redis_url, user):
         assert run.status == "completed", run.logs
         assert run.results.exists() and run.samples.exists()
     assert set(FinishedJobRegistry(queue=gpu).get_job_ids()) == {f"finetune-{finetune_id}", f"generate-{finetune_id}"}
-    assert set(FinishedJobRegistry(queue=cpu).get_job_ids()) == {f"score-{finetune_id}", f"score-{eval_id}"}
+    assert set(FinishedJobRegistry(queue=cpu).get_job_ids()) == {f"score-{finetune_id}", f"compare-{finetune_id}", f"score-{eval_id}"}
 
 
 def test_a_job_delivered_twice_runs_once(rq_settings, redis_url, user):

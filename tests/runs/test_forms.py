@@ -28,6 +28,8 @@ SPECIAL = {
     "evaluation.judge.base_url": "http://127.0.0.1:8011/v1",
     "evaluation.judge.model": "judge-7b",
     "evaluation.judge.api_key_env": "MY_JUDGE_KEY",
+    "promotion.metric": "bleu_score",
+    "promotion.datasets": ["ragas_eval"],
 }
 
 
@@ -64,7 +66,7 @@ def non_default(path: str) -> Any:
 def generated_config(kind: str) -> dict[str, Any]:
     config: dict[str, Any] = {"kind": kind}
     for path in schema_leaf_paths():
-        if path == "kind" or (kind != "finetune" and (path.startswith("training.") or path == "datasets.train")):
+        if path == "kind" or (kind != "finetune" and (path.startswith(("training.", "promotion.")) or path == "datasets.train")):
             continue
         if kind == "finetune" and path == "evaluation.answers":
             continue  # a fine-tune scores generated answers only

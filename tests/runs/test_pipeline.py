@@ -17,7 +17,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 def test_each_kind_has_its_chain_of_steps_and_queues():
     assert [(s.name, s.queue, s.status) for s in chain_for(kind="finetune", answers="generate")] == [
-        ("finetune", "gpu", "training"), ("generate", "gpu", "evaluating"), ("score", "cpu", "evaluating"),
+        ("finetune", "gpu", "training"), ("generate", "gpu", "evaluating"), ("score", "cpu", "evaluating"), ("compare", "cpu", "evaluating"),
     ]
     assert [(s.name, s.queue) for s in chain_for(kind="eval_only", answers="generate")] == [("generate", "gpu"), ("score", "cpu")]
     assert [(s.name, s.queue) for s in chain_for(kind="eval_only", answers="dataset")] == [("score", "cpu")]
