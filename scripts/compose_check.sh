@@ -131,7 +131,8 @@ trap cleanup EXIT
 image_exists() { "$DOCKER" image inspect "$1" >/dev/null 2>&1; }
 pull() { image_exists "$1" || timeout 120 "$DOCKER" pull --quiet "$1" >/dev/null 2>&1; }
 image_size() { "$DOCKER" image inspect --format '{{.Size}}' "$1" | awk '{printf "%.0f MB", $1 / 1e6}'; }
-declare -A BUILD_SECONDS=()
+declare -A BUILD_SECONDS=() BUILT_IMAGE=()
+BUILD_ORDER=()
 SECRET_ARGS=()
 if [ -n "$PIP_CA_BUNDLE" ] && [ -s "$PIP_CA_BUNDLE" ]; then SECRET_ARGS=(--secret "id=pip_ca,src=$PIP_CA_BUNDLE"); fi
 
@@ -145,6 +146,8 @@ build() {
     fail "building $image"
   fi
   BUILD_SECONDS[$name]=$(( $(date +%s) - t0 ))
+  BUILT_IMAGE[$name]="$image"
+  BUILD_ORDER+=("$name")
   CREATED_IMAGES+=("$image")
   grep -E "^#[0-9]+ [0-9.]+ (torch |Successfully installed)" "$WORK/build-$name.log" | cut -c1-220 | sed 's/^/  /' || true
   say "built $image in ${BUILD_SECONDS[$name]} s, $(image_size "$image")"
@@ -193,6 +196,8 @@ debian_base() {
   rm -rf "$WORK/rootfs"
   CREATED_IMAGES+=("$DEBIAN_BASE")
   BUILD_SECONDS[debian-base]=$(( $(date +%s) - t0 ))
+  BUILT_IMAGE[debian-base]="$DEBIAN_BASE"
+  BUILD_ORDER+=(debian-base)
   say "made $DEBIAN_BASE in ${BUILD_SECONDS[debian-base]} s, $(image_size "$DEBIAN_BASE")"
 }
 
@@ -246,7 +251,7 @@ compose_build mlflow "rag-compose-check/mlflow:$TAG"
 TORCH_VERSION="$(sed -n 's/^ARG TORCH_VERSION=//p' docker/Dockerfile.worker)"
 TORCH_INDEX="$(helpers build worker-cpu "$WORK/resolved.yml" | sed -n 's/^TORCH_INDEX_URL=//p')"
 TORCH_ARGS=()
-if curl -fsS --max-time 15 -o /dev/null "${TORCH_INDEX%/}/torch/"; then
+if curl -fsS --max-time 15 -o /dev/null "${TORCH_INDEX%/}/torch/" 2>/dev/null; then
   say "torch $TORCH_VERSION from $TORCH_INDEX (the Dockerfile's torch-from-index stage)"
 else
   wheel="${TORCH_WHEEL:-}"
@@ -351,8 +356,9 @@ say "  worker-gpu has it; no other container, no log line, no run, no MLflow run
 
 # --- Summary ------------------------------------------------------------------------
 say "summary"
-printf '  %-44s %10s\n' image size
-for image in "${CREATED_IMAGES[@]}"; do printf '  %-44s %10s\n' "$image" "$(image_size "$image")"; done
-for key in "${!BUILD_SECONDS[@]}"; do printf '  build %-24s %6s s\n' "$key" "${BUILD_SECONDS[$key]}"; done
-printf '  stack up, every service healthy %6s s\n' "$UP_SECONDS"
+printf '  %-14s %-40s %9s %8s\n' build image size seconds
+for name in "${BUILD_ORDER[@]}"; do
+  printf '  %-14s %-40s %9s %8s\n' "$name" "${BUILT_IMAGE[$name]}" "$(image_size "${BUILT_IMAGE[$name]}")" "${BUILD_SECONDS[$name]}"
+done
+printf '  %-65s %8s\n' "stack up (compose up to every service healthy)" "$UP_SECONDS"
 helpers summary "$WORK/runs.json"

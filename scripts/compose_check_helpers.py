@@ -23,6 +23,7 @@ project's .venv has it too).
 from __future__ import annotations
 
 import json
+import re
 import socket
 import sys
 import time
@@ -111,14 +112,18 @@ def runs(base_url: str, token: str, out: Path, timeout: float) -> int:
 
     deadline = time.monotonic() + timeout
     pending = dict(created)
-    last_seen: dict[str, str] = {}
+    last_seen: dict[str, tuple[str, float]] = {}
     while pending and time.monotonic() < deadline:
         for label, info in list(pending.items()):
             run = api.call("GET", f"/api/runs/{info['id']}/")
             where = f"{run['status']}/{run.get('stage') or '-'}"
-            if last_seen.get(label) != where:
-                print(f"  {label} #{info['id']}: {where} at {time.monotonic() - info['started']:.0f} s")
-                last_seen[label] = where
+            # a stage's own counter ("step 3/276") moves often: print its changes every 30 s
+            what = re.sub(r"\d+/\d+", "", where)
+            elapsed = time.monotonic() - info["started"]
+            seen_where, seen_at = last_seen.get(label, ("", -1e9))
+            if what != re.sub(r"\d+/\d+", "", seen_where) or (where != seen_where and elapsed - seen_at >= 30):
+                print(f"  {label} #{info['id']}: {where} at {elapsed:.0f} s")
+                last_seen[label] = (where, elapsed)
             if run["status"] in TERMINAL:
                 info.update(detail=run, seconds=time.monotonic() - info["started"])
                 del pending[label]
