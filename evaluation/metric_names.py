@@ -29,3 +29,6 @@ DEFAULT_METRICS = ["semantic_similarity", "rouge_score", "non_llm_context_precis
 
 def needs_judge(metric: str) -> bool:
     return metric in JUDGE_METRICS
+
+# Metrics of the retrieved contexts, not of the answer: a fine-tune of the generator cannot change them.
+RETRIEVAL_METRICS = frozenset({"non_llm_context_precision", "non_llm_context_recall", "context_precision", "context_recall"})

@@ -39,6 +39,13 @@ class AnswerSet:
 
 
 @dataclass
+class Generated:
+    answer_sets: list[AnswerSet]
+    prompt_example: str  # exactly what the model was asked for the first eval row
+    base_model_info: dict[str, Any]  # what a local build records of itself (SmolLM2: the GGUF's sha256)
+
+
+@dataclass
 class ToScore:
     """One (eval set, variant) to score: samples with their row indices."""
 
@@ -79,9 +86,10 @@ class ScoreContext(Protocol):
     def check_cancelled(self) -> None: ...
 
 
-def generate_step(ctx: GenerateContext) -> list[AnswerSet]:
+def generate_step(ctx: GenerateContext) -> Generated:
+    from training.data import render_prompt
     from training.finetune import load_base_model, load_tokenizer, pick_device
-    from training.local_models import resolve_model_path
+    from training.local_models import local_model_info, resolve_model_path
 
     from .generation import adapter_disabled, encode_eval_prompts, generate_answers
 
@@ -102,6 +110,10 @@ def generate_step(ctx: GenerateContext) -> list[AnswerSet]:
     max_prompt = max(16, min(max_seq, getattr(model.config, "max_position_embeddings", max_seq)) - evaluation["max_new_tokens"])
 
     eval_sets = ctx.eval_sets()
+    first = next((s.rows[0] for s in eval_sets if s.rows), None)
+    prompt_example = "" if first is None else render_prompt(
+        tokenizer, question=first["question"], contexts=first["contexts"], prompt_format=prompt_format, max_prompt_tokens=max_prompt,
+    )
     jobs = [(s, v) for s in eval_sets for v in ctx.variants]
     produced: list[AnswerSet] = []
     for number, (eval_set, variant) in enumerate(jobs):
@@ -120,7 +132,7 @@ def generate_step(ctx: GenerateContext) -> list[AnswerSet]:
             answers = generate_answers(model, tokenizer, prompts, **settings)
         produced.append(AnswerSet(dataset=eval_set.name, variant=variant, rows=eval_set.rows, answers=answers))
         ctx.log(f"generated {len(answers)} {variant} answers for {eval_set.name}")
-    return produced
+    return Generated(answer_sets=produced, prompt_example=prompt_example, base_model_info=local_model_info(base_path))
 
 
 def score_step(ctx: ScoreContext) -> list[ScoredSet]:

@@ -9,7 +9,7 @@ from django.db.models import Prefetch, QuerySet
 from django.shortcuts import get_object_or_404
 
 from .config import flatten_config
-from .models import VARIANT_ORDER, PipelineRun, RunResult, SampleResult, ordered_variants
+from .models import VARIANT_ORDER, PipelineRun, PromotionDecision, RunResult, SampleResult, ScoreComparison, ordered_variants
 
 
 def run_visible_to(user) -> QuerySet[PipelineRun]:
@@ -34,6 +34,16 @@ def run_sample_scores(run: PipelineRun, *, dataset_name: str, variant: str) -> d
         for metric, value in scores.items():
             out.setdefault(metric, {})[index] = value
     return out
+
+
+def run_comparisons(run: PipelineRun) -> dict[tuple[str, str], ScoreComparison]:
+    """Fine-tuned vs base per (eval dataset name, metric)."""
+    return {(c.dataset.name if c.dataset else "", c.metric): c for c in ScoreComparison.objects.filter(run=run).select_related("dataset")}
+
+
+def run_promotion(run: PipelineRun) -> PromotionDecision | None:
+    """The latest decision about the run's registered version (the gate's or staff's)."""
+    return PromotionDecision.objects.filter(run=run).select_related("by").order_by("-at", "-id").first()
 
 
 def run_results_rows(run: PipelineRun) -> Iterator[tuple]:

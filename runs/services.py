@@ -289,6 +289,13 @@ def run_set_reproducibility(*, run_id: int, record: dict[str, Any]) -> None:
     PipelineRun.objects.filter(pk=run_id).update(reproducibility=record)
 
 
+def run_update_reproducibility(*, run_id: int, extra: dict[str, Any]) -> None:
+    """Add keys to the run's reproducibility record (what a step learns: the base model build, the prompt)."""
+    with transaction.atomic():
+        run = PipelineRun.objects.select_for_update().only("reproducibility").get(pk=run_id)
+        PipelineRun.objects.filter(pk=run_id).update(reproducibility={**(run.reproducibility or {}), **extra})
+
+
 def run_set_registered_model(*, run_id: int, name: str, version: str) -> None:
     PipelineRun.objects.filter(pk=run_id).update(registered_model_name=name, registered_model_version=version)
 

@@ -20,8 +20,10 @@ from django.conf import settings
 
 from datasets_app.selectors import dataset_rows
 from evaluation.samples import Sample
-from evaluation.steps import AnswerSet, EvalSet, ScoredSet, ToScore
-from training.finetune import FinetuneOutcome, StepInfo
+from evaluation.steps import EvalSet, Generated, ScoredSet, ToScore
+from training.finetune import StepInfo
+from training.local_models import describe_progress
+from training.steps import TrainedAdapter
 
 from . import tracking
 from .execution import RunCancelled, RunLog, tolerate_db_errors
@@ -38,6 +40,7 @@ from .services import (
     run_set_reproducibility,
     run_set_train_history,
     run_update_progress,
+    run_update_reproducibility,
 )
 
 if TYPE_CHECKING:
@@ -177,7 +180,8 @@ class StepContext:
             moment = time.monotonic()
             if moment - last[0] >= LIVE_UPDATE_SECONDS or step == total:
                 last[0] = moment
-                self.progress(None, f"building {self.base_model} on first use: step {step}/{total}")
+                name = self.base_model.removeprefix("local:")
+                self.progress(None, f"building {self.base_model} on first use: {describe_progress(name, step, total)}")
 
         return report
 
@@ -225,29 +229,53 @@ def start_tracking(ctx: StepContext) -> None:
 # --- where each step's output goes
 
 
-def store_finetune(ctx: StepContext, outcome: FinetuneOutcome) -> None:
+def store_finetune(ctx: StepContext, trained: TrainedAdapter) -> None:
     """The adapter and its training figures to MLflow, a new version of the registered model."""
-    run = ctx.run
+    run, outcome = ctx.run, trained.outcome
     ctx.progress(1.0, "logging adapter to MLflow")
+    _record_base_model_build(ctx, trained.base_model_info)
     tracking.log_metrics(run.mlflow_run_id, {
         "train/final_loss": outcome.final_loss, "train/tokens_per_second": outcome.tokens / max(outcome.seconds, 1e-9),
         "train/seconds": outcome.seconds, "train/trainable_parameters": outcome.trainable_parameters,
     }, step=outcome.steps)
+    # The bare adapter, for a gpu worker that did not train it (generation downloads it).
     tracking.log_artifacts(run.mlflow_run_id, outcome.adapter_dir, "adapter")
+    ctx.progress(1.0, "logging the fine-tuned model to MLflow (pyfunc) and registering it")
+    model_uri = tracking.log_answer_model(run, adapter_dir=outcome.adapter_dir, example_rows=_example_rows(ctx))
     name = tracking.registered_model_name(base_model=run.base_model, train_datasets=run.config["datasets"]["train"])
-    version = tracking.register_adapter(run.mlflow_run_id, name=name, artifact_path="adapter", description=f"{run.name} (run #{run.pk})")
+    version = tracking.register_model(name=name, model_uri=model_uri, mlflow_run_id=run.mlflow_run_id, description=f"{run.name} (run #{run.pk})")
     run_set_registered_model(run_id=run.pk, name=name, version=version)
-    ctx.log(f"registered model {name} version {version}")
+    ctx.log(f"registered model {name} version {version} ({model_uri}): mlflow.pyfunc.load_model('models:/{name}/{version}') answers questions")
 
 
-def store_answers(ctx: StepContext, answer_sets: list[AnswerSet]) -> None:
+def _example_rows(ctx: StepContext) -> list[dict[str, Any]]:
+    """The pyfunc model's input example: the first rows of the first eval set, as the model takes them."""
+    rows = next((s.rows for s in ctx.eval_sets() if s.rows), [])
+    return [{"question": r["question"], "contexts": list(r["contexts"])} for r in rows[:2]]
+
+
+def store_answers(ctx: StepContext, generated: Generated) -> None:
+    """The answers as samples of the run; the prompt of the first eval row to the run and MLflow."""
     datasets = _dataset_ids(ctx.run)
-    for answer_set in answer_sets:
+    for answer_set in generated.answer_sets:
         run_record_samples(run_id=ctx.run_id, samples=[
             {"dataset_id": datasets[answer_set.dataset], "variant": answer_set.variant, "index": i, "question": r["question"],
              "contexts": r["contexts"], "ground_truth": r["ground_truth"], "answer": answer, "scores": {}, "reasons": {}}
             for i, (r, answer) in enumerate(zip(answer_set.rows, answer_set.answers, strict=True))
         ])
+    _record_base_model_build(ctx, generated.base_model_info)
+    if generated.prompt_example:
+        run_update_reproducibility(run_id=ctx.run_id, extra={"prompt_example": generated.prompt_example})
+        tracking.log_text(ctx.run.mlflow_run_id, generated.prompt_example, "prompt_example.txt")
+
+
+def _record_base_model_build(ctx: StepContext, info: dict[str, Any]) -> None:
+    """A local build's identity (SmolLM2: the sha256 of the GGUF it was converted from) in the reproducibility record."""
+    if not info:
+        return
+    keep = {k: info[k] for k in ("name", "gguf_file", "gguf_sha256", "weights_sha256", "parameters", "spec") if k in info}
+    run_update_reproducibility(run_id=ctx.run_id, extra={"base_model_build": keep})
+    tracking.set_tags(ctx.run.mlflow_run_id, {f"repro.base_model_build.{k}": v for k, v in tracking.flatten(keep).items()})
 
 
 def store_scores(ctx: StepContext, scored_sets: list[ScoredSet]) -> None:

@@ -98,6 +98,17 @@ def log_metrics(mlflow_run_id: str, values: dict[str, float], step: int = 0) -> 
     buffer.flush()
 
 
+def log_text(mlflow_run_id: str, text: str, artifact_file: str) -> None:
+    client().log_text(mlflow_run_id, text, artifact_file)
+
+
+def set_tags(mlflow_run_id: str, tags: dict[str, str]) -> None:
+    from mlflow.entities import RunTag
+
+    if tags:
+        client().log_batch(mlflow_run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+
 def log_artifacts(mlflow_run_id: str, local_dir: Path, artifact_path: str) -> None:
     client().log_artifacts(mlflow_run_id, str(local_dir), artifact_path)
 
@@ -117,21 +128,29 @@ def registered_model_name(*, base_model: str, train_datasets: list[str]) -> str:
     return f"rag-lora.{base}.{'+'.join(sorted(train_datasets))}"[:250]
 
 
-def register_adapter(mlflow_run_id: str, *, name: str, artifact_path: str, description: str = "") -> str:
-    """A new version of `name` pointing at this run's adapter artifacts. Returns the version."""
-    from mlflow.exceptions import MlflowException
+def log_answer_model(run, *, adapter_dir: Path, example_rows: list[dict[str, Any]]) -> str:
+    """The fine-tuned model as an MLflow pyfunc model (base reference + adapter + prompt format + generation settings)."""
+    from training.pyfunc_model import log_pyfunc_model
 
-    mlflow_client = client()
-    try:
-        mlflow_client.create_registered_model(name, description="LoRA adapters fine-tuned by the RAG platform")
-    except MlflowException as exc:
-        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code) and "already exists" not in str(exc):
-            raise
-    artifact_uri = mlflow_client.get_run(mlflow_run_id).info.artifact_uri.rstrip("/")
-    version = mlflow_client.create_model_version(
-        name, source=f"{artifact_uri}/{artifact_path}", run_id=mlflow_run_id, description=description,
+    config = run.config
+    training, evaluation = config.get("training") or {}, config["evaluation"]
+    return log_pyfunc_model(
+        tracking_uri=settings.MLFLOW_TRACKING_URI, run_id=run.mlflow_run_id, adapter_dir=adapter_dir, base_model=run.base_model,
+        prompt_format=config["model"].get("prompt_format", "auto"), max_new_tokens=evaluation["max_new_tokens"],
+        max_seq_length=training.get("max_seq_length", 512), batch_size=evaluation["batch_size"],
+        input_example_rows=example_rows, precision=training.get("precision", "auto"),
     )
-    return str(version.version)
+
+
+def register_model(*, name: str, model_uri: str, mlflow_run_id: str, description: str = "") -> str:
+    """A new version of registered model `name` from a logged model. Returns the version."""
+    from training.pyfunc_model import register
+
+    version = register(tracking_uri=settings.MLFLOW_TRACKING_URI, name=name, model_uri=model_uri, run_id=mlflow_run_id,
+                       tags={"platform.source": "rag-finetune-platform"})
+    if description:
+        client().update_model_version(name, version, description=description)
+    return version
 
 
 def mlflow_finish(mlflow_run_id: str, status: str) -> None:

@@ -14,11 +14,12 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from .finetune import FinetuneOutcome, StepInfo, finetune
-from .local_models import resolve_model_path
+from .local_models import local_model_info, resolve_model_path
 
 # Errors that mean "this disk or directory cannot take the adapter", whichever file hit them.
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -39,6 +40,12 @@ class FinetuneContext(Protocol):
     def build_progress(self) -> Callable[[int, int], None]: ...
 
 
+@dataclass
+class TrainedAdapter:
+    outcome: FinetuneOutcome
+    base_model_info: dict[str, Any]  # what a local build records of itself (SmolLM2: the GGUF's sha256)
+
+
 class ArtifactWriteError(Exception):
     """The run's output directory cannot take the adapter (disk full, not writable, not a directory)."""
 
@@ -47,7 +54,7 @@ class ArtifactWriteError(Exception):
         self.errno = errno
 
 
-def finetune_step(ctx: FinetuneContext) -> FinetuneOutcome:
+def finetune_step(ctx: FinetuneContext) -> TrainedAdapter:
     config = ctx.config
     rows = ctx.train_rows()
     ctx.log(f"fine-tuning {ctx.base_model} on {', '.join(config['datasets']['train'])} ({len(rows)} rows)")
@@ -71,7 +78,7 @@ def finetune_step(ctx: FinetuneContext) -> FinetuneOutcome:
         f"final loss {outcome.final_loss:.4f}, {outcome.tokens / max(outcome.seconds, 1e-9):.0f} tokens/s, "
         f"{outcome.trainable_parameters}/{outcome.total_parameters} parameters trainable"
     )
-    return outcome
+    return TrainedAdapter(outcome=outcome, base_model_info=local_model_info(base_path))
 
 
 def ensure_writable(directory: Path) -> None:

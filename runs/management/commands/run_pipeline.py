@@ -21,10 +21,12 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import connection
 from tqdm import tqdm
 
+from evaluation.metric_names import RETRIEVAL_METRICS
+from evaluation.significance import format_p_value
 from runs.config import ConfigError, parse_yaml
-from runs.models import PipelineRun, RunStatus
+from runs.models import PipelineRun, RunStatus, ordered_variants
 from runs.pipeline import drive_inline, inline_foreground
-from runs.selectors import run_score_table
+from runs.selectors import run_comparisons, run_promotion, run_score_table
 from runs.services import run_create
 
 
@@ -112,11 +114,14 @@ class Command(BaseCommand):
             bar.close()
 
     def _report(self, run: PipelineRun) -> None:
+        from evaluation.significance import format_interval
+
         table = run_score_table(run)
+        comparisons = run_comparisons(run)
         if table:
-            variants = [v for v in ("dataset", "base", "finetuned") if any(v in row["variants"] for row in table)]
+            variants = [v for v in ordered_variants(v for row in table for v in row["variants"])][::-1]
             compare = "base" in variants and "finetuned" in variants
-            header = ["dataset", "metric", *variants] + (["difference"] if compare else [])
+            header = ["dataset", "metric", *variants] + (["difference [95% CI]", "p (Holm)", "verdict"] if compare else [])
             lines = [header]
             for row in table:
                 cells = [row["dataset"], row["metric"]]
@@ -129,7 +134,12 @@ class Command(BaseCommand):
                     else:
                         cells.append(f"{cell['value']:.4f}" + (f" ({cell['n_failed']} failed)" if cell["n_failed"] else ""))
                 if compare:
-                    cells.append("-" if row["delta"] is None else f"{row['delta']:+.4f}")
+                    c = comparisons.get((row["dataset"], row["metric"]))
+                    if c is None:
+                        cells += ["-", "-", "-"]
+                    else:
+                        note = " (retrieval: same for both models)" if row["metric"] in RETRIEVAL_METRICS else ""
+                        cells += [format_interval(c.delta, c.ci_low, c.ci_high), format_p_value(c.p_adjusted), f"{c.verdict}{note}"]
                 lines.append(cells)
             widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
             self.stdout.write("")
@@ -137,7 +147,14 @@ class Command(BaseCommand):
                 self.stdout.write("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)))
                 if number == 0:
                     self.stdout.write("  ".join("-" * width for width in widths))
+            if comparisons:
+                pairs = max(c.n_pairs for c in comparisons.values())
+                self.stdout.write(f"(paired over up to {pairs} samples: bootstrap 95% interval of the mean difference, permutation test, Holm across metrics)")
             self.stdout.write("")
+        promotion = run_promotion(run)
+        if promotion is not None:
+            alias = f", alias {promotion.alias}" if promotion.alias else ", no alias"
+            self.stdout.write(f"promotion of {promotion.model_name} version {promotion.model_version}{alias}: {promotion.reason}")
         if run.mlflow_run_id:
             self.stdout.write(f"MLflow run id: {run.mlflow_run_id} (experiment {run.mlflow_experiment_id}, tracking {settings.MLFLOW_TRACKING_URI})")
         if run.registered_model_name:
