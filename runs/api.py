@@ -6,14 +6,14 @@ from django.db.models import Prefetch, QuerySet
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import generics, serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from .exports import results_csv
-from .models import PipelineRun, RunResult, RunStatus, SampleResult, Variant
+from .models import PipelineRun, PromotionDecision, RunResult, RunStatus, SampleResult, ScoreComparison, Variant
 from .selectors import run_visible_to
 from .services import (
     run_append_logs,
@@ -43,15 +43,44 @@ class RunListSerializer(serializers.ModelSerializer):
         ]
 
 
+class ComparisonOutputSerializer(serializers.ModelSerializer):
+    dataset = serializers.CharField(source="dataset.name", default=None, allow_null=True)
+
+    class Meta:
+        model = ScoreComparison
+        fields = ["dataset", "metric", "n_pairs", "n_excluded", "base_mean", "finetuned_mean", "delta", "ci_low", "ci_high",
+                  "p_value", "p_adjusted", "verdict", "method"]
+
+
+class PromotionOutputSerializer(serializers.ModelSerializer):
+    by = serializers.SerializerMethodField()
+
+    class Meta:
+        model = PromotionDecision
+        fields = ["decision", "reason", "alias", "by", "at", "automatic", "model_name", "model_version"]
+
+    def get_by(self, decision: PromotionDecision) -> str:
+        return decision.by.get_username() if decision.by else "gate"
+
+
 class RunDetailSerializer(RunListSerializer):
     results = ResultOutputSerializer(many=True, read_only=True)
+    comparisons = ComparisonOutputSerializer(many=True, read_only=True)
+    promotion = serializers.SerializerMethodField()
     owner = serializers.CharField(source="owner.username", read_only=True)
 
     class Meta(RunListSerializer.Meta):
         fields = [
             *RunListSerializer.Meta.fields, "config", "logs", "mlflow_experiment_id",
             "registered_model_name", "registered_model_version", "reproducibility", "heartbeat_at", "owner", "results",
+            "comparisons", "promotion",
         ]
+
+    @extend_schema_field(PromotionOutputSerializer(allow_null=True))
+    def get_promotion(self, run: PipelineRun) -> dict | None:
+        """The latest decision about the run's registered version (prefetched, newest last)."""
+        decisions = list(run.promotion_decisions.all())
+        return PromotionOutputSerializer(decisions[-1]).data if decisions else None
 
 
 # Large JSON/text columns a list row never shows: with a long history, reading and
@@ -62,7 +91,9 @@ LIST_DEFERRED_FIELDS = ("config", "logs", "train_history", "reproducibility")
 def _detail_queryset(user) -> QuerySet[PipelineRun]:
     # train_history (the loss curve, one entry per step) is not part of the detail either.
     return run_visible_to(user).defer("train_history").select_related("owner").prefetch_related(
-        Prefetch("results", queryset=RunResult.objects.select_related("dataset"))
+        Prefetch("results", queryset=RunResult.objects.select_related("dataset")),
+        Prefetch("comparisons", queryset=ScoreComparison.objects.select_related("dataset")),
+        Prefetch("promotion_decisions", queryset=PromotionDecision.objects.select_related("by").order_by("at", "id")),
     )
 
 
@@ -229,3 +260,44 @@ class RunRetryApi(_RunActionApi):
         run = self.get_run(request, pk)
         retry = run_retry(run_id=run.pk, owner=request.user)
         return self.detail(request, retry.pk, code=status.HTTP_201_CREATED)
+
+
+class PromotionInputSerializer(serializers.Serializer):
+    reason = serializers.CharField(max_length=2000)
+
+
+class _RunPromotionApi(_RunActionApi):
+    """Staff move the `champion` alias by hand; the decision is recorded with who and why."""
+
+    apply = staticmethod(lambda *, run, user, reason: None)
+
+    @extend_schema(request=PromotionInputSerializer, responses={200: RunDetailSerializer, 403: OpenApiTypes.OBJECT, 409: OpenApiTypes.OBJECT})
+    def post(self, request: Request, pk: int) -> Response:
+        from .promotion import PromotionRefused
+
+        if not request.user.is_staff:
+            return Response({"detail": "only staff can promote or demote a model version"}, status=403)
+        run = self.get_run(request, pk)
+        data = PromotionInputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        try:
+            self.apply(run=run, user=request.user, reason=data.validated_data["reason"])
+        except PromotionRefused as exc:
+            return Response({"detail": str(exc)}, status=409)
+        return self.detail(request, pk)
+
+
+class RunPromoteApi(_RunPromotionApi):
+    @staticmethod
+    def apply(*, run, user, reason):
+        from .promotion import promote_by_hand
+
+        promote_by_hand(run=run, user=user, reason=reason)
+
+
+class RunDemoteApi(_RunPromotionApi):
+    @staticmethod
+    def apply(*, run, user, reason):
+        from .promotion import demote_by_hand
+
+        demote_by_hand(run=run, user=user, reason=reason)

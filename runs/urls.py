@@ -12,4 +12,6 @@ urlpatterns = [
     path("runs/<int:pk>/retry/", api.RunRetryApi.as_view(), name="api-run-retry"),
     path("runs/<int:pk>/samples/", api.RunSamplesApi.as_view(), name="api-run-samples"),
     path("runs/<int:pk>/export.csv", api.RunExportCsvApi.as_view(), name="api-run-export"),
+    path("runs/<int:pk>/promote/", api.RunPromoteApi.as_view(), name="api-run-promote"),
+    path("runs/<int:pk>/demote/", api.RunDemoteApi.as_view(), name="api-run-demote"),
 ]
