@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,17 +47,22 @@ def subprocess_env(ctx) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def registered(tiny_model, tmp_path_factory):
-    """A 2-step LoRA of local:tiny-llama, logged as pyfunc into a sqlite MLflow store, registered as version 1."""
+# A chat template for the tiny model, built from tokens its tokenizer already has.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+def train_log_register(root: Path, *, base_path: str, base_model: str, prompt_format: str, name: str) -> SimpleNamespace:
+    """A 2-step LoRA of base_path, logged as pyfunc into a sqlite MLflow store under root, registered as version 1."""
     from mlflow import MlflowClient
 
     from training.finetune import finetune
     from training.pyfunc_model import log_pyfunc_model, register
 
-    root = tmp_path_factory.mktemp("pyfunc")
-    outcome = finetune(base_model_path=tiny_model, rows=jsonl(ROOT / "data/train/rag_qa_train.jsonl", 16), training=TRAINING,
-                       output_dir=root / "train")
+    outcome = finetune(base_model_path=base_path, rows=jsonl(ROOT / "data/train/rag_qa_train.jsonl", 16), training=TRAINING,
+                       output_dir=root / "train", prompt_format=prompt_format)
     assert outcome.steps == 2
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -65,18 +71,20 @@ def registered(tiny_model, tmp_path_factory):
     eval_rows = jsonl(ROOT / "data/eval/ragas_eval.jsonl", 5)
     before = os.environ.get("MLFLOW_TRACKING_URI")
     model_uri = log_pyfunc_model(
-        tracking_uri=tracking_uri, run_id=run.info.run_id, adapter_dir=outcome.adapter_dir, base_model="local:tiny-llama",
-        prompt_format="auto", input_example_rows=eval_rows[:1], **GENERATION,
+        tracking_uri=tracking_uri, run_id=run.info.run_id, adapter_dir=outcome.adapter_dir, base_model=base_model,
+        prompt_format=prompt_format, input_example_rows=eval_rows[:1], **GENERATION,
     )
     assert os.environ.get("MLFLOW_TRACKING_URI") == before  # the process-wide URI is put back
-    version = register(tracking_uri=tracking_uri, name=MODEL_NAME, model_uri=model_uri, run_id=run.info.run_id,
+    version = register(tracking_uri=tracking_uri, name=name, model_uri=model_uri, run_id=run.info.run_id,
                        tags={"promotion": "pending"})
-    return SimpleNamespace(root=root, tracking_uri=tracking_uri, client=client, run_id=run.info.run_id, model_uri=model_uri,
-                           version=version, adapter_dir=outcome.adapter_dir, base_path=tiny_model, eval_rows=eval_rows)
+    ctx = SimpleNamespace(root=root, name=name, tracking_uri=tracking_uri, client=client, run_id=run.info.run_id,
+                          model_uri=model_uri, version=version, adapter_dir=outcome.adapter_dir, base_path=base_path,
+                          prompt_format=prompt_format, eval_rows=eval_rows)
+    ctx.platform_answers = platform_generation(ctx)
+    return ctx
 
 
-@pytest.fixture(scope="module")
-def platform_answers(registered) -> list[str]:
+def platform_generation(ctx) -> list[str]:
     """What the platform's generate step computes for the same rows, in this process."""
     from peft import PeftModel
 
@@ -84,14 +92,57 @@ def platform_answers(registered) -> list[str]:
     from training.finetune import load_base_model, load_tokenizer, pick_device
 
     device, dtype = pick_device("auto")
-    tokenizer = load_tokenizer(registered.base_path)
-    model = PeftModel.from_pretrained(load_base_model(registered.base_path, device=device, dtype=dtype), str(registered.adapter_dir))
+    tokenizer = load_tokenizer(ctx.base_path)
+    model = PeftModel.from_pretrained(load_base_model(ctx.base_path, device=device, dtype=dtype), str(ctx.adapter_dir))
     max_seq, max_new = GENERATION["max_seq_length"], GENERATION["max_new_tokens"]
     budget = max(16, min(max_seq, model.config.max_position_embeddings) - max_new)  # as evaluation/steps.py
-    prompts = encode_eval_prompts(tokenizer, registered.eval_rows, max_prompt_tokens=budget, prompt_format="auto")
-    answers = generate_answers(model, tokenizer, prompts, batch_size=GENERATION["batch_size"], max_new_tokens=max_new, prompt_format="auto")
+    prompts = encode_eval_prompts(tokenizer, ctx.eval_rows, max_prompt_tokens=budget, prompt_format=ctx.prompt_format)
+    answers = generate_answers(model, tokenizer, prompts, batch_size=GENERATION["batch_size"], max_new_tokens=max_new,
+                               prompt_format=ctx.prompt_format)
     assert any(answers), "the tiny model answered nothing at all"
     return answers
+
+
+@pytest.fixture(scope="module")
+def registered(tiny_model, tmp_path_factory):
+    """local:tiny-llama (no chat template: the plain format), referenced by its local: name."""
+    return train_log_register(tmp_path_factory.mktemp("pyfunc"), base_path=tiny_model, base_model="local:tiny-llama",
+                              prompt_format="auto", name=MODEL_NAME)
+
+
+@pytest.fixture(scope="module")
+def registered_chat(tiny_model, tmp_path_factory):
+    """A copy of tiny-llama given a chat template, referenced by its path, in the chat format."""
+    from training.finetune import load_tokenizer
+
+    root = tmp_path_factory.mktemp("pyfunc-chat")
+    base = root / "tiny-chat"
+    shutil.copytree(tiny_model, base)
+    tokenizer = load_tokenizer(str(base))
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    tokenizer.save_pretrained(base)
+    return train_log_register(root, base_path=str(base), base_model=str(base), prompt_format="chat", name=f"{MODEL_NAME}-chat")
+
+
+@pytest.fixture(scope="module")
+def platform_answers(registered) -> list[str]:
+    return registered.platform_answers
+
+
+def predict_in_a_fresh_interpreter(ctx, model_uris: list[str]) -> dict:
+    rows_file = ctx.root / "rows.json"
+    rows_file.write_text(json.dumps([{"question": r["question"], "contexts": r["contexts"]} for r in ctx.eval_rows]))
+    script = (
+        "import json, sys, mlflow, pandas as pd\n"
+        "rows = pd.DataFrame(json.load(open(sys.argv[1])))\n"
+        "answers = [mlflow.pyfunc.load_model(uri).predict(rows) for uri in sys.argv[2:]]\n"
+        "import training.pyfunc_model as code\n"
+        "print(json.dumps({'answers': answers, 'code': code.__file__}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(rows_file), *model_uris], env=subprocess_env(ctx),
+                          cwd=ctx.root, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_the_version_is_registered_with_its_run_signature_and_example(registered):
@@ -130,25 +181,16 @@ def test_load_model_in_a_fresh_interpreter_answers_what_the_platform_generated(r
     from training.pyfunc_model import set_alias
 
     set_alias(tracking_uri=registered.tracking_uri, name=MODEL_NAME, alias="champion", version=registered.version)
-    rows_file = registered.root / "rows.json"
-    rows_file.write_text(json.dumps([{"question": r["question"], "contexts": r["contexts"]} for r in registered.eval_rows]))
-    script = (
-        "import json, sys, mlflow, pandas as pd\n"
-        "rows = pd.DataFrame(json.load(open(sys.argv[1])))\n"
-        "by_version = mlflow.pyfunc.load_model(f'models:/{sys.argv[2]}/1').predict(rows)\n"
-        "by_alias = mlflow.pyfunc.load_model(f'models:/{sys.argv[2]}@champion').predict(rows)\n"
-        "import training.pyfunc_model as code\n"
-        "print(json.dumps({'version': by_version, 'alias': by_alias, 'code': code.__file__}))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", script, str(rows_file), MODEL_NAME], env=subprocess_env(registered),
-                          cwd=registered.root, capture_output=True, text=True, timeout=600, check=False)
-    assert done.returncode == 0, done.stderr[-4000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["version"] == platform_answers
-    assert result["alias"] == platform_answers
+    result = predict_in_a_fresh_interpreter(registered, [f"models:/{MODEL_NAME}/1", f"models:/{MODEL_NAME}@champion"])
+    assert result["answers"] == [platform_answers, platform_answers]
     # The prompt and generation code came with the version (code_paths), not from this checkout.
     assert not Path(result["code"]).is_relative_to(ROOT)
     assert Path(result["code"]).parts[-3:] == ("code", "training", "pyfunc_model.py")
+
+
+def test_a_chat_format_version_with_a_path_base_answers_like_the_platform(registered_chat):
+    result = predict_in_a_fresh_interpreter(registered_chat, [f"models:/{registered_chat.name}/1"])
+    assert result["answers"] == [registered_chat.platform_answers]
 
 
 def test_predict_takes_generation_params_and_refuses_rows_without_contexts(registered, platform_answers):
