@@ -13,18 +13,16 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
+from . import page_data
 from .config import ConfigError
 from .exports import samples_csv
 from .forms import RunForm, YamlConfigForm, default_initial, initial_from_config
 from .models import PipelineRun, RunKind, RunStatus
 from .reaper import reap_if_embedded
 from .selectors import (
-    compare_runs,
     dashboard_runs,
     mlflow_links,
     run_for_page,
-    run_samples_table,
-    run_score_table,
     run_visible_to,
 )
 from .services import InvalidTransition, run_cancel, run_create, run_retry
@@ -43,9 +41,13 @@ def _poll_response(request: HttpRequest, template: str, context: dict, run: Pipe
 def dashboard(request: HttpRequest) -> HttpResponse:
     reap_if_embedded()
     status, kind = request.GET.get("status", ""), request.GET.get("kind", "")
-    page = Paginator(dashboard_runs(request.user, status=status, kind=kind), 25).get_page(request.GET.get("page"))
+    search, sort = request.GET.get("q", "").strip()[:200], request.GET.get("sort", "-created")
+    runs = page_data.dashboard_order(dashboard_runs(request.user, status=status, kind=kind), search=search, sort=sort)
+    query = request.GET.copy()
+    query.pop("page", None)
     return render(request, "runs/dashboard.html", {
-        "page": page, "status": status, "kind": kind, "statuses": RunStatus.values, "kinds": RunKind.values,
+        "page": Paginator(runs, 25).get_page(request.GET.get("page")), "status": status, "kind": kind, "statuses": RunStatus.values,
+        "kinds": RunKind.values, "q": search, "sort": sort, "sorts": page_data.DASHBOARD_SORTS, "query": query.urlencode(),
     })
 
 
@@ -78,7 +80,8 @@ def run_new(request: HttpRequest) -> HttpResponse:
                 except ConfigError as exc:  # e.g. a dataset deleted since validation
                     form.add_config_errors(exc)
                 else:
-                    messages.success(request, f"Run #{run.pk} created and queued.")
+                    # Gone from the run page once the run ends (static/js/app.js).
+                    messages.success(request, f"Run #{run.pk} created and queued.", extra_tags="until-run-ends")
                     return redirect("run-detail", pk=run.pk)
     else:
         initial = default_initial()
@@ -134,29 +137,25 @@ def run_retry_view(request: HttpRequest, pk: int) -> HttpResponse:
 @login_required
 def run_results(request: HttpRequest, pk: int) -> HttpResponse:
     run = run_for_page(request.user, pk)
-    table = run_score_table(run)
-    samples = run_samples_table(run, dataset=request.GET.get("dataset"), sort=request.GET.get("sort"), order=request.GET.get("order", "asc"))
+    tables = page_data.score_tables(run)
+    sort, metric, variant = request.GET.get("sort", ""), request.GET.get("metric", ""), ""
+    legacy = page_data.LEGACY_SORT_RE.match(sort)  # ?sort=metric:variant&order=asc|desc, as linked before
+    if legacy:
+        metric, variant = legacy["metric"], legacy["variant"]
+        sort = "score_desc" if request.GET.get("order") == "desc" else "score_asc"
+    show = request.GET.get("show", "")
+    samples = page_data.sample_rows(run, dataset=request.GET.get("dataset", ""), metric=metric, sort=sort, show=show, variant=variant)
     try:
         worst = max(0, int(request.GET.get("worst") or 0))
     except ValueError:
         worst = 0
     rows = samples["rows"][:worst] if worst else samples["rows"]
-    page = Paginator(rows, 25).get_page(request.GET.get("page"))
+    query = request.GET.copy()
+    query.pop("page", None)
     return render(request, "runs/run_results.html", {
-        "run": run, "table": table, "chart": _results_chart(table), "samples": samples, "page": page,
-        "worst": worst, "sort": request.GET.get("sort", ""), "order": request.GET.get("order", "asc"),
-        "variants": [v for v in ("finetuned", "base", "dataset") if any(v in row["variants"] for row in table)],
+        "run": run, "tables": tables, "chart": page_data.results_chart(tables), "samples": samples,
+        "page": Paginator(rows, 10).get_page(request.GET.get("page")), "sort": sort, "show": show, "query": query.urlencode(),
     })
-
-
-def _results_chart(table: list[dict]) -> dict:
-    """{dataset: {variant: {metric: value}}} for the bar chart (measured values only)."""
-    chart: dict = {}
-    for row in table:
-        for variant, cell in row["variants"].items():
-            if cell["value"] is not None:
-                chart.setdefault(row["dataset"], {}).setdefault(variant, {})[row["metric"]] = cell["value"]
-    return chart
 
 
 @login_required
@@ -174,7 +173,8 @@ def compare(request: HttpRequest) -> HttpResponse:
     if not ids:
         messages.info(request, "Pick two or more runs on the dashboard, then Compare.")
         return redirect("dashboard")
-    comparison = compare_runs(request.user, list(dict.fromkeys(ids))[:12])
-    if not comparison["runs"]:
+    ids = list(dict.fromkeys(ids))[:12]
+    runs = sorted(page_data.compare_queryset(run_visible_to(request.user)).filter(pk__in=ids), key=lambda run: ids.index(run.pk))
+    if not runs:
         raise Http404("no such runs")
-    return render(request, "runs/compare.html", comparison)
+    return render(request, "runs/compare.html", page_data.compare_data(runs))

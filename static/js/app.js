@@ -1,4 +1,4 @@
-// Charts (plotly.js, served by the app) and small form behaviours. Everything
+// Charts (plotly.js, served by the app) and small page behaviours. Everything
 // here is progressive: the pages work without it.
 (function () {
   "use strict";
@@ -9,61 +9,334 @@
     try { return JSON.parse(node.textContent); } catch (e) { return null; }
   }
 
-  var layoutBase = {
-    margin: { l: 50, r: 20, t: 30, b: 50 }, font: { family: "system-ui, sans-serif", size: 12 },
-    paper_bgcolor: "rgba(0,0,0,0)", plot_bgcolor: "rgba(0,0,0,0)", legend: { orientation: "h", y: 1.12 },
-  };
-  var config = { responsive: true, displaylogo: false };
-  var variantColors = { base: "#98a2b3", finetuned: "#3358d4", dataset: "#1a7f37" };
+  // The same colour for a variant on every page and chart.
+  var variantColors = { finetuned: "#3358d4", base: "#98a2b3", dataset: "#1a7f37" };
+  var variantLabels = { finetuned: "fine-tuned", base: "base model", dataset: "stored answers" };
+  var runColors = ["#3358d4", "#c4320a", "#1a7f37", "#a15c07", "#7c3aed", "#0e7490", "#be185d", "#4d7c0f", "#475467", "#b45309", "#1d4ed8", "#9f1239"];
+
+  function layout(extra) {
+    return Object.assign({
+      margin: { l: 60, r: 30, t: 40, b: 50 }, font: { family: "system-ui, sans-serif", size: 12 },
+      paper_bgcolor: "rgba(0,0,0,0)", plot_bgcolor: "rgba(0,0,0,0)",
+      legend: { orientation: "h", x: 0, y: 1.02, yanchor: "bottom" },
+    }, extra || {});
+  }
+  var plotConfig = { responsive: true, displaylogo: false, modeBarButtonsToRemove: ["select2d", "lasso2d"] };
 
   function emptyNote(el, text) {
+    if (window.Plotly && el.data) Plotly.purge(el);
     if (!el.querySelector(".muted")) { el.innerHTML = '<p class="muted">' + text + "</p>"; }
+  }
+  function clearNote(el) { if (el.querySelector(".muted")) el.innerHTML = ""; }
+
+  // --- the live loss curve ---------------------------------------------------------
+
+  // Exponential moving average with the start-up bias removed (as TensorBoard smooths).
+  function smooth(values, weight) {
+    var out = [], last = 0, n = 0;
+    values.forEach(function (v) {
+      if (v === null || v === undefined || !isFinite(v)) { out.push(null); return; }
+      n += 1;
+      last = last * weight + (1 - weight) * v;
+      out.push(last / (1 - Math.pow(weight, n)));
+    });
+    return out;
+  }
+
+  // The step at which each whole epoch ends: where the epoch counter reaches 1, 2, ...
+  function epochEnds(history) {
+    var ends = [], next = 1;
+    history.forEach(function (h) {
+      if (typeof h.epoch !== "number") return;
+      while (h.epoch + 1e-9 >= next) { ends.push({ step: h.step, epoch: next }); next += 1; }
+    });
+    return ends;
   }
 
   function drawLoss() {
     var el = document.getElementById("loss-chart");
-    var history = readJSON("train-history");
     if (!el || !window.Plotly) return;
-    if (!history || !history.length) { emptyNote(el, el.dataset.empty || "No training steps yet."); return; }
-    if (el.querySelector(".muted")) el.innerHTML = "";
-    var steps = history.map(function (h) { return h.step; });
-    Plotly.react(el, [
-      { x: steps, y: history.map(function (h) { return h.loss; }), name: "loss", mode: "lines", line: { color: "#3358d4" } },
-      { x: steps, y: history.map(function (h) { return h.learning_rate; }), name: "learning rate", mode: "lines", yaxis: "y2", line: { color: "#98a2b3", dash: "dot" } },
-    ], Object.assign({}, layoutBase, {
-      xaxis: { title: { text: "step" } }, yaxis: { title: { text: "loss" } },
-      yaxis2: { title: { text: "learning rate" }, overlaying: "y", side: "right", showgrid: false, tickformat: ".1e" },
-    }), config);
+    var history = (readJSON("train-history") || []).filter(function (h) { return h && typeof h.step === "number"; });
+    var train = history.filter(function (h) { return typeof h.loss === "number"; });
+    var val = history.filter(function (h) { return typeof h.val_loss === "number"; });
+    if (!train.length && !val.length) { emptyNote(el, el.dataset.empty || "No training steps yet."); return; }
+    clearNote(el);
+    var logScale = document.getElementById("loss-log-scale");
+    var slider = document.getElementById("loss-smoothing");
+    var weight = slider ? parseFloat(slider.value) : 0.6;
+    var steps = train.map(function (h) { return h.step; });
+    var losses = train.map(function (h) { return h.loss; });
+    var traces = [
+      { x: steps, y: losses, name: "loss (raw)", mode: "lines", line: { color: "#3358d4", width: 1 }, opacity: 0.35, hovertemplate: "step %{x}<br>loss %{y:.4f}<extra>raw</extra>" },
+      { x: steps, y: smooth(losses, weight), name: "loss (smoothed)", mode: "lines", line: { color: "#3358d4", width: 2.5 }, hovertemplate: "step %{x}<br>loss %{y:.4f}<extra>smoothed</extra>" },
+    ];
+    if (val.length) {
+      traces.push({ x: val.map(function (h) { return h.step; }), y: val.map(function (h) { return h.val_loss; }), name: "validation loss",
+        mode: "lines+markers", line: { color: "#c4320a", width: 2 }, marker: { size: 7 }, hovertemplate: "step %{x}<br>validation loss %{y:.4f}<extra></extra>" });
+    }
+    var lr = train.filter(function (h) { return typeof h.learning_rate === "number"; });
+    if (lr.length) {
+      traces.push({ x: lr.map(function (h) { return h.step; }), y: lr.map(function (h) { return h.learning_rate; }), name: "learning rate", mode: "lines",
+        yaxis: "y2", line: { color: "#98a2b3", dash: "dot", width: 1.5 }, hovertemplate: "step %{x}<br>learning rate %{y:.2e}<extra></extra>" });
+    }
+    var shapes = [], annotations = [];
+    epochEnds(history).forEach(function (end) {
+      shapes.push({ type: "line", xref: "x", yref: "paper", x0: end.step, x1: end.step, y0: 0, y1: 1, line: { color: "#cbd5e1", width: 1, dash: "dash" } });
+      annotations.push({ xref: "x", yref: "paper", x: end.step, y: 1, yanchor: "bottom", text: "epoch " + end.epoch, showarrow: false, font: { size: 10, color: "#667085" } });
+    });
+    Plotly.react(el, traces, layout({
+      uirevision: "loss", shapes: shapes, annotations: annotations, margin: { l: 64, r: 80, t: 56, b: 50 },
+      legend: { orientation: "h", x: 0, y: 1.12, yanchor: "bottom" },
+      xaxis: { title: { text: "optimizer step" }, automargin: true, rangemode: "tozero" },
+      yaxis: { title: { text: "loss" }, automargin: true, type: logScale && logScale.checked ? "log" : "linear" },
+      yaxis2: { title: { text: "learning rate" }, overlaying: "y", side: "right", showgrid: false, exponentformat: "e", tickformat: ".1e",
+        automargin: true, rangemode: "tozero" },
+    }), plotConfig);
+  }
+
+  // --- results: one small chart per metric, each on its own scale ------------------------
+
+  function grid(n, maxColumns) {
+    var columns = Math.min(n, maxColumns);
+    return { columns: columns, rows: Math.ceil(n / columns) };
+  }
+
+  function axisName(prefix, i) { return prefix + (i === 0 ? "" : String(i + 1)); }
+
+  function smallMultiples(el, panels, options) {
+    // panels: [{title, subtitle, bars: [{variant, x: [...], y: [...]}]}]
+    var g = grid(panels.length, options.columns);
+    var traces = [], annotations = [], axes = {}, seen = {};
+    panels.forEach(function (panel, i) {
+      var xa = axisName("x", i), ya = axisName("y", i);
+      panel.bars.forEach(function (bar) {
+        traces.push({
+          type: "bar", orientation: options.horizontal ? "h" : "v", name: variantLabels[bar.variant] || bar.variant, legendgroup: bar.variant,
+          showlegend: !seen[bar.variant], marker: { color: variantColors[bar.variant] || "#475467" },
+          x: options.horizontal ? bar.y : bar.x, y: options.horizontal ? bar.x : bar.y, xaxis: xa, yaxis: ya,
+          text: bar.y.map(function (v) { return v === null || v === undefined ? "not measured" : v.toFixed(3); }),
+          textposition: "auto", cliponaxis: false,
+          hovertemplate: "%{" + (options.horizontal ? "y" : "x") + "}<br>" + (variantLabels[bar.variant] || bar.variant) + ": %{" + (options.horizontal ? "x" : "y") + ":.4f}<extra>" + panel.title + "</extra>",
+        });
+        seen[bar.variant] = true;
+      });
+      var valueAxis = { rangemode: "tozero", automargin: true, zeroline: true, zerolinecolor: "#cbd5e1" };
+      var categoryAxis = { automargin: true, showticklabels: !!options.showCategories, type: "category" };
+      if (options.horizontal) {
+        axes[axisName("xaxis", i)] = valueAxis;
+        axes[axisName("yaxis", i)] = Object.assign({}, categoryAxis, { autorange: "reversed" });
+      } else {
+        axes[axisName("xaxis", i)] = categoryAxis;
+        axes[axisName("yaxis", i)] = valueAxis;
+      }
+      var measured = panel.bars.some(function (bar) { return bar.y.some(function (v) { return v !== null && v !== undefined; }); });
+      if (!measured) {
+        annotations.push({ xref: xa + " domain", yref: ya + " domain", x: 0.5, y: 0.5, showarrow: false, text: "not measured", font: { size: 13, color: "#a15c07" } });
+      }
+      annotations.push({ xref: xa + " domain", yref: ya + " domain", x: 0.5, y: 1, yanchor: "bottom", yshift: 4, showarrow: false,
+        text: "<b>" + panel.title + "</b>" + (panel.subtitle ? "<br><span style='font-size:10px;color:#667085'>" + panel.subtitle + "</span>" : ""),
+        font: { size: 12 } });
+    });
+    var height = g.rows * (options.panelHeight || 210) + 70;
+    el.style.height = height + "px";
+    el.style.minHeight = height + "px";
+    Plotly.react(el, traces, layout(Object.assign({
+      grid: { rows: g.rows, columns: g.columns, pattern: "independent", xgap: 0.18, ygap: 0.45 }, barmode: "group", height: height,
+      annotations: annotations, margin: { l: options.horizontal ? 10 : 50, r: 20, t: 70, b: 30 },
+      legend: { orientation: "h", x: 0, y: 1, yanchor: "top", yref: "container" },
+    }, axes)), plotConfig);
   }
 
   function drawResults() {
     var data = readJSON("results-chart-data");
     if (!data || !window.Plotly) return;
     document.querySelectorAll(".results-chart").forEach(function (el) {
-      var byVariant = data[el.dataset.dataset] || {};
-      var traces = ["base", "finetuned", "dataset"].filter(function (v) { return byVariant[v]; }).map(function (v) {
-        var metrics = Object.keys(byVariant[v]);
-        return { type: "bar", name: v, x: metrics, y: metrics.map(function (m) { return byVariant[v][m]; }), marker: { color: variantColors[v] } };
+      var table = data[el.dataset.dataset];
+      if (!table || !table.metrics.length) { emptyNote(el, "Nothing measured."); return; }
+      var variants = Object.keys(table.variants);
+      var panels = table.metrics.map(function (metric, i) {
+        return {
+          title: metric, subtitle: table.model_independent[i] ? "same for every model (retrieval only)" : "",
+          bars: variants.map(function (v) { return { variant: v, x: [variantLabels[v] || v], y: [table.variants[v][i]] }; }),
+        };
       });
-      if (!traces.length) { emptyNote(el, "Nothing measured."); return; }
-      Plotly.react(el, traces, Object.assign({}, layoutBase, { barmode: "group", yaxis: { title: { text: "score" }, rangemode: "tozero" } }), config);
+      smallMultiples(el, panels, { columns: 4, panelHeight: 200 });
     });
   }
 
   function drawCompare() {
     var el = document.getElementById("compare-chart");
     var data = readJSON("compare-chart-data");
-    if (!el || !data || !window.Plotly) return;
-    var runs = Object.keys(data);
-    if (!runs.length) { emptyNote(el, "No scores to compare yet."); return; }
-    var traces = runs.map(function (run) {
-      var keys = Object.keys(data[run]);
-      return { type: "bar", name: run, x: keys, y: keys.map(function (k) { return data[run][k]; }) };
-    });
-    Plotly.react(el, traces, Object.assign({}, layoutBase, { barmode: "group", yaxis: { title: { text: "score" }, rangemode: "tozero" } }), config);
+    if (el && data && window.Plotly) {
+      if (!data.panels.length) { emptyNote(el, "No scores to compare yet."); }
+      else {
+        var panels = data.panels.map(function (panel) {
+          return { title: panel.title, bars: Object.keys(panel.values).map(function (v) { return { variant: v, x: data.runs, y: panel.values[v] }; }) };
+        });
+        smallMultiples(el, panels, { columns: 2, horizontal: true, showCategories: true, panelHeight: Math.max(150, 46 * data.runs.length + 60) });
+      }
+    }
+    var lossEl = document.getElementById("compare-loss-chart");
+    var losses = readJSON("compare-loss-data");
+    if (lossEl && losses && window.Plotly) {
+      if (!losses.length) { emptyNote(lossEl, "None of these runs trained."); return; }
+      Plotly.react(lossEl, losses.map(function (run, i) {
+        return { x: run.steps, y: run.loss, name: run.run, mode: "lines", line: { color: runColors[i % runColors.length], width: 2 } };
+      }), layout({ xaxis: { title: { text: "optimizer step" }, automargin: true }, yaxis: { title: { text: "training loss" }, automargin: true } }), plotConfig);
+    }
   }
 
-  function syncRunForm() {
+  // --- the live run page ------------------------------------------------------------------
+
+  var logsAtBottom = true;
+
+  function syncRunPage() {
+    var live = document.getElementById("run-live");
+    if (!live) return;
+    var logs = document.getElementById("run-logs");
+    if (logs && logsAtBottom) logs.scrollTop = logs.scrollHeight;
+    var repro = readJSON("run-repro-data");
+    var details = document.getElementById("run-repro");
+    if (repro && details && details.hidden) {
+      document.getElementById("run-repro-text").textContent = JSON.stringify(repro, null, 2);
+      details.hidden = false;
+    }
+    var resultsUrl = live.dataset.resultsUrl;
+    var actions = document.getElementById("run-actions");
+    if (resultsUrl && actions && !document.getElementById("results-link")) {
+      var link = document.createElement("a");
+      link.className = "button"; link.id = "results-link"; link.href = resultsUrl; link.textContent = "Results";
+      actions.insertBefore(link, actions.firstChild);
+    }
+    if (live.dataset.terminal === "true") {
+      document.querySelectorAll('.messages [data-tags~="until-run-ends"]').forEach(function (li) {
+        var list = li.parentNode; li.remove();
+        if (list && !list.children.length) list.remove();
+      });
+    }
+  }
+
+  // A form that answers 400 with its errors (dataset upload) is swapped like a 200,
+  // so the errors show in place and the chosen file (hx-preserve) stays chosen.
+  document.addEventListener("htmx:beforeSwap", function (event) {
+    if (event.detail.xhr.status === 400 && event.detail.elt.closest("[data-swap-errors]")) {
+      event.detail.shouldSwap = true;
+      event.detail.isError = false;
+    }
+  });
+
+  document.addEventListener("htmx:beforeSwap", function (event) {
+    var logs = document.getElementById("run-logs");
+    if (logs && event.detail.target && event.detail.target.contains(logs)) {
+      logsAtBottom = logs.scrollHeight - logs.scrollTop - logs.clientHeight < 24;
+    }
+  });
+
+  // --- dashboard: Compare needs two ticked runs -------------------------------------------
+
+  function syncCompare() {
+    var form = document.getElementById("compare-form");
+    if (!form) return;
+    var ticked = form.querySelectorAll('input[name="run"]:checked').length;
+    var button = document.getElementById("compare-button");
+    var hint = document.getElementById("compare-hint");
+    if (button) button.disabled = ticked < 2;
+    if (hint) hint.textContent = ticked < 2 ? "Tick two or more runs to compare them (" + ticked + " ticked)." : ticked + " runs ticked.";
+  }
+
+  // --- the New run form ---------------------------------------------------------------------
+
+  function fieldLabel(field) {
+    var label = field.querySelector("label");
+    return (label ? label.textContent : field.id.replace(/^field-/, "")).trim();
+  }
+
+  function focusField(field) {
+    field.scrollIntoView({ block: "center" });
+    var input = field.querySelector("input:not([type=hidden]), select, textarea");
+    if (input) input.focus({ preventScroll: true });
+  }
+
+  // Every problem, or "valid", next to the buttons: where the user is looking after pressing one.
+  function syncErrors(form) {
+    var actions = form.querySelector(".actions");
+    if (!actions) return null;
+    var old = actions.querySelector(".form-status");
+    if (old) old.remove();
+    var bad = Array.prototype.filter.call(form.querySelectorAll(".field"), function (f) {
+      return f.classList.contains("has-error") || f.querySelector(".errorlist, .error");
+    });
+    var general = form.querySelector(".errorbox");
+    var status = document.createElement("div");
+    status.className = "form-status";
+    status.setAttribute("role", bad.length || general ? "alert" : "status");
+    if (bad.length) {
+      status.classList.add("bad");
+      status.appendChild(document.createTextNode(bad.length + " field" + (bad.length > 1 ? "s need" : " needs") + " fixing: "));
+      bad.forEach(function (f, i) {
+        var a = document.createElement("a");
+        a.href = "#" + f.id; a.textContent = fieldLabel(f);
+        a.addEventListener("click", function (e) { e.preventDefault(); focusField(f); });
+        if (i) status.appendChild(document.createTextNode(", "));
+        status.appendChild(a);
+      });
+    } else if (general) {
+      status.classList.add("bad");
+      status.textContent = "Not valid: see the message at the top of the form.";
+    } else if (form.querySelector(".msg-success")) {
+      status.classList.add("good");
+      status.textContent = "✓ The config is valid.";
+    } else {
+      return null;
+    }
+    actions.appendChild(status);
+    return bad[0] || general;
+  }
+
+  // How many optimizer steps the form's settings mean, as the trainer counts them.
+  function syncSteps(form, finetune) {
+    var rows = readJSON("train-dataset-rows") || {};
+    var anchor = form.querySelector("#field-epochs");
+    if (!anchor) return;
+    var note = form.querySelector("#steps-implied");
+    if (!note) {
+      note = document.createElement("p");
+      note.id = "steps-implied"; note.className = "hint steps-implied";
+      (anchor.closest("fieldset") || anchor.parentNode).appendChild(note);
+    }
+    function num(name, fallback) {
+      var input = form.querySelector('[name="' + name + '"]');
+      var value = input ? parseFloat(input.value) : NaN;
+      return isFinite(value) ? value : fallback;
+    }
+    var total = 0, chosen = 0;
+    form.querySelectorAll('input[name="train_datasets"]:checked').forEach(function (box) {
+      if (rows[box.value] !== undefined) { total += rows[box.value]; chosen += 1; }
+    });
+    var split = num("validation_split", 0);
+    var trainRows = Math.max(0, Math.round(total * (1 - split)));
+    var batch = num("batch_size", 0), accumulation = num("gradient_accumulation_steps", 1), epochs = num("epochs", 0), maxSteps = num("max_steps", 0);
+    if (!finetune || !chosen || batch < 1 || epochs < 1 || accumulation < 1) {
+      note.textContent = finetune ? "Pick a train dataset, a batch size and epochs to see how many optimizer steps this is." : "";
+      return;
+    }
+    var perEpoch = Math.ceil(Math.ceil(trainRows / batch) / accumulation);
+    var steps = perEpoch * epochs;
+    var capped = maxSteps >= 1 && maxSteps < steps;
+    note.textContent = "This trains for " + (capped ? maxSteps : steps) + " optimizer steps: " + trainRows + " rows, " + perEpoch +
+      " steps per epoch × " + epochs + " epoch" + (epochs === 1 ? "" : "s") + (capped ? ", stopped at max steps " + maxSteps : "") + ".";
+  }
+
+  // A fine-tune's default name ("finetune-rag-qa") would mislabel an eval-only run:
+  // switch the word with the kind, unless the user typed the name.
+  function syncName(form, finetune) {
+    var name = form.querySelector('input[name="name"]');
+    if (!name || name.dataset.touched === "true") return;
+    var from = finetune ? /\beval(-only)?\b/ : /\bfine-?tune\b/;
+    if (from.test(name.value)) name.value = name.value.replace(from, finetune ? "finetune" : "eval");
+  }
+
+  function syncRunForm(event) {
     var form = document.getElementById("run-form");
     if (!form) return;
     var kind = form.querySelector('input[name="kind"]:checked');
@@ -78,12 +351,31 @@
     });
     var note = document.getElementById("judge-note");
     if (note) note.style.display = judged ? "none" : "";
+    if (event && event.target && event.target.name === "kind") syncName(form, finetune);
+    syncSteps(form, finetune);
   }
 
-  function drawAll() { drawLoss(); drawResults(); drawCompare(); syncRunForm(); }
+  function afterFormRender() {
+    var form = document.getElementById("run-form");
+    if (!form) return;
+    var first = syncErrors(form);
+    if (first && form.dataset.focused !== "true") { form.dataset.focused = "true"; focusField(first); }
+  }
+
+  function drawAll() { drawLoss(); drawResults(); drawCompare(); syncRunPage(); syncCompare(); syncRunForm(); afterFormRender(); }
 
   document.addEventListener("DOMContentLoaded", drawAll);
   document.addEventListener("htmx:afterSettle", drawAll);
-  document.addEventListener("change", function (event) { if (event.target.closest("#run-form")) syncRunForm(); });
-  document.addEventListener("input", function (event) { if (event.target.closest("#run-form")) syncRunForm(); });
+  document.addEventListener("change", function (event) {
+    if (event.target.closest("#run-form")) syncRunForm(event);
+    if (event.target.closest("#compare-form")) syncCompare();
+    if (event.target.id === "loss-log-scale") drawLoss();
+  });
+  document.addEventListener("input", function (event) {
+    if (event.target.closest("#run-form")) {
+      if (event.target.name === "name") event.target.dataset.touched = "true";
+      syncRunForm();
+    }
+    if (event.target.id === "loss-smoothing") drawLoss();
+  });
 })();

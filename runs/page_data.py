@@ -1,0 +1,440 @@
+"""What the run pages show, computed from the rows: plain data for templates and charts.
+
+Reads only (the writes live in runs/services.py). The live run page reads what a
+run records today: its RunEvents, `train_history` entries ({"step", "loss",
+"learning_rate", "epoch"}, plus "val_loss", "tokens", "elapsed_seconds",
+"device" or "peak_memory_bytes" where the trainer adds them), the stage text and
+the log lines. What is not recorded is named, never made up.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from typing import Any
+
+from django.conf import settings
+from django.db.models import DurationField, ExpressionWrapper, F, Prefetch
+from django.utils import timezone
+
+from .models import (
+    TERMINAL_STATUSES,
+    PipelineRun,
+    RunKind,
+    RunResult,
+    RunStatus,
+    SampleResult,
+    ScoreComparison,
+    ordered_variants,
+)
+
+VARIANT_LABELS = {"finetuned": "fine-tuned", "base": "base model", "dataset": "stored answers"}
+# These compare the retrieved contexts with the reference contexts: the answer, and so
+# the model, plays no part. A difference between base and fine-tuned is always zero.
+MODEL_INDEPENDENT_METRICS = frozenset({"non_llm_context_precision", "non_llm_context_recall", "context_precision", "context_recall"})
+
+STAGE_STEP_RE = re.compile(r"\bstep (\d+)/(\d+)")
+# The trainer's closing log line: "trained 6 steps on cpu (float32) in 54.9s: final loss 5.3081, 234 tokens/s, ..."
+TRAINED_RE = re.compile(
+    r"trained (?P<steps>\d+) steps on (?P<device>[\w:.-]+) \((?P<dtype>[^)]*)\) in (?P<seconds>[\d.]+)s\b.*?(?P<tps>[\d.]+) tokens/s"
+)
+PEAK_MEMORY_RE = re.compile(r"peak (?:GPU |device )?memory:? (?P<value>[\d.]+) ?(?P<unit>[KMGT]i?B)", re.IGNORECASE)
+UNITS = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+WORD_RE = re.compile(r"[A-Za-z0-9]+")
+# Words too common to count as "the answer found the ground truth's words".
+STOP_WORDS = frozenset(
+    "a an and are as at be by for from has have in is it its of on or that the this to was were with which who what when where how".split()
+)
+
+
+def _seconds(start: datetime | None, end: datetime | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return max((end - start).total_seconds(), 0.0)
+
+
+# --- live run page -----------------------------------------------------------------
+
+
+def run_timeline(run: PipelineRun, *, now: datetime | None = None) -> list[dict[str, Any]]:
+    """Each status the run went through: when it began and how long it lasted (the current one: so far)."""
+    now = now or timezone.now()
+    events = list(run.events.all())
+    entries = []
+    for i, event in enumerate(events):
+        last = i == len(events) - 1
+        end = events[i + 1].at if not last else (None if run.is_terminal else now)
+        entries.append({
+            "status": event.to_status, "at": event.at, "message": event.message, "seconds": _seconds(event.at, end),
+            "current": last and not run.is_terminal, "terminal": last and run.is_terminal,
+        })
+    return entries
+
+
+def _event_at(run: PipelineRun, status: str) -> datetime | None:
+    return next((e.at for e in run.events.all() if e.to_status == status), None)
+
+
+def run_live_stats(run: PipelineRun, *, now: datetime | None = None) -> dict[str, Any]:
+    """Elapsed time, speed, ETA, device and peak memory, from what the run has recorded so far.
+
+    `not_recorded` names each figure the run does not record (yet), so the page can say so.
+    """
+    now = now or timezone.now()
+    history = [h for h in (run.train_history or []) if isinstance(h, dict) and h.get("step") is not None]
+    last = history[-1] if history else {}
+    stats: dict[str, Any] = {
+        "elapsed_seconds": _seconds(run.started_at, run.finished_at or now),
+        "steps": int(last["step"]) if last else None, "total_steps": None, "steps_per_second": None, "tokens_per_second": None,
+        "speed_basis": "", "eta_seconds": None, "eta_basis": "", "device": last.get("device") or "", "dtype": "",
+        "peak_memory_bytes": last.get("peak_memory_bytes"), "not_recorded": [],
+    }
+    stage_steps = STAGE_STEP_RE.search(run.stage or "") if run.status == RunStatus.TRAINING else None
+    if stage_steps:
+        stats["steps"] = max(stats["steps"] or 0, int(stage_steps[1]))
+        stats["total_steps"] = int(stage_steps[2])
+
+    trained = TRAINED_RE.search(run.logs or "")
+    if trained:  # training finished: the trainer measured its own loop
+        seconds = float(trained["seconds"])
+        stats.update(steps=int(trained["steps"]), total_steps=int(trained["steps"]), device=trained["device"], dtype=trained["dtype"],
+                     tokens_per_second=float(trained["tps"]), speed_basis="measured by the trainer over its training loop")
+        stats["steps_per_second"] = stats["steps"] / seconds if seconds > 0 else None
+    elif len(history) >= 2 and history[0].get("elapsed_seconds") is not None and last.get("elapsed_seconds") is not None:
+        span = float(last["elapsed_seconds"]) - float(history[0]["elapsed_seconds"])
+        if span > 0:
+            stats["steps_per_second"] = (last["step"] - history[0]["step"]) / span
+            if last.get("tokens") is not None and history[0].get("tokens") is not None:
+                stats["tokens_per_second"] = (last["tokens"] - history[0]["tokens"]) / span
+            stats["speed_basis"] = "between the first and the latest step"
+    elif stats["steps"] and run.status == RunStatus.TRAINING:
+        began = _event_at(run, RunStatus.TRAINING)
+        span = _seconds(began, now)
+        if span:
+            stats["steps_per_second"] = stats["steps"] / span
+            if last.get("tokens") is not None:
+                stats["tokens_per_second"] = last["tokens"] / span
+            stats["speed_basis"] = "average since training began (model loading included)"
+
+    if not run.is_terminal:
+        remaining_steps = (stats["total_steps"] - stats["steps"]) if stats["total_steps"] and stats["steps"] is not None else None
+        if run.status == RunStatus.TRAINING and remaining_steps is not None and stats["steps_per_second"]:
+            stats["eta_seconds"] = remaining_steps / stats["steps_per_second"]
+            stats["eta_basis"] = "end of training, at the current speed"
+        elif run.progress >= 5 and stats["elapsed_seconds"]:
+            stats["eta_seconds"] = stats["elapsed_seconds"] * (100 - run.progress) / run.progress
+            stats["eta_basis"] = "end of the run, a rough guess from the progress so far"
+
+    if stats["peak_memory_bytes"] is None:
+        peak = PEAK_MEMORY_RE.search(run.logs or "")
+        if peak:
+            stats["peak_memory_bytes"] = int(float(peak["value"]) * UNITS[peak["unit"][0].upper()])
+    if run.kind == RunKind.FINETUNE:
+        if not stats["device"]:
+            stats["not_recorded"].append("device (the trainer logs it when training ends)")
+        if stats["tokens_per_second"] is None:
+            stats["not_recorded"].append("tokens/s (the trainer logs it when training ends)")
+        if stats["peak_memory_bytes"] is None:
+            stats["not_recorded"].append("peak memory (the trainer does not record it)")
+    return stats
+
+
+def mlflow_ui_links(run: PipelineRun) -> dict[str, str]:
+    """Links into the MLflow UI: MLFLOW_UI_URL, an http tracking server, or the local `make mlflow-ui`.
+
+    `needs_local_ui` is set when the link only works once `make mlflow-ui` runs.
+    """
+    tracking = settings.MLFLOW_TRACKING_URI
+    ui = settings.MLFLOW_UI_URL or (tracking if tracking.startswith("http") else "")
+    links: dict[str, str] = {}
+    if not ui and tracking.startswith("sqlite:"):
+        ui, links["needs_local_ui"] = "http://127.0.0.1:5000", "make mlflow-ui"
+    ui = ui.rstrip("/")
+    if ui and run.mlflow_run_id:
+        links["run"] = f"{ui}/#/experiments/{run.mlflow_experiment_id}/runs/{run.mlflow_run_id}"
+    if ui and run.registered_model_name:
+        links["model"] = f"{ui}/#/models/{run.registered_model_name}/versions/{run.registered_model_version}"
+    return links
+
+
+# --- results page ------------------------------------------------------------------
+
+
+def score_tables(run: PipelineRun) -> list[dict[str, Any]]:
+    """Per eval dataset: one row per metric with each variant's cell, the difference, whether the model
+    matters, and the paired comparison (ScoreComparison: CI, adjusted p, verdict) where one was made."""
+    by_dataset: dict[str, dict[str, dict[str, Any]]] = {}
+    variants: set[str] = set()
+    for result in RunResult.objects.filter(run=run).select_related("dataset").order_by("dataset__name", "metric"):
+        name = result.dataset.name if result.dataset else ""
+        row = by_dataset.setdefault(name, {}).setdefault(result.metric, {
+            "metric": result.metric, "cells": {}, "delta": None, "model_independent": result.metric in MODEL_INDEPENDENT_METRICS,
+        })
+        row["cells"][result.variant] = {
+            "value": result.value, "n_scored": result.n_scored, "n_failed": result.n_failed, "failure_reasons": result.failure_reasons or {},
+        }
+        variants.add(result.variant)
+    comparisons = {
+        (c.dataset.name if c.dataset else "", c.metric): c for c in ScoreComparison.objects.filter(run=run).select_related("dataset")
+    }
+    order = {m: i for i, m in enumerate((run.config.get("evaluation") or {}).get("metrics", []))}
+    tables = []
+    for name, rows in sorted(by_dataset.items()):
+        for row in rows.values():
+            row["comparison"] = comparisons.get((name, row["metric"]))
+            base, tuned = row["cells"].get("base"), row["cells"].get("finetuned")
+            if base and tuned and base["value"] is not None and tuned["value"] is not None:
+                row["delta"] = tuned["value"] - base["value"]
+        tables.append({"dataset": name, "rows": sorted(rows.values(), key=lambda r: (order.get(r["metric"], len(order)), r["metric"]))})
+    return [{**t, "variants": ordered_variants(variants)} for t in tables]
+
+
+def results_chart(tables: list[dict[str, Any]]) -> dict[str, Any]:
+    """{dataset: {"metrics": [...], "variants": {variant: [value or None per metric]}}}: one small chart per metric."""
+    chart: dict[str, Any] = {}
+    for table in tables:
+        metrics = [row["metric"] for row in table["rows"]]
+        chart[table["dataset"]] = {
+            "metrics": metrics,
+            "variants": {v: [(row["cells"].get(v) or {}).get("value") for row in table["rows"]] for v in table["variants"]},
+            "model_independent": [row["model_independent"] for row in table["rows"]],
+        }
+    return chart
+
+
+def highlight(answer: str, ground_truth: str) -> list[tuple[str, bool]]:
+    """The answer cut into (text, found) pieces: `found` for a word that the ground truth also has.
+
+    Words are split the way ROUGE's default tokenizer splits them (lowercased runs of
+    letters and digits); very common words are not marked.
+    """
+    truth = {w.lower() for w in WORD_RE.findall(ground_truth or "")} - STOP_WORDS
+    pieces: list[tuple[str, bool]] = []
+    position = 0
+    for match in WORD_RE.finditer(answer or ""):
+        if match.start() > position:
+            pieces.append((answer[position:match.start()], False))
+        pieces.append((match.group(), match.group().lower() in truth))
+        position = match.end()
+    if position < len(answer or ""):
+        pieces.append((answer[position:], False))
+    return pieces
+
+
+SAMPLE_SORTS = {
+    "": "dataset order",
+    "wins": "biggest gains first (fine-tuned − base)",
+    "losses": "biggest losses first (fine-tuned − base)",
+    "score_asc": "lowest score first",
+    "score_desc": "highest score first",
+}
+LEGACY_SORT_RE = re.compile(r"^(?P<metric>[a-z_]+):(?P<variant>finetuned|base|dataset)$")
+SAMPLE_FILTERS = {"": "all samples", "better": "fine-tuned better", "worse": "fine-tuned worse", "same": "no change", "unmeasured": "not measured"}
+
+
+def sample_rows(
+    run: PipelineRun, *, dataset: str = "", metric: str = "", sort: str = "", show: str = "", variant: str = ""
+) -> dict[str, Any]:
+    """Samples with every variant's answer side by side, the ground truth's words marked, and the per-sample difference.
+
+    `metric` picks the score that sorting and filtering use (default: the first
+    configured metric that depends on the model); the difference is fine-tuned − base;
+    the score sorts use `variant` (default: the run's main one).
+    """
+    qs = SampleResult.objects.filter(run=run).select_related("dataset").order_by("dataset__name", "index", "variant")
+    if dataset:
+        qs = qs.filter(dataset__name=dataset)
+    metrics = list((run.config.get("evaluation") or {}).get("metrics", []))
+    if metric not in metrics:
+        metric = next((m for m in metrics if m not in MODEL_INDEPENDENT_METRICS), metrics[0] if metrics else "")
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    variants: set[str] = set()
+    for sample in qs:
+        key = (sample.dataset.name if sample.dataset else "", sample.index)
+        row = rows.setdefault(key, {
+            "dataset": key[0], "index": sample.index, "question": sample.question, "contexts": sample.contexts or [],
+            "ground_truth": sample.ground_truth, "answers": {},
+        })
+        row["answers"][sample.variant] = {
+            "text": sample.answer, "pieces": highlight(sample.answer, sample.ground_truth),
+            "scores": [{"metric": m, "value": (sample.scores or {}).get(m), "reason": (sample.reasons or {}).get(m, "")} for m in metrics],
+            "score": (sample.scores or {}).get(metric),
+        }
+        variants.add(sample.variant)
+    variant_list = ordered_variants(variants)
+    paired = "finetuned" in variants and "base" in variants
+    main = run.main_variant if run.main_variant in variants else (variant_list[0] if variant_list else "")
+    scored = variant if variant in variants else main
+    out = []
+    for row in rows.values():
+        row["columns"] = [{"variant": v, "label": VARIANT_LABELS[v], **row["answers"][v]} if v in row["answers"] else {"variant": v, "label": VARIANT_LABELS[v], "missing": True} for v in variant_list]
+        tuned, base = (row["answers"].get("finetuned") or {}).get("score"), (row["answers"].get("base") or {}).get("score")
+        row["difference"] = tuned - base if paired and tuned is not None and base is not None else None
+        row["score"] = (row["answers"].get(scored) or {}).get("score")
+        if show == "better" and not (row["difference"] is not None and row["difference"] > 0):
+            continue
+        if show == "worse" and not (row["difference"] is not None and row["difference"] < 0):
+            continue
+        if show == "same" and row["difference"] != 0:
+            continue
+        if show == "unmeasured" and (row["difference"] is not None if paired else row["score"] is not None):
+            continue
+        out.append(row)
+    if sort in ("wins", "losses"):
+        sign = -1 if sort == "wins" else 1
+        out.sort(key=lambda r: (r["difference"] is None, sign * (r["difference"] or 0.0)))
+    elif sort in ("score_asc", "score_desc"):
+        sign = -1 if sort == "score_desc" else 1
+        out.sort(key=lambda r: (r["score"] is None, sign * (r["score"] or 0.0)))
+    datasets = sorted(n for n in SampleResult.objects.filter(run=run).values_list("dataset__name", flat=True).distinct() if n)
+    return {
+        "rows": out, "variants": variant_list, "metrics": metrics, "metric": metric, "datasets": datasets, "paired": paired,
+        "main": main, "scored_variant": scored, "sorts": SAMPLE_SORTS if paired else {k: v for k, v in SAMPLE_SORTS.items() if k not in ("wins", "losses")},
+        "filters": SAMPLE_FILTERS if paired else {"": "all samples", "unmeasured": "not measured"},
+    }
+
+
+# --- compare page ------------------------------------------------------------------
+
+
+def _flatten(prefix: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(f"{prefix}.{key}" if prefix else key, item))
+        return out
+    return {prefix: value}
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "—"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _applies(field: str, run: PipelineRun) -> bool:
+    """Whether a config field plays a part in the run: an eval-only run trains and promotes nothing,
+    and a run that scores stored answers generates nothing."""
+    section = field.split(".", 1)[0]
+    if run.kind != RunKind.FINETUNE and (section in ("training", "promotion") or field == "datasets.train"):
+        return False
+    stored = (run.config.get("evaluation") or {}).get("answers") == "dataset"
+    generation = section == "model" or field.startswith(("evaluation.generation", "evaluation.max_new_tokens", "evaluation.compare_base"))
+    return not (stored and generation)
+
+
+def config_differences(runs: list[PipelineRun]) -> list[dict[str, Any]]:
+    """The config fields whose values differ between the runs they apply to.
+
+    A field absent from one config and null in another is no difference; a field a
+    run does not use (`_applies`) is left out of the comparison and shows "n/a".
+    """
+    flat = [_flatten("", run.config) for run in runs]
+    fields = sorted({k for f in flat for k in f})
+    diff = []
+    for field in fields:
+        applies = [_applies(field, run) for run in runs]
+        values = [f.get(field) for f in flat]
+        compared = {json.dumps(v, sort_keys=True) for v, a in zip(values, applies, strict=True) if a}
+        if len(compared) > 1:
+            diff.append({"field": field, "values": [_shown(v) if a else "n/a" for v, a in zip(values, applies, strict=True)]})
+    return diff
+
+
+def compare_data(runs: list[PipelineRun]) -> dict[str, Any]:
+    """Scores of several runs side by side (base kept beside fine-tuned), loss curves, config differences.
+
+    The runs come with their results prefetched (`compare_queryset`).
+    """
+    keys = sorted({(r.dataset.name if r.dataset else "", r.metric) for run in runs for r in run.results.all()})
+    variants = ordered_variants(r.variant for run in runs for r in run.results.all())
+    rows = []
+    for dataset, metric in keys:
+        cells = []
+        for run in runs:
+            values = {r.variant: r.value for r in run.results.all() if (r.dataset.name if r.dataset else "") == dataset and r.metric == metric}
+            main = run.main_variant
+            delta = values["finetuned"] - values["base"] if values.get("finetuned") is not None and values.get("base") is not None else None
+            cells.append({"main": main, "value": values.get(main), "base": values.get("base") if main != "base" else None,
+                          "delta": delta, "values": values})
+        measured = [c["value"] for c in cells if c["value"] is not None]
+        best = max(measured) if len(set(measured)) > 1 else None
+        for cell in cells:
+            cell["best"] = best is not None and cell["value"] == best
+        rows.append({
+            "dataset": dataset, "metric": metric, "cells": cells, "model_independent": metric in MODEL_INDEPENDENT_METRICS,
+            "has_base": any(c["base"] is not None for c in cells), "has_delta": any(c["delta"] is not None for c in cells),
+        })
+    chart = {
+        "runs": [f"#{run.pk} {run.name}" for run in runs],
+        "panels": [{"title": f"{row['dataset']} · {row['metric']}", "values": {v: [c["values"].get(v) for c in row["cells"]] for v in variants}}
+                   for row in rows],
+    }
+    losses = [{"run": f"#{run.pk} {run.name}", "steps": [h["step"] for h in run.train_history if isinstance(h, dict) and h.get("loss") is not None],
+               "loss": [h["loss"] for h in run.train_history if isinstance(h, dict) and h.get("loss") is not None]}
+              for run in runs if run.train_history]
+    return {"runs": runs, "mains": [VARIANT_LABELS[run.main_variant] for run in runs], "rows": rows, "chart": chart, "losses": losses,
+            "diff": config_differences(runs)}
+
+
+def compare_queryset(qs):
+    return qs.prefetch_related(Prefetch("results", queryset=RunResult.objects.select_related("dataset")))
+
+
+# --- dashboard ---------------------------------------------------------------------
+
+DASHBOARD_SORTS = {
+    "-created": "newest first", "created": "oldest first", "name": "name A→Z", "-name": "name Z→A",
+    "-duration": "longest first", "duration": "shortest first", "status": "status",
+}
+
+
+def dashboard_order(qs, *, search: str = "", sort: str = "-created"):
+    """The dashboard's runs whose name contains `search`, in one of DASHBOARD_SORTS (runs not started sort last by duration)."""
+    if search:
+        qs = qs.filter(name__icontains=search)
+    if sort in ("duration", "-duration"):
+        qs = qs.annotate(took=ExpressionWrapper(F("finished_at") - F("started_at"), output_field=DurationField()))
+        took = F("took").desc(nulls_last=True) if sort == "-duration" else F("took").asc(nulls_last=True)
+        return qs.order_by(took, "-created_at", "-id")
+    fields = {"-created": ("-created_at", "-id"), "created": ("created_at", "id"), "name": ("name", "-id"), "-name": ("-name", "-id"),
+              "status": ("status", "-created_at", "-id")}
+    return qs.order_by(*fields.get(sort, fields["-created"]))
+
+
+def headline(run: PipelineRun, limit: int = 2) -> list[dict[str, Any]]:
+    """Up to `limit` metrics of the run's first eval dataset: the main variant's score and, for a fine-tune, its gain over base.
+
+    Uses the run's prefetched results; model-independent metrics come last.
+    """
+    results = list(run.results.all())
+    if not results:
+        return []
+    first = min(r.dataset.name if r.dataset else "" for r in results)
+    values = {(r.metric, r.variant): r.value for r in results if (r.dataset.name if r.dataset else "") == first}
+    main = run.main_variant
+    configured = [m for m in (run.config.get("evaluation") or {}).get("metrics", []) if (m, main) in values]
+    configured.sort(key=lambda m: m in MODEL_INDEPENDENT_METRICS)
+    out = []
+    for metric in configured[:limit]:
+        value, base = values.get((metric, main)), values.get((metric, "base"))
+        out.append({
+            "metric": metric, "value": value, "variant": VARIANT_LABELS[main], "dataset": first,
+            "delta": value - base if main == "finetuned" and value is not None and base is not None else None,
+        })
+    return out
+
+
+def run_duration(run: PipelineRun, *, now: datetime | None = None) -> float | None:
+    """Seconds from start to finish, or so far for a run still going."""
+    if run.started_at is None:
+        return None
+    return _seconds(run.started_at, run.finished_at or (None if run.status in TERMINAL_STATUSES else now or timezone.now()))
+
+
+def model_label(run: PipelineRun) -> str:
+    """What produced the answers: the base model's name, or "stored answers" for an eval-only run that scores a file's answers."""
+    if run.kind == RunKind.EVAL_ONLY and (run.config.get("evaluation") or {}).get("answers") == "dataset":
+        return "stored answers"
+    return run.base_model

@@ -1,0 +1,123 @@
+"""The run pages as rendered: live figures, timeline, links, results, samples, compare, dashboard."""
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from datasets_app.models import Dataset
+from runs.models import RunResult
+
+from .factories import make_run
+from .test_views import beating_run, form_data, scored_run
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def logged_in(client, user):
+    client.force_login(user)
+    return client
+
+
+def test_the_live_page_shows_elapsed_speed_eta_and_what_is_not_recorded(logged_in, user):
+    now = timezone.now()
+    history = [{"step": s, "loss": 2.0 - s / 100, "learning_rate": 1e-4, "epoch": s / 20} for s in range(1, 11)]
+    run = beating_run(user, status="training", progress=30, stage="training step 10/40, epoch 0.50, loss 1.9",
+                      train_history=history, started_at=now - timedelta(minutes=2))
+    page = logged_in.get(f"/runs/{run.pk}/status/").content.decode()
+    assert "10 of 40" in page and "steps/s" in page and "ETA" in page and "min" in page
+    assert "Not recorded yet: device" in page and "peak memory (the trainer does not record it)" in page
+    assert 'data-terminal="false"' in page
+
+
+def test_no_results_link_before_there_are_results(logged_in, user):
+    run = beating_run(user, status="evaluating")
+    page = logged_in.get(f"/runs/{run.pk}/").content.decode()
+    assert 'id="results-link"' not in page and "data-results-url" not in page
+    RunResult.objects.create(run=run, dataset=Dataset.objects.get(name="ragas_eval"), variant="base", metric="rouge_score", value=0.3, n_scored=1)
+    # The polled fragment tells the page (static/js/app.js adds the link without a reload).
+    fragment = logged_in.get(f"/runs/{run.pk}/status/").content.decode()
+    assert f'data-results-url="/runs/{run.pk}/results/"' in fragment
+    assert 'id="results-link"' in logged_in.get(f"/runs/{run.pk}/").content.decode()
+
+
+def test_mlflow_ids_are_links(logged_in, user, settings):
+    settings.MLFLOW_UI_URL = ""
+    run = make_run(user, status="completed", mlflow_experiment_id="1", mlflow_run_id="0123456789abcdef")
+    page = logged_in.get(f"/runs/{run.pk}/").content.decode()
+    assert 'href="http://127.0.0.1:5000/#/experiments/1/runs/0123456789abcdef"' in page and "make mlflow-ui" in page
+
+
+def test_the_reproducibility_record_travels_with_the_polled_fragment(logged_in, user):
+    run = beating_run(user, status="training")
+    assert "run-repro-data" not in logged_in.get(f"/runs/{run.pk}/status/").content.decode()
+    run.reproducibility = {"seed": 42, "git_commit": "abc"}
+    run.save()
+    fragment = logged_in.get(f"/runs/{run.pk}/status/").content.decode()
+    assert 'id="run-repro-data"' in fragment and '"git_commit": "abc"' in fragment
+
+
+def test_the_created_message_is_marked_to_go_when_the_run_ends(logged_in):
+    response = logged_in.post("/runs/new/", {**form_data(), "action": "launch"}, follow=True)
+    assert 'data-tags="until-run-ends"' in response.content.decode()
+
+
+def test_results_say_retrieval_metrics_do_not_depend_on_the_model(logged_in, user):
+    run = scored_run(user)
+    dataset = Dataset.objects.get(name="ragas_eval")
+    for variant in ("finetuned", "base"):
+        RunResult.objects.create(run=run, dataset=dataset, variant=variant, metric="non_llm_context_precision", value=0.875, n_scored=2)
+    page = logged_in.get(f"/runs/{run.pk}/results/").content.decode()
+    assert "the same for every model" in page
+    assert "+0.0000" not in page  # no difference shown as if it were a finding
+
+
+def test_results_show_answers_side_by_side_with_marked_words_and_not_measured(logged_in, user):
+    run = scored_run(user)
+    run.samples.filter(index=0, variant="finetuned").update(answer="the truth is out there")
+    page = logged_in.get(f"/runs/{run.pk}/results/").content.decode()
+    assert "<mark>truth</mark>" in page
+    assert page.count("Ground truth") == 2 and "fine-tuned</h4>" in page and "base model</h4>" in page
+    assert "not measured (timeout)" in page
+
+
+def test_results_sort_by_the_biggest_losses(logged_in, user):
+    run = scored_run(user)
+    run.samples.filter(index=1, variant="base").update(scores={"rouge_score": 0.9, "exact_match": None})
+    page = logged_in.get(f"/runs/{run.pk}/results/?metric=rouge_score&sort=losses").content.decode()
+    assert page.index("question 1") < page.index("question 0")
+    only = logged_in.get(f"/runs/{run.pk}/results/?metric=rouge_score&show=worse").content.decode()
+    assert "question 1" in only and "question 0" not in only
+
+
+def test_compare_keeps_base_scores_beside_the_fine_tuned_ones(logged_in, user):
+    a = scored_run(user)
+    b = scored_run(user, kind="eval_only")
+    page = logged_in.get(f"/compare/?runs={a.pk},{b.pk}").content.decode()
+    assert "base model</td>" in page and "0.3000" in page and "+0.2000" in page
+    assert "stored answers" in page
+    # What the eval-only run does not use is no difference: train sets, training, the model, generation.
+    assert ">kind<" in page and ">evaluation.answers<" in page
+    for unused in ("datasets.train", "training.epochs", "model.base", "evaluation.max_new_tokens"):
+        assert f">{unused}<" not in page
+
+
+def test_dashboard_headline_says_the_variant_and_its_gain(logged_in, user):
+    scored_run(user)
+    eval_run = scored_run(user, kind="eval_only")
+    page = logged_in.get("/").content.decode()
+    assert "fine-tuned" in page and "+0.2000 vs base" in page
+    assert "stored answers" in page and eval_run.base_model not in page.split(f'id="run-row-{eval_run.pk}"')[1].split("</tr>")[0]
+    assert "Tick two or more runs" in page and 'id="compare-button"' in page
+
+
+def test_dashboard_searches_by_name_and_sorts(logged_in, user):
+    first, second = make_run(user), make_run(user)
+    second.name = "zebra-run"
+    second.save()
+    page = logged_in.get("/?q=zebra").content.decode()
+    assert f"run-row-{second.pk}" in page and f"run-row-{first.pk}" not in page
+    by_name = logged_in.get("/?sort=-name").content.decode()
+    assert by_name.index(f"run-row-{second.pk}") < by_name.index(f"run-row-{first.pk}")
+    assert "No run matches" in logged_in.get("/?q=nothing-like-this").content.decode()
