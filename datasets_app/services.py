@@ -98,6 +98,37 @@ def dataset_update_description(*, dataset_id: int, description: str) -> None:
     Dataset.objects.filter(pk=dataset_id).update(description=description)
 
 
-def dataset_delete(*, dataset: Dataset) -> None:
-    dataset.file.delete(save=False)
-    dataset.delete()
+class DatasetDeleteRefused(Exception):
+    """A user may not delete this dataset; the message says why (and names the runs that use it)."""
+
+
+def _runs_using(dataset: Dataset):
+    """The runs that train on or score with a dataset, newest first (through the runs' own relations)."""
+    return (dataset.train_runs.all() | dataset.eval_runs.all()).distinct().order_by("-created_at", "-id")
+
+
+def dataset_delete(*, dataset: Dataset, user=None) -> None:
+    """Delete a dataset row and its stored file.
+
+    With `user` (the pages): only a dataset that user uploaded, and only while no
+    run uses it, since a run's config, results and retry name its datasets;
+    refused with DatasetDeleteRefused otherwise. Without (the admin site, where
+    Django's permissions decide) it deletes what it is given.
+    """
+    if user is not None:
+        if dataset.owner_id is None or dataset.owner_id != user.pk:
+            who = "it is bundled with the platform" if dataset.owner_id is None else "it belongs to another user"
+            raise DatasetDeleteRefused(f"dataset {dataset.name} cannot be deleted: {who}")
+        runs = list(_runs_using(dataset)[:6])
+        if runs:
+            named = ", ".join(f"#{run.pk} {run.name}" for run in runs[:5])
+            more = _runs_using(dataset).count() - 5
+            raise DatasetDeleteRefused(
+                f"dataset {dataset.name} cannot be deleted: runs use it ({named}{f' and {more} more' if more > 0 else ''}); "
+                "delete those runs first"
+            )
+    stored = dataset.file
+    with transaction.atomic():
+        dataset.delete()
+        # The file goes once the row is gone for good: a failed delete keeps both.
+        transaction.on_commit(lambda: stored.delete(save=False))

@@ -135,7 +135,9 @@ def validate_jsonl(fileobj: IO[bytes], *, kind: str, max_bytes: int, max_line_by
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as exc:
-                report.add(f"line {number}: invalid JSON ({exc.msg} at column {exc.colno})")
+                # Some of json's messages end in "at" already ("Unterminated string starting at").
+                where = "column" if exc.msg.endswith(" at") else "at column"
+                report.add(f"line {number}: invalid JSON ({exc.msg} {where} {exc.colno})")
                 continue
             row_problems = check_row(obj, kind)
             for problem in row_problems:
