@@ -5,6 +5,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from .health import healthz
+from .queues_page import queues_home
 
 
 def favicon(request: HttpRequest) -> HttpResponseRedirect:
@@ -15,10 +16,11 @@ def favicon(request: HttpRequest) -> HttpResponseRedirect:
 urlpatterns = [
     path("favicon.ico", favicon, name="favicon"),
     path("healthz", healthz, name="healthz"),
+    path("admin/django-rq/", queues_home, name="queues"),  # before RQ's own dashboard, which it shows in served mode
     path("admin/django-rq/", include("django_rq.urls")),
     path("admin/", admin.site.urls),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
-    path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema", template_name="api_docs.html"), name="api-docs"),
     path("api/", include("datasets_app.urls")),
     path("api/", include("runs.urls")),
     path("accounts/", include("django.contrib.auth.urls")),

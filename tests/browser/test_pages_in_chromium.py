@@ -241,6 +241,7 @@ def test_compare_two_runs(page, watched):
 
 
 def test_upload_a_bad_dataset_and_see_the_line_numbered_error(page, watched, tmp_path):
+    page.on("dialog", lambda dialog: dialog.accept())
     bad = tmp_path / "bad.jsonl"
     row = json.dumps({"question": "q", "answer": "a", "context": "c"})
     bad.write_text(f"{row}\n{row}\n{{not json\n")
@@ -251,11 +252,47 @@ def test_upload_a_bad_dataset_and_see_the_line_numbered_error(page, watched, tmp
     page.click("button:has-text('Validate & upload')")
     page.wait_for_selector("#upload-problems")
     assert "line 3: invalid JSON" in page.inner_text("#upload-problems")
+    # The errors came back in place (htmx): what was typed and the chosen file are still there.
+    assert page.input_value("input[name=name]") == "bad-upload"
+    assert page.eval_on_selector("input[name=file]", "el => el.files.length && el.files[0].name") == "bad.jsonl"
+    assert page.locator("text=line 3: invalid JSON").count() == 1
     shot(page, "08-dataset-upload-error")
+    good = tmp_path / "good.jsonl"
+    good.write_text(f"{row}\n{row}\n")
+    page.set_input_files("input[name=file]", str(good))
+    page.click("button:has-text('Validate & upload')")
+    page.wait_for_url(re.compile(r".*/datasets/\d+/$"))
+    assert "2 rows" in page.inner_text(".messages")
+    shot(page, "08b-dataset-uploaded")
+    page.click("button:has-text('Delete')")  # the confirm() dialog is accepted by Playwright's default handler below
+    page.wait_for_url(re.compile(r".*/datasets/$"))
+    assert "deleted" in page.inner_text(".messages")
     page.goto("/datasets/")
     page.click("a:has-text('ragas_eval')")
     shot(page, "09-dataset-preview")
     watched[1].check()
+
+
+def training_run(owner) -> PipelineRun:
+    """A fine-tune two minutes into its second epoch, as the trainer leaves it: history, stage, logs, heartbeat."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from runs.models import RunEvent
+    from tests.runs.factories import make_run
+
+    now = timezone.now()
+    history = [{"step": s, "loss": round(2.4 * 0.97**s + 0.05 * (s % 3), 4), "learning_rate": 2e-4 * (1 - s / 60), "epoch": round(s / 20, 3)}
+               for s in range(1, 31)]
+    history[19]["val_loss"] = 2.1  # the trainer's validation at the end of epoch 1
+    run = make_run(owner, status="training", progress=40, stage="training step 30/60, epoch 1.50, loss 1.0312", train_history=history,
+                   started_at=now - timedelta(minutes=3), heartbeat_at=now, mlflow_run_id="0123456789abcdef0123456789abcdef",
+                   mlflow_experiment_id="1", logs="[12:00:00] fine-tuning local:tiny-llama on rag_qa_train (166 rows)\n[12:00:09] MLflow run 0123\n")
+    RunEvent.objects.filter(run=run).update(at=now - timedelta(minutes=4))
+    event = RunEvent.objects.create(run=run, from_status="pending", to_status="training", message="finetune started")
+    RunEvent.objects.filter(pk=event.pk).update(at=now - timedelta(minutes=3))
+    return run
 
 
 def test_every_page_loads_every_asset(watched, user, staff_user):
@@ -269,19 +306,21 @@ def test_every_page_loads_every_asset(watched, user, staff_user):
     assert_styled(page)
     shot(page, "10-login")
     log_in(page)
-    finetune, eval_only = scored_run(user), scored_run(user, kind="eval_only")
+    finetune, eval_only, training = scored_run(user), scored_run(user, kind="eval_only"), training_run(user)
     from datasets_app.models import Dataset
 
     pages = {
         "11-dashboard": "/",
         "12-new-run": "/runs/new/",
         "13-run-page": f"/runs/{finetune.pk}/",
+        "13b-run-training": f"/runs/{training.pk}/",
         "14-results": f"/runs/{finetune.pk}/results/",
         "15-results-eval-only": f"/runs/{eval_only.pk}/results/",
         "16-compare": f"/compare/?runs={finetune.pk},{eval_only.pk}",
         "17-datasets": "/datasets/",
         "18-dataset-train": f"/datasets/{Dataset.objects.get(name='rag_qa_train').pk}/",
         "19-dataset-eval": f"/datasets/{Dataset.objects.get(name='ragas_eval').pk}/",
+        "19b-dataset-eval-page-3": f"/datasets/{Dataset.objects.get(name='ragas_eval').pk}/?page=3",
         "20-api-docs": "/api/docs/",
         "21-not-found": "/runs/999999/",
     }
@@ -292,6 +331,13 @@ def test_every_page_loads_every_asset(watched, user, staff_user):
             assert_styled(page)
         shot(page, name)
         watch.check()
+    page.set_viewport_size({"width": 800, "height": 900})
+    page.goto("/")
+    # Nothing sticks out of an 800 px window: the runs table fits its card.
+    overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    assert overflow <= 0, f"the dashboard is {overflow}px wider than an 800 px window"
+    shot(page, "11b-dashboard-800px")
+    page.set_viewport_size({"width": 1366, "height": 900})
     favicon = page.request.get("/favicon.ico")  # what browsers ask for on pages that name no icon
     assert favicon.ok and favicon.headers["content-type"].startswith("image/"), (favicon.status, favicon.headers)
     page.goto("/")
