@@ -222,6 +222,11 @@ def start_tracking(ctx: StepContext) -> None:
     )
     run_set_mlflow_ids(run_id=run.pk, experiment_id=experiment_id, mlflow_run_id=mlflow_run_id)
     run.mlflow_experiment_id, run.mlflow_run_id = experiment_id, mlflow_run_id
+    tracking.log_datasets(mlflow_run_id, [
+        {"name": d.name, "sha256": d.sha256, "rows": d.row_count, "context": context}
+        for context, datasets in (("training", run.train_datasets.order_by("name")), ("evaluation", run.eval_datasets.order_by("name")))
+        for d in datasets
+    ])
     ctx._metrics = tracking.MetricBuffer(mlflow_run_id)
     ctx.log(f"MLflow run {mlflow_run_id}")
 

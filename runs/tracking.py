@@ -68,6 +68,28 @@ def mlflow_start(*, run_id: int, name: str, kind: str, config: dict[str, Any], t
     return exp_id, created.info.run_id
 
 
+def log_datasets(mlflow_run_id: str, datasets: list[dict[str, Any]]) -> None:
+    """The run's datasets as MLflow dataset inputs (the UI lists them with the run): name, digest from the file's sha256.
+
+    Each item: {"name", "sha256", "rows", "context": "training" | "evaluation"}.
+    """
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    inputs = [
+        DatasetInput(
+            # MLflow caps a digest at 36 characters: the sha256's first 36 hex digits; the whole one is in the profile.
+            dataset=Dataset(name=d["name"], digest=d["sha256"][:36], source_type="local", source=json.dumps({"uri": f"platform-dataset:{d['name']}"}),
+                            profile=json.dumps({"num_rows": d["rows"], "sha256": d["sha256"]})),
+            tags=[InputTag(key="mlflow.data.context", value=d["context"])],
+        )
+        for d in datasets
+    ]
+    if inputs:
+        client().log_inputs(mlflow_run_id, datasets=inputs)
+
+
 class MetricBuffer:
     """Batches step metrics into few log_batch calls (one HTTP request each in served mode)."""
 

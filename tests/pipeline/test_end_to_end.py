@@ -62,6 +62,25 @@ def test_inline_finetune_run_completes_with_results_samples_and_mlflow(tmp_path,
     assert {a.path for a in mlflow.list_artifacts(run.mlflow_run_id, "samples")} == {"samples/ragas_eval__base.csv", "samples/ragas_eval__finetuned.csv"}
     version = mlflow.get_model_version(run.registered_model_name, run.registered_model_version)
     assert version.run_id == run.mlflow_run_id
+    assert version.source.startswith("models:/")  # a logged pyfunc model, not a bare folder
+
+    # Fine-tuned vs base: one comparison per metric, in the run, its API detail and MLflow; the gate decided.
+    comparisons = {c.metric: c for c in run.comparisons.all()}
+    assert set(comparisons) == set(SMALL_FINETUNE["evaluation"]["metrics"])
+    assert all(c.n_pairs == 4 and c.verdict == "too few pairs" for c in comparisons.values())  # 4 samples: no verdict either way
+    rouge = comparisons["rouge_score"]
+    assert rouge.delta == pytest.approx(rouge.finetuned_mean - rouge.base_mean)
+    assert mlflow_run.data.metrics["ragas_eval/compare/rouge_score/delta"] == pytest.approx(rouge.delta)
+    assert "ragas_eval/compare/rouge_score/ci_low" in mlflow_run.data.metrics
+    decision = run.promotion_decisions.get()
+    assert decision.decision == "rejected" and "too few pairs" in decision.reason
+    assert mlflow.get_model_version(run.registered_model_name, run.registered_model_version).tags["promotion"] == decision.reason
+    assert "difference [95% CI]" in out and "promotion of" in out
+    # The datasets as MLflow inputs (digest = sha256), the prompt the model was asked.
+    inputs = {(i.dataset.name, i.dataset.digest) for i in mlflow_run.inputs.dataset_inputs}
+    assert ("rag_qa_train", run.reproducibility["datasets"]["rag_qa_train"][:36]) in inputs  # MLflow's digest is 36 characters at most
+    assert ("ragas_eval", run.reproducibility["datasets"]["ragas_eval"][:36]) in inputs
+    assert "### Question:" in run.reproducibility["prompt_example"]  # tiny-llama has no chat template: plain format
 
 
 def test_inline_eval_only_run_scores_the_dataset_answers(tmp_path):
