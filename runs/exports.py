@@ -14,7 +14,11 @@ from typing import Any
 from .models import PipelineRun
 from .selectors import run_results_rows, run_samples_table
 
-RESULTS_HEADER = ["run_id", "run_name", "dataset", "variant", "metric", "value", "n_scored", "n_failed"]
+RESULTS_HEADER = [
+    "run_id", "run_name", "dataset", "variant", "metric", "value", "n_scored", "n_failed",
+    # On a fine-tuned row: the paired comparison with base (runs/models.py ScoreComparison).
+    "n_pairs", "delta_vs_base", "ci_low", "ci_high", "p_adjusted", "verdict",
+]
 
 
 def neutralise_csv_cell(value: object) -> object:

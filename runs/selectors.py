@@ -47,16 +47,16 @@ def run_promotion(run: PipelineRun) -> PromotionDecision | None:
 
 
 def run_results_rows(run: PipelineRun) -> Iterator[tuple]:
-    """(dataset, variant, metric, value, n_scored, n_failed) rows, for export."""
+    """(dataset, variant, metric, value, n_scored, n_failed, then the fine-tuned row's comparison with base) rows, for export.
+
+    The comparison cells (n_pairs, delta, ci_low, ci_high, p_adjusted, verdict) are empty on other rows.
+    """
+    comparisons = run_comparisons(run)
     for result in RunResult.objects.filter(run=run).select_related("dataset").order_by("dataset__name", "metric", "variant"):
-        yield (
-            result.dataset.name if result.dataset else "",
-            result.variant,
-            result.metric,
-            "" if result.value is None else result.value,
-            result.n_scored,
-            result.n_failed,
-        )
+        dataset = result.dataset.name if result.dataset else ""
+        c = comparisons.get((dataset, result.metric)) if result.variant == "finetuned" else None
+        compared = ("",) * 6 if c is None else tuple("" if v is None else v for v in (c.n_pairs, c.delta, c.ci_low, c.ci_high, c.p_adjusted, c.verdict))
+        yield (dataset, result.variant, result.metric, "" if result.value is None else result.value, result.n_scored, result.n_failed, *compared)
 
 
 def run_score_table(run: PipelineRun) -> list[dict]:

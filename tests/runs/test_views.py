@@ -204,14 +204,27 @@ def test_results_csv_linked_from_the_results_page_has_every_column_and_row(logge
     assert response["Content-Disposition"] == f'attachment; filename="run-{run.pk}-results.csv"'
     rows = csv_rows(response)
     assert len(rows) == 1 + 4  # the header, then one line per (dataset, metric, variant)
+    no_comparison = [""] * 6
     assert rows == [
-        ["run_id", "run_name", "dataset", "variant", "metric", "value", "n_scored", "n_failed"],
+        ["run_id", "run_name", "dataset", "variant", "metric", "value", "n_scored", "n_failed",
+         "n_pairs", "delta_vs_base", "ci_low", "ci_high", "p_adjusted", "verdict"],
         # Not measured: an empty value with n_scored 0 and every sample counted in n_failed.
-        [str(run.pk), run.name, "ragas_eval", "base", "exact_match", "", "0", "2"],
-        [str(run.pk), run.name, "ragas_eval", "finetuned", "exact_match", "", "0", "2"],
-        [str(run.pk), run.name, "ragas_eval", "base", "rouge_score", "0.3", "2", "0"],
-        [str(run.pk), run.name, "ragas_eval", "finetuned", "rouge_score", "0.5", "2", "0"],
+        [str(run.pk), run.name, "ragas_eval", "base", "exact_match", "", "0", "2", *no_comparison],
+        [str(run.pk), run.name, "ragas_eval", "finetuned", "exact_match", "", "0", "2", *no_comparison],
+        [str(run.pk), run.name, "ragas_eval", "base", "rouge_score", "0.3", "2", "0", *no_comparison],
+        [str(run.pk), run.name, "ragas_eval", "finetuned", "rouge_score", "0.5", "2", "0", *no_comparison],
     ]
+    # With the compare step's result, the fine-tuned row carries it.
+    from runs.services import run_record_comparisons
+
+    run_record_comparisons(run_id=run.pk, comparisons=[{
+        "dataset_id": Dataset.objects.get(name="ragas_eval").pk, "metric": "rouge_score", "n_pairs": 2, "n_excluded": 0,
+        "base_mean": 0.3, "finetuned_mean": 0.5, "delta": 0.2, "ci_low": 0.1, "ci_high": 0.3, "p_value": 0.5, "p_adjusted": 0.5,
+        "verdict": "too few pairs",
+    }])
+    rows = csv_rows(logged_in.get(link))
+    assert rows[4] == [str(run.pk), run.name, "ragas_eval", "finetuned", "rouge_score", "0.5", "2", "0", "2", "0.2", "0.1", "0.3", "0.5", "too few pairs"]
+    assert rows[3][-6:] == no_comparison  # the base row has none
 
 
 def test_compare_highlights_the_best_and_diffs_configs(logged_in, user):
