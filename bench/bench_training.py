@@ -53,27 +53,14 @@ def ensure_model(init: str, name: str = "small-llama") -> Path:
     Throughput does not depend on the weights; the random-init build takes
     seconds where the pre-training pass takes minutes on 2 CPU cores.
     """
-    from training.tiny_model import SPECS, _bundled_texts, _train_tokenizer, build_tiny_model
+    from training.tiny_model import build_tiny_model, untrained_model
 
     if init == "pretrained":
         return build_tiny_model(name, models_dir=ROOT / "var" / "models", data_dir=ROOT / "data")
     target = ROOT / "var" / "bench" / "models" / f"{name}-random"
     if target.exists():
         return target
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    spec = SPECS[name]
-    torch.manual_seed(spec.seed)
-    tokenizer = _train_tokenizer(_bundled_texts(ROOT / "data"), spec.vocab_size)
-    config = LlamaConfig(  # the same config build_tiny_model() uses
-        vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_attention_heads, max_position_embeddings=spec.max_position_embeddings,
-        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config)
+    model, tokenizer, _texts = untrained_model(name, data_dir=ROOT / "data")  # the same config build_tiny_model() uses
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-random-", dir=target.parent))
     model.save_pretrained(staging)

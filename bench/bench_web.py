@@ -35,7 +35,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -46,6 +45,7 @@ from urllib.parse import urlparse
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import ROOT, percentile, print_table, verdict, write_json  # noqa: E402
+from mlops_site.ports import free_port, wait_for_port  # noqa: E402
 
 N_RUNS, N_SAMPLES, N_RESULTS = 10_000, 100_000, 1_000
 SAMPLES_PER_RUN = 100  # 50 eval rows x 2 variants
@@ -53,22 +53,6 @@ RESULTS_PER_RUN = 8  # 4 metrics x 2 variants
 BENCH_USER = "bench-owner"
 TARGETS_P99_MS = {"api-list": 150, "api-detail": 150, "dashboard": 150, "status-fragment": 50}
 DEFAULT_DB = "postgres://postgres@127.0.0.1:5432/mlops_bench"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
 # --- database ---------------------------------------------------------------------------------
@@ -411,7 +395,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     server = subprocess.Popen(gunicorn, cwd=ROOT, env=server_env, start_new_session=True, stdout=subprocess.DEVNULL)
     results: dict[str, Any] = {}
     try:
-        wait_for_port(port)
+        wait_for_port(port, timeout=60.0)
         for name, path, headers, _ in measured:
             url = f"http://127.0.0.1:{port}{path}"
             run_wrk(url, headers, seconds=3, connections=args.connections, threads=2)  # warm-up: imports, connections

@@ -1,7 +1,8 @@
 """Each metric name of DESIGN.md -> the ragas 0.4 metric of that meaning.
 
-The legacy ragas metric classes are used because they run under
-ragas.evaluate() (see NOTES.md); scores are whatever ragas computes.
+The legacy ragas metric classes (ragas.metrics._*) are used because they run
+under ragas.evaluate(); the newer ragas.metrics.collections classes do not (they
+have .score/.batch_score instead). Scores are whatever ragas computes.
 """
 
 from __future__ import annotations

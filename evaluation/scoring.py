@@ -1,6 +1,6 @@
 """RAGAS scoring with honest bookkeeping, free of Django so benchmarks can call it.
 
-ragas.evaluate() turns every failure into NaN and only logs it (NOTES.md). We
+ragas.evaluate(raise_exceptions=False) turns every failure into NaN and only logs it. We
 pass a LangChain callback that records each metric chain's exception, so every
 unmeasured sample keeps its reason (timeout, judge unreachable, parse error),
 and aggregates count those in n_failed instead of averaging NaN away.

@@ -101,6 +101,29 @@ def _train_tokenizer(texts: list[str], vocab_size: int):
     )
 
 
+def untrained_model(name: str, *, data_dir: Path | None = None):
+    """local:<name> before pre-training: (random-init model, its tokenizer, the bundled texts), seeded.
+
+    build_tiny_model pre-trains it; benchmarks time it as is (throughput does not depend on the weights).
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    spec = SPECS[name]
+    random.seed(spec.seed)
+    torch.manual_seed(spec.seed)
+    texts = _bundled_texts(Path(data_dir or _setting("BUNDLED_DATA_DIR")))
+    tokenizer = _train_tokenizer(texts, spec.vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_attention_heads, max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config), tokenizer, texts
+
+
 def build_tiny_model(
     name: str = "tiny-llama",
     *,
@@ -119,23 +142,11 @@ def build_tiny_model(
     if target.exists() and not force:
         return target
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as transformers_logging
 
     spec = SPECS[name]
     started = time.monotonic()
-    random.seed(spec.seed)
-    torch.manual_seed(spec.seed)
-    texts = _bundled_texts(Path(data_dir or _setting("BUNDLED_DATA_DIR")))
-    tokenizer = _train_tokenizer(texts, spec.vocab_size)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_attention_heads, max_position_embeddings=spec.max_position_embeddings,
-        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config)
+    model, tokenizer, texts = untrained_model(name, data_dir=data_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
 
