@@ -73,3 +73,11 @@ def run_duration(run):
 @register.filter
 def model_label(run) -> str:
     return page_data.model_label(run)
+
+
+@register.simple_tag
+def train_dataset_rows(user) -> dict[str, int]:
+    """{name: rows} of the train datasets a user may pick: the New run page counts optimizer steps with it."""
+    from datasets_app.selectors import dataset_visible_to
+
+    return dict(dataset_visible_to(user).filter(kind="train").values_list("name", "row_count"))

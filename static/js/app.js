@@ -67,7 +67,7 @@
     var steps = train.map(function (h) { return h.step; });
     var losses = train.map(function (h) { return h.loss; });
     var traces = [
-      { x: steps, y: losses, name: "loss (raw)", mode: "lines", line: { color: "#3358d4", width: 1 }, opacity: 0.35, hovertemplate: "step %{x}<br>loss %{y:.4f}<extra>raw</extra>" },
+      { x: steps, y: losses, name: "loss (raw)", mode: train.length < 25 ? "lines+markers" : "lines", marker: { size: 5 }, line: { color: "#3358d4", width: 1 }, opacity: 0.35, hovertemplate: "step %{x}<br>loss %{y:.4f}<extra>raw</extra>" },
       { x: steps, y: smooth(losses, weight), name: "loss (smoothed)", mode: "lines", line: { color: "#3358d4", width: 2.5 }, hovertemplate: "step %{x}<br>loss %{y:.4f}<extra>smoothed</extra>" },
     ];
     if (val.length) {
@@ -115,7 +115,7 @@
           showlegend: !seen[bar.variant], marker: { color: variantColors[bar.variant] || "#475467" },
           x: options.horizontal ? bar.y : bar.x, y: options.horizontal ? bar.x : bar.y, xaxis: xa, yaxis: ya,
           text: bar.y.map(function (v) { return v === null || v === undefined ? "not measured" : v.toFixed(3); }),
-          textposition: "auto", cliponaxis: false,
+          textposition: "outside", cliponaxis: false,
           hovertemplate: "%{" + (options.horizontal ? "y" : "x") + "}<br>" + (variantLabels[bar.variant] || bar.variant) + ": %{" + (options.horizontal ? "x" : "y") + ":.4f}<extra>" + panel.title + "</extra>",
         });
         seen[bar.variant] = true;
@@ -173,7 +173,8 @@
         var panels = data.panels.map(function (panel) {
           return { title: panel.title, bars: Object.keys(panel.values).map(function (v) { return { variant: v, x: data.runs, y: panel.values[v] }; }) };
         });
-        smallMultiples(el, panels, { columns: 2, horizontal: true, showCategories: true, panelHeight: Math.max(150, 46 * data.runs.length + 60) });
+        // One column: the run labels of a second column would sit on the first one's bars.
+        smallMultiples(el, panels, { columns: 1, horizontal: true, showCategories: true, panelHeight: Math.max(120, 30 * data.runs.length * Object.keys(data.panels[0].values).length + 50) });
       }
     }
     var lossEl = document.getElementById("compare-loss-chart");

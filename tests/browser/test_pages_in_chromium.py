@@ -179,12 +179,20 @@ def test_launch_from_the_form_watch_it_complete_and_see_the_results(page, watche
     page.goto("/runs/new/")
     assert_styled(page)
     shot(page, "01-new-run")
+    # An eval-only run does not keep the fine-tune's default name; back again, it does.
+    default_name = page.input_value("input[name=name]")
+    page.check("input[name=kind][value=eval_only]")
+    assert page.input_value("input[name=name]") == default_name.replace("finetune", "eval")
+    page.check("input[name=kind][value=finetune]")
+    assert page.input_value("input[name=name]") == default_name
     page.fill("input[name=name]", "browser-finetune")
     page.fill("input[name=epochs]", "1")
     page.fill("input[name=max_steps]", "6")
     page.fill("input[name=max_samples]", "4")
     page.fill("input[name=max_new_tokens]", "12")
     page.fill("input[name=learning_rate]", "0.005")
+    # The optimizer steps this means, counted as the trainer counts them: cut to max steps.
+    assert "This trains for 6 optimizer steps" in page.inner_text("#steps-implied")
     # HTMX validation first: an error shows inline and the input stays.
     page.fill("input[name=epochs]", "0")
     page.click("button[value=validate]")

@@ -121,3 +121,9 @@ def test_dashboard_searches_by_name_and_sorts(logged_in, user):
     by_name = logged_in.get("/?sort=-name").content.decode()
     assert by_name.index(f"run-row-{second.pk}") < by_name.index(f"run-row-{first.pk}")
     assert "No run matches" in logged_in.get("/?q=nothing-like-this").content.decode()
+
+
+def test_the_new_run_page_carries_the_train_row_counts_for_the_step_count(logged_in):
+    page = logged_in.get("/runs/new/").content.decode()
+    rows = Dataset.objects.get(name="rag_qa_train").row_count
+    assert 'id="train-dataset-rows"' in page and f'"rag_qa_train": {rows}' in page
