@@ -124,7 +124,8 @@ def generate_step(ctx: GenerateContext) -> Generated:
             ctx.progress((number + done / max(total, 1)) / len(jobs), f"generating {variant} answers for {eval_set.name}: {done}/{total}")
             ctx.check_cancelled()
 
-        settings = {"batch_size": evaluation["batch_size"], "max_new_tokens": evaluation["max_new_tokens"], "on_batch": on_batch}
+        settings = {"batch_size": evaluation["batch_size"], "max_new_tokens": evaluation["max_new_tokens"], "on_batch": on_batch,
+                    "prompt_format": prompt_format}
         if variant == "base" and "finetuned" in ctx.variants:
             with adapter_disabled(model):
                 answers = generate_answers(model, tokenizer, prompts, **settings)
