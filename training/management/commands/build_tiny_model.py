@@ -1,44 +1,18 @@
-"""Build the from-scratch offline `local:` models (tokenizer + short pre-training) from the bundled data.
+"""`manage.py build_tiny_model [NAME]`: the older name of `build_model` for the from-scratch tiny builds.
 
-Pipelines build `local:tiny-llama` on first use; this command builds it ahead of
-time (e.g. in an image) or rebuilds it with --force. `manage.py build_model NAME`
-builds any local model (SmolLM2 too); this one stays for the tiny ones.
+Kept so existing scripts and images keep working; it is `build_model` with
+the name defaulting to tiny-llama and limited to the tiny builds.
 """
 
-from django.core.management.base import BaseCommand, CommandError
-from tqdm import tqdm
+from training.tiny_model import SPECS
 
-from training.local_models import build_local_model
-from training.tiny_model import SPECS, local_model_dir
+from .build_model import Command as BuildModelCommand
 
 
-class Command(BaseCommand):
-    help = "Build local:<name> (default tiny-llama) under MLOPS_MODELS_DIR, deterministically and offline."
+class Command(BuildModelCommand):
+    help = "Build local:<name> (default tiny-llama) under MLOPS_MODELS_DIR, deterministically and offline (see build_model)."
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("name", nargs="?", default="tiny-llama", choices=sorted(SPECS))
         parser.add_argument("--force", action="store_true", help="Rebuild even if it exists.")
         parser.add_argument("--dry-run", action="store_true", help="Only say where it would be built.")
-
-    def handle(self, *args, name: str, force: bool, dry_run: bool, **options) -> None:
-        target = local_model_dir(name)
-        if dry_run:
-            state = "exists" if target.exists() else "missing"
-            self.stdout.write(f"local:{name} -> {target} ({state})")
-            return
-        if target.exists() and not force:
-            self.stdout.write(self.style.NOTICE(f"local:{name} already built at {target} (use --force to rebuild)"))
-            return
-        bar = tqdm(desc=f"pre-training local:{name}", unit="step", leave=True)
-
-        def progress(step: int, total: int) -> None:
-            bar.total = total
-            bar.update(step - bar.n)
-
-        try:
-            path = build_local_model(name, force=force, progress=progress)
-        except Exception as exc:
-            raise CommandError(f"could not build local:{name}: {exc}") from exc
-        finally:
-            bar.close()
-        self.stdout.write(self.style.SUCCESS(f"built local:{name} at {path}"))
