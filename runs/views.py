@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
@@ -23,6 +24,7 @@ from .selectors import (
     dashboard_runs,
     mlflow_links,
     run_for_page,
+    run_promotion,
     run_visible_to,
 )
 from .services import InvalidTransition, run_cancel, run_create, run_retry
@@ -100,7 +102,7 @@ def run_new(request: HttpRequest) -> HttpResponse:
 def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
     reap_if_embedded()
     run = run_for_page(request.user, pk)
-    return render(request, "runs/run_detail.html", {"run": run, "links": mlflow_links(run)})
+    return render(request, "runs/run_detail.html", {"run": run, "links": mlflow_links(run), "promotion": run_promotion(run)})
 
 
 @login_required
@@ -132,6 +134,27 @@ def run_retry_view(request: HttpRequest, pk: int) -> HttpResponse:
         return redirect("run-detail", pk=run.pk)
     messages.success(request, f"Run #{retried.pk} retries run #{run.pk}.")
     return redirect("run-detail", pk=retried.pk)
+
+
+@login_required
+@require_POST
+def run_promotion_view(request: HttpRequest, pk: int) -> HttpResponse:
+    """Staff move the `champion` alias by hand (the same services as POST /api/runs/{id}/promote/ and /demote/)."""
+    from .promotion import PromotionRefused, demote_by_hand, promote_by_hand
+
+    run = get_object_or_404(run_visible_to(request.user), pk=pk)
+    if not request.user.is_staff:
+        raise PermissionDenied("only staff can promote or demote a model version")
+    action = {"promote": promote_by_hand, "demote": demote_by_hand}.get(request.POST.get("action", ""))
+    if action is None:
+        messages.error(request, "choose promote or demote")
+        return redirect("run-detail", pk=run.pk)
+    try:
+        decision = action(run=run, user=request.user, reason=request.POST.get("reason", "")[:2000])
+        messages.success(request, decision.reason)
+    except PromotionRefused as exc:
+        messages.error(request, str(exc))
+    return redirect("run-detail", pk=run.pk)
 
 
 @login_required

@@ -116,3 +116,17 @@ def test_a_run_that_has_not_completed_cannot_be_promoted(user, staff_user, tmp_p
     run = registered_run(user, tmp_path, status="evaluating")
     response = token_client(staff_user).post(f"/api/runs/{run.pk}/promote/", {"reason": "hurry"}, format="json")
     assert response.status_code == 409 and "only a completed run" in response.json()["detail"]
+
+
+def test_staff_promote_from_the_run_page_and_it_is_shown(client, user, staff_user, tmp_path):
+    run = registered_run(user, tmp_path)
+    client.force_login(user)
+    assert "Promote to champion" not in client.get(f"/runs/{run.pk}/").content.decode()  # the owner is not staff
+    assert client.post(f"/runs/{run.pk}/promotion/", {"action": "promote", "reason": "x"}).status_code == 403
+    client.force_login(staff_user)
+    page = client.get(f"/runs/{run.pk}/").content.decode()
+    assert "Promote to champion" in page and "no decision yet" in page
+    response = client.post(f"/runs/{run.pk}/promotion/", {"action": "promote", "reason": "read the samples"}, follow=True)
+    page = response.content.decode()
+    assert "@champion" in page and f"promoted by {staff_user.username}: read the samples" in page
+    assert tracking.champion_version(NAME)[0] == run.registered_model_version
