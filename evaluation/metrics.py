@@ -90,7 +90,11 @@ def _embeddings_class():
         def __init__(self, path: str) -> None:
             from sentence_transformers import SentenceTransformer
 
+            from ragas.run_config import RunConfig
+
             super().__init__()
+            # Metrics whose init() does not reach MetricWithEmbeddings.init() (AnswerCorrectness) would find none.
+            self.run_config = RunConfig()
             self.model = SentenceTransformer(path, device="cpu")
 
         def embed_documents(self, texts: list[str]) -> list[list[float]]:

@@ -9,8 +9,9 @@ from django.http import HttpRequest
 from django.utils.html import format_html
 
 from mlops_site.admin_mixins import ReadOnlyAdminMixin, ServiceAddFormMixin
+from mlops_site.limits import StructureLimitError, check_structure
 
-from .config import ConfigError, validate_config
+from .config import MAX_CONFIG_BYTES, ConfigError, validate_config
 from .models import TERMINAL_STATUSES, PipelineRun, RunEvent, RunResult, SampleResult
 from .services import InvalidTransition, dataset_name_types, run_cancel, run_create
 
@@ -29,10 +30,22 @@ class RunResultInline(ReadOnlyAdminMixin, admin.TabularInline):
     readonly_fields = ["dataset", "variant", "metric", "value", "n_scored", "n_failed", "failure_reasons"]
 
 
+class BoundedJSONField(forms.JSONField):
+    """JSON whose size and depth are checked before the (recursive) parser sees it, as the API's parser does."""
+
+    def to_python(self, value):
+        if isinstance(value, str):
+            try:
+                check_structure(value, syntax="json", max_bytes=MAX_CONFIG_BYTES, source="config")
+            except StructureLimitError as exc:
+                raise forms.ValidationError(str(exc)) from None
+        return super().to_python(value)
+
+
 class RunCreateForm(forms.ModelForm):
     """Admin add form: a config (JSON) validated like the API's, then run_create."""
 
-    config = forms.JSONField(help_text="Same schema as configs/*.yaml, as JSON.")
+    config = BoundedJSONField(help_text="Same schema as configs/*.yaml, as JSON.")
 
     class Meta:
         model = PipelineRun

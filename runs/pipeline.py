@@ -37,6 +37,7 @@ from evaluation.steps import compare_step, generate_step, score_step
 from training.steps import finetune_step
 
 from . import queues, tracking
+from .config import check_model_reference
 from .execution import RunCancelled, RunLog, drop_broken_connection, failure_reason, heartbeat, run_fail
 from .models import TERMINAL_STATUSES, PipelineRun, RunKind, RunStatus
 from .services import run_advance, run_claim_step, run_transition, run_update_progress
@@ -98,6 +99,8 @@ def run_step(run_id: int, step_name: str) -> None:
         if run.status != step.status and not run_transition(run_id=run_id, to=step.status, expected=run.status, message=f"{step.name} started"):
             raise RunCancelled(f"run {run_id} changed status before {step.name} started")
         run.refresh_from_db()
+        # The worker applies the same rule as validation: known local: builds, paths only under MLOPS_MODEL_PATHS.
+        check_model_reference(run.base_model)
         ctx = StepContext(run, step)
         with heartbeat(run_id):
             start_tracking(ctx)

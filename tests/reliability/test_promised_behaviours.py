@@ -7,12 +7,15 @@ tests hold whatever shape that code takes.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psutil
@@ -22,6 +25,7 @@ from django.conf import settings
 from django.core.management import call_command
 
 from tests.conftest import ROOT, free_port, wait_for_port, worker_env
+from tests.judge_server import _last_input
 from tests.served.test_served_mode import topology  # noqa: F401 - the fixture: scripts/served_mode.sh on this test's database and Redis
 
 from .fault_tools import Processes, kill_tree, wait_until
@@ -429,3 +433,115 @@ def test_served_mode_stop_kills_a_running_job_after_stop_timeout_and_the_reaper_
     assert "heartbeat" in run["error"], run["error"]
     assert topology.script("stop", timeout=180).returncode == 0
     assert topology.leftovers() == [] and topology.ports_closed()
+
+
+# --- six judge metrics through ragas, against a local OpenAI-compatible server ------------
+
+
+def six_metric_answer(prompt: str) -> dict:
+    """The judge's answer to each prompt the six ragas judge metrics send, in the shape
+    each asks for: everything stated is supported, useful, attributed and correct."""
+    data = _last_input(prompt)
+
+    def sentences(text: str) -> list[str]:
+        return [s.strip() + "." for s in text.split(".") if s.strip()] or [text]
+
+    if "statements" in data and "context" in data:  # faithfulness and factual_correctness: NLI
+        return {"statements": [{"statement": s, "reason": "stated in the context", "verdict": 1} for s in data["statements"]]}
+    if isinstance(data.get("answer"), list) and "ground_truth" in data:  # answer_correctness: classify statements
+        return {"TP": [{"statement": s, "reason": "in the ground truth"} for s in data["answer"]], "FP": [], "FN": []}
+    if {"question", "context", "answer"} <= set(data):
+        if "classifications" in prompt:  # context_recall
+            return {"classifications": [{"statement": s, "reason": "in the context", "attributed": 1} for s in sentences(data["answer"])]}
+        return {"reason": "the context holds the answer", "verdict": 1}  # context_precision
+    if "question" in data and "answer" in data:  # statement generation
+        return {"statements": sentences(data["answer"])}
+    if "response" in data:
+        if "noncommittal" in prompt:  # answer_relevancy
+            return {"question": f"What about {data['response'].split('.')[0].strip()}?", "noncommittal": 0}
+        return {"claims": sentences(data["response"])}  # factual_correctness: claim decomposition
+    return {"text": "unsupported prompt"}
+
+
+class RecordingJudge:
+    """An OpenAI-compatible chat-completions endpoint that records each request's Authorization header."""
+
+    def __init__(self) -> None:
+        self.authorizations: list[str | None] = []
+        self.paths: list[str] = []
+        judge = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                judge.authorizations.append(self.headers.get("Authorization"))
+                judge.paths.append(self.path)
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                prompt = "\n".join(str(m.get("content", "")) for m in body.get("messages", []))
+                content = json.dumps(six_metric_answer(prompt))
+                reply = json.dumps({
+                    "id": "chatcmpl-test", "object": "chat.completion", "created": int(time.time()), "model": body.get("model", "judge"),
+                    "choices": [{"index": i, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"} for i in range(int(body.get("n") or 1))],
+                    "usage": {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20},
+                }).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def __enter__(self) -> RecordingJudge:
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+JUDGE_METRICS_SIX = ["faithfulness", "answer_relevancy", "context_precision", "context_recall", "answer_correctness", "factual_correctness"]
+
+
+@pytest.mark.pipeline
+@pytest.mark.django_db(transaction=True)
+def test_all_six_judge_metrics_score_through_ragas_with_the_key_as_a_bearer_token(tmp_path, monkeypatch, user):
+    import yaml
+
+    from runs.models import PipelineRun
+    from tests.conftest import token_client
+
+    key = "sk-test-judge-key-5f1c"
+    monkeypatch.setenv("TEST_JUDGE_KEY", key)
+    samples = 3
+    with RecordingJudge() as judge:
+        config = {
+            "name": "six-judge-metrics", "kind": "eval_only", "datasets": {"eval": ["ragas_eval"]},
+            "evaluation": {"answers": "dataset", "metrics": JUDGE_METRICS_SIX, "max_samples": samples,
+                           "judge": {"base_url": judge.base_url, "model": "test-judge", "api_key_env": "TEST_JUDGE_KEY", "timeout": 60, "max_retries": 0}},
+        }
+        path = tmp_path / "judge.yaml"
+        path.write_text(yaml.safe_dump(config))
+        call_command("run_pipeline", str(path), "--user", "alice")
+    run = PipelineRun.objects.get()
+    assert run.status == "completed", run.logs[-3000:]
+    assert judge.authorizations and set(judge.authorizations) == {f"Bearer {key}"}, set(judge.authorizations)
+    assert set(judge.paths) == {"/v1/chat/completions"}
+    detail = token_client(user).get(f"/api/runs/{run.pk}/").json()
+    results = {r["metric"]: r for r in detail["results"]}
+    assert set(results) == set(JUDGE_METRICS_SIX)
+    for metric, result in results.items():
+        assert (result["n_scored"], result["n_failed"], result["failure_reasons"]) == (samples, 0, {}), (metric, result)
+    # The judge supports everything: ragas' own formulas then give these.
+    for metric in ("faithfulness", "context_precision", "context_recall", "factual_correctness"):
+        assert results[metric]["value"] == pytest.approx(1.0, abs=1e-6), (metric, results[metric])
+    assert 0.75 < results["answer_correctness"]["value"] <= 1.0  # 0.75 x F1 of 1 + 0.25 x semantic similarity
+    assert 0.0 <= results["answer_relevancy"]["value"] <= 1.0
+    assert key not in json.dumps(detail)
+
+
