@@ -38,7 +38,7 @@ FIELDS: tuple[FormField, ...] = (
     FormField("name", "name"),
     FormField("kind", "kind"),
     FormField("base_model", "model.base", "Base model",
-              "local:smollm2-135m-instruct or local:tiny-llama (offline), a Hugging Face hub id such as Qwen/Qwen2.5-0.5B-Instruct, or a local path."),
+              "local:smollm2-135m-instruct or local:tiny-llama (offline), a Hugging Face hub id such as Qwen/Qwen2.5-0.5B-Instruct, or a folder under the operator's MLOPS_MODEL_PATHS."),
     FormField("prompt_format", "model.prompt_format", "Prompt format", "auto: the tokenizer's chat template when it has one, else the plain template."),
     FormField("train_datasets", "datasets.train", "Train (fine-tune on all of them)"),
     FormField("eval_datasets", "datasets.eval", "Eval (results per dataset)"),
