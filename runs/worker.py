@@ -8,9 +8,9 @@ Only imports: no model is loaded, no CUDA context is created (the parent must
 stay CUDA-free so that its forked horses can use the GPU), no database or
 MLflow connection is opened.
 
-It is the default of `manage.py rqworker` (settings.RQ["WORKER_CLASS"]), so
-`python manage.py rqworker gpu` uses it; docker-compose and
-scripts/served_mode.sh start exactly that.
+It is the default of `manage.py rqworker` (settings.RQ["WORKER_CLASS"], env
+RQ_WORKER_CLASS), so `python manage.py rqworker gpu` and scripts/served_mode.sh
+use it; docker-compose names it with --worker-class.
 """
 
 from __future__ import annotations

@@ -14,10 +14,12 @@ projecting them onto the vocabulary was waste. The loss is the same number
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,10 +61,35 @@ def pick_device(precision: str = "auto") -> tuple[str, Any]:
     return "cpu", torch.float32
 
 
+class HubModelNeedsToken(OSError):
+    """A hub model is private or gated and this worker has no (or no valid) HF_TOKEN."""
+
+
+@contextlib.contextmanager
+def hub_access(model: str) -> Iterator[None]:
+    """Turn the hub's "gated / not found / 401" into one message that says what to set (never the token)."""
+    try:
+        yield
+    except OSError as exc:
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, (GatedRepoError, RepositoryNotFoundError)):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        has_token = bool(os.environ.get("HF_TOKEN"))
+        kind = "gated" if isinstance(cause, GatedRepoError) else "private or does not exist"
+        advice = ("the HF_TOKEN this worker has is not allowed to read it (accept the model's terms on the hub with that account)"
+                  if has_token else "set HF_TOKEN for the gpu workers (.env: HF_TOKEN) to a token that may read it")
+        raise HubModelNeedsToken(f"hub model {model!r} is {kind}: {advice}") from None
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    with hub_access(path):
+        tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -71,7 +98,8 @@ def load_tokenizer(path: str):
 def load_base_model(path: str, *, device: str, dtype):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    with hub_access(path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model.to(device)
 
 
