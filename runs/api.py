@@ -12,6 +12,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from .api_schema import RunConfigInputSerializer
 from .exports import results_csv
 from .models import PipelineRun, PromotionDecision, RunResult, RunStatus, SampleResult, ScoreComparison, Variant
 from .selectors import run_visible_to
@@ -118,9 +119,10 @@ class RunListCreateApi(generics.ListAPIView):
         return super().get(request, *args, **kwargs)
 
     @extend_schema(
-        request={"application/json": OpenApiTypes.OBJECT},
+        request=RunConfigInputSerializer,
         responses={201: RunDetailSerializer},
-        description="Create a run from a config (the YAML schema as JSON). Stored as `pending` and queued.",
+        description="Create a run from a config (the YAML schema as JSON, the `RunConfig` schema below: every field "
+                    "with its type, range and default). Stored as `pending` and queued.",
     )
     def post(self, request: Request) -> Response:
         run = run_create(config=request.data, owner=request.user)

@@ -1,0 +1,96 @@
+"""The run config schema in OpenAPI, generated from the pydantic models of runs/config.py.
+
+`POST /api/runs/` takes a config (the YAML schema as JSON). Its request body is
+documented as the `RunConfig` component, built from `RunConfig.model_json_schema()`,
+so every field with its type, range, default and allowed values is in
+/api/schema/ and the docs page, and a new field of the config cannot be missed.
+
+pydantic writes JSON Schema 2020-12; the API schema is OpenAPI 3.0, so a few
+constructs are translated: `$defs` become components (`RunConfig<Model>`),
+`anyOf [X, null]` becomes X with `nullable`, a numeric `exclusiveMinimum`
+becomes `minimum` + `exclusiveMinimum: true`, `const` an enum of one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drf_spectacular.extensions import OpenApiSerializerExtension
+from drf_spectacular.plumbing import ResolvedComponent
+from rest_framework import serializers
+
+from .config import ALL_METRICS, RunConfig
+
+COMPONENT_PREFIX = "RunConfig"
+REF_PREFIX = "#/components/schemas/"
+
+
+def _component_name(model_name: str) -> str:
+    return model_name if model_name == COMPONENT_PREFIX else f"{COMPONENT_PREFIX}{model_name}"
+
+
+def _to_openapi(node: Any) -> Any:
+    """One JSON Schema 2020-12 node (and everything below it) as an OpenAPI 3.0 schema object."""
+    if isinstance(node, list):
+        return [_to_openapi(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = dict(node)
+    if "$ref" in node:
+        target = node.pop("$ref")
+        ref = {"$ref": target if target.startswith(REF_PREFIX) else REF_PREFIX + _component_name(target.rsplit("/", 1)[-1])}
+        # OpenAPI 3.0 ignores siblings of $ref: keep a description or default through allOf.
+        return {"allOf": [ref], **{k: _to_openapi(v) for k, v in node.items()}} if node else ref
+    variants = node.get("anyOf")
+    if isinstance(variants, list) and any(v == {"type": "null"} for v in variants):
+        rest = [v for v in variants if v != {"type": "null"}]
+        del node["anyOf"]
+        node["nullable"] = True
+        if len(rest) == 1:
+            only = _to_openapi(rest[0])
+            if "$ref" in only:
+                node["allOf"] = [only]
+            else:
+                node = {**only, **node}
+        else:
+            node["anyOf"] = rest
+    for bound, plain in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if isinstance(node.get(bound), (int, float)) and not isinstance(node.get(bound), bool):
+            node[plain], node[bound] = node[bound], True
+    if "const" in node:
+        node["enum"] = [node.pop("const")]
+    return {key: _to_openapi(value) for key, value in node.items()}
+
+
+def run_config_openapi() -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(the RunConfig schema object, {component name: schema object} of the models it uses)."""
+    schema = RunConfig.model_json_schema(mode="validation")
+    definitions = schema.pop("$defs", {})
+    components = {_component_name(name): _to_openapi(body) for name, body in definitions.items()}
+    # The metric names are checked by a validator, not by the type: list them for clients.
+    components[_component_name("EvaluationConfig")]["properties"]["metrics"]["items"]["enum"] = list(ALL_METRICS)
+    root = _to_openapi(schema)
+    root["description"] = (
+        "A run config: the YAML schema of configs/*.yaml as JSON. Unknown keys are refused; "
+        "ranges and defaults are those the server validates with."
+    )
+    return root, components
+
+
+class RunConfigInputSerializer(serializers.Serializer):
+    """Stands for the config body in the schema only: the view validates it with runs/config.py."""
+
+
+class RunConfigSchemaExtension(OpenApiSerializerExtension):
+    target_class = RunConfigInputSerializer
+
+    def get_name(self, auto_schema, direction) -> str:
+        return COMPONENT_PREFIX
+
+    def map_serializer(self, auto_schema, direction) -> dict[str, Any]:
+        root, components = run_config_openapi()
+        for name, body in components.items():
+            auto_schema.registry.register_on_missing(
+                ResolvedComponent(name=name, type=ResolvedComponent.SCHEMA, object=name, schema=body)
+            )
+        return root
