@@ -15,6 +15,7 @@ from rest_framework.views import APIView
 from .api_schema import RunConfigInputSerializer
 from .exports import results_csv
 from .models import PipelineRun, PromotionDecision, RunResult, RunStatus, SampleResult, ScoreComparison, Variant
+from .playground import MAX_CONTEXT_CHARS, MAX_CONTEXTS, MAX_QUESTION_CHARS
 from .selectors import run_visible_to
 from .services import (
     run_append_logs,
@@ -303,3 +304,94 @@ class RunDemoteApi(_RunPromotionApi):
         from .promotion import demote_by_hand
 
         demote_by_hand(run=run, user=user, reason=reason)
+
+
+class GenerateInputSerializer(serializers.Serializer):
+    question = serializers.CharField(max_length=MAX_QUESTION_CHARS, trim_whitespace=True)
+    contexts = serializers.ListField(
+        child=serializers.CharField(max_length=MAX_CONTEXT_CHARS, allow_blank=False), max_length=MAX_CONTEXTS, default=list,
+    )
+
+
+class GenerateOutputSerializer(serializers.Serializer):
+    base = serializers.CharField(help_text="The base model's answer (the run's adapter disabled).")
+    finetuned = serializers.CharField(help_text="The fine-tuned model's answer.")
+    prompt = serializers.CharField(help_text="Exactly what both models were asked (the run's prompt format, context cut to its budget).")
+
+
+class GenerateQueuedSerializer(serializers.Serializer):
+    job_id = serializers.CharField()
+    status = serializers.CharField(help_text="queued (waiting for a gpu worker) or started (generating).")
+    poll = serializers.CharField(help_text="GET this URL until it answers 200.")
+    gpu_workers = serializers.IntegerField(allow_null=True, help_text="Live gpu workers when the job was sent or polled.")
+    message = serializers.CharField(allow_blank=True, help_text="Why the answer may not come soon (no gpu worker is live), or empty.")
+
+
+class GenerateJobOutputSerializer(serializers.Serializer):
+    status = serializers.CharField(help_text="finished (the answers are here) or failed (error says why).")
+    base = serializers.CharField(required=False)
+    finetuned = serializers.CharField(required=False)
+    prompt = serializers.CharField(required=False)
+    error = serializers.CharField(required=False, help_text="Why the generation failed (status failed).")
+
+
+def _queued_body(request: Request, run: PipelineRun, job_id: str, status_name: str) -> dict:
+    from .playground import live_gpu_workers, no_worker_message
+
+    workers = live_gpu_workers()
+    return {"job_id": job_id, "status": status_name, "poll": request.build_absolute_uri(f"/api/runs/{run.pk}/generate/{job_id}/"),
+            "gpu_workers": workers, "message": no_worker_message(workers)}
+
+
+class RunGenerateApi(_RunActionApi):
+    @extend_schema(
+        request=GenerateInputSerializer,
+        responses={200: GenerateOutputSerializer, 202: GenerateQueuedSerializer, 409: OpenApiTypes.OBJECT, 503: OpenApiTypes.OBJECT},
+        description="Ask a completed fine-tune a question with its contexts: the base and fine-tuned answers, generated with the "
+                    "run's prompt format and generation settings. Embedded default: 200 with the answers. Served mode: 202 with "
+                    "a job on the gpu queue; poll `GET /api/runs/{id}/generate/{job_id}/`. 409 for a run that is not a completed "
+                    "fine-tune; 503 when the gpu queue cannot be reached.",
+    )
+    def post(self, request: Request, pk: int) -> Response:
+        from redis.exceptions import RedisError
+
+        from .playground import PlaygroundUnavailable, jobs_inline, playground_answer, playground_check, playground_enqueue
+
+        run = self.get_run(request, pk)
+        data = GenerateInputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        question, contexts = data.validated_data["question"], list(data.validated_data["contexts"])
+        try:
+            playground_check(run)
+            if jobs_inline():
+                return Response(playground_answer(run=run, question=question, contexts=contexts))
+            job_id = playground_enqueue(run=run, question=question, contexts=contexts)
+        except PlaygroundUnavailable as exc:
+            return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
+        except RedisError as exc:
+            return Response({"detail": f"the gpu queue cannot be reached ({type(exc).__name__})"}, status=status.HTTP_503_SERVICE_UNAVAILABLE)
+        return Response(_queued_body(request, run, job_id, "queued"), status=status.HTTP_202_ACCEPTED)
+
+
+class RunGenerateJobApi(_RunActionApi):
+    @extend_schema(
+        responses={200: GenerateJobOutputSerializer, 202: GenerateQueuedSerializer, 404: OpenApiTypes.OBJECT, 503: OpenApiTypes.OBJECT},
+        description="A playground job of the run: 202 while it waits or works, 200 with the answers (or why it failed) once it ended.",
+    )
+    def get(self, request: Request, pk: int, job_id: str) -> Response:
+        from redis.exceptions import RedisError
+
+        from .playground import JobNotFound, playground_job_state
+
+        run = self.get_run(request, pk)
+        try:
+            state = playground_job_state(run=run, job_id=job_id)
+        except JobNotFound:
+            return Response({"detail": f"no playground job {job_id} for run {run.pk} (or its answer has expired)"}, status=404)
+        except RedisError as exc:
+            return Response({"detail": f"the gpu queue cannot be reached ({type(exc).__name__})"}, status=status.HTTP_503_SERVICE_UNAVAILABLE)
+        if state.status == "finished":
+            return Response({"status": "finished", **(state.answers or {})})
+        if state.status == "failed":
+            return Response({"status": "failed", "error": state.error})
+        return Response(_queued_body(request, run, job_id, state.status), status=status.HTTP_202_ACCEPTED)

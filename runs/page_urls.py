@@ -12,6 +12,8 @@ urlpatterns = [
     path("runs/<int:pk>/retry/", views.run_retry_view, name="run-retry"),
     path("runs/<int:pk>/promotion/", views.run_promotion_view, name="run-promotion"),
     path("runs/<int:pk>/results/", views.run_results, name="run-results"),
+    path("runs/<int:pk>/playground/", views.run_playground, name="run-playground"),
+    path("runs/<int:pk>/playground/<str:job_id>/", views.run_playground_job, name="run-playground-job"),
     path("runs/<int:pk>/samples.csv", views.run_samples_csv, name="run-samples-csv"),
     path("compare/", views.compare, name="compare"),
 ]

@@ -14,4 +14,6 @@ urlpatterns = [
     path("runs/<int:pk>/export.csv", api.RunExportCsvApi.as_view(), name="api-run-export"),
     path("runs/<int:pk>/promote/", api.RunPromoteApi.as_view(), name="api-run-promote"),
     path("runs/<int:pk>/demote/", api.RunDemoteApi.as_view(), name="api-run-demote"),
+    path("runs/<int:pk>/generate/", api.RunGenerateApi.as_view(), name="api-run-generate"),
+    path("runs/<int:pk>/generate/<str:job_id>/", api.RunGenerateJobApi.as_view(), name="api-run-generate-job"),
 ]

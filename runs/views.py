@@ -14,7 +14,7 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from . import page_data
+from . import page_data, playground
 from .config import ConfigError
 from .exports import samples_csv
 from .forms import RunForm, YamlConfigForm, default_initial, initial_from_config
@@ -102,7 +102,79 @@ def run_new(request: HttpRequest) -> HttpResponse:
 def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
     reap_if_embedded()
     run = run_for_page(request.user, pk)
-    return render(request, "runs/run_detail.html", {"run": run, "links": mlflow_links(run), "promotion": run_promotion(run)})
+    return render(request, "runs/run_detail.html", {
+        "run": run, "links": mlflow_links(run), "promotion": run_promotion(run), "playground": _playground_box(run, request.GET),
+    })
+
+
+def _playground_box(run: PipelineRun, query, *, question: str = "", contexts: str = "") -> dict | None:
+    """The playground's form for a completed fine-tune (None for any other run), prefilled from ?sample=<id>."""
+    if run.kind != RunKind.FINETUNE or run.status != RunStatus.COMPLETED:
+        return None
+    rows = playground.prefill_rows(run)
+    chosen = next((r for r in rows if str(r.pk) == query.get("sample", "")), None)
+    if chosen is not None:
+        question, contexts = chosen.question, "\n\n".join(chosen.contexts)
+    return {"rows": rows, "chosen": chosen, "question": question, "contexts": contexts, "inline": playground.jobs_inline(),
+            "settings": playground.generation_settings(run), "limits": playground.LIMITS}
+
+
+@login_required
+def run_playground(request: HttpRequest, pk: int) -> HttpResponse:
+    """GET: the playground prefilled from an eval row; POST: ask it (answers now, or a job the page polls)."""
+    run = get_object_or_404(run_visible_to(request.user), pk=pk)
+    try:
+        playground.playground_check(run)
+    except playground.PlaygroundUnavailable as exc:
+        return HttpResponse(str(exc), status=409)
+    answer: dict = {}
+    if request.method == "POST":
+        form = playground.PlaygroundForm(request.POST)
+        box = _playground_box(run, {}, question=request.POST.get("question", "")[:20000], contexts=request.POST.get("contexts", "")[:200000])
+        answer = _ask(run, form) if form.is_valid() else {"errors": [e for errors in form.errors.values() for e in errors]}
+        if request.htmx:
+            return render(request, "runs/_playground_answer.html", {"run": run, "answer": answer})
+    else:
+        box = _playground_box(run, request.GET)
+        if request.htmx:
+            return render(request, "runs/_playground.html", {"run": run, "playground": box})
+    return render(request, "runs/playground.html", {"run": run, "playground": box, "answer": answer})
+
+
+def _ask(run: PipelineRun, form) -> dict:
+    from redis.exceptions import RedisError
+
+    question, contexts = form.cleaned_data["question"], form.cleaned_data["contexts"]
+    if playground.jobs_inline():
+        return {"status": "finished", "answers": playground.playground_answer(run=run, question=question, contexts=contexts)}
+    try:
+        job_id = playground.playground_enqueue(run=run, question=question, contexts=contexts)
+    except RedisError:
+        return {"errors": [playground.no_worker_message(None)]}
+    return {"status": "queued", "job_id": job_id, "message": playground.no_worker_message(playground.live_gpu_workers())}
+
+
+@login_required
+def run_playground_job(request: HttpRequest, pk: int, job_id: str) -> HttpResponse:
+    """The polled answer of a served-mode question; 286 (stop polling) once it is there or failed."""
+    from redis.exceptions import RedisError
+
+    run = get_object_or_404(run_visible_to(request.user), pk=pk)
+    try:
+        state = playground.playground_job_state(run=run, job_id=job_id)
+    except playground.JobNotFound:
+        raise Http404("no such playground question (or its answer has expired)") from None
+    except RedisError:
+        state = playground.JobState(status="failed", error=playground.no_worker_message(None))
+    answer = {"status": state.status, "answers": state.answers, "job_id": job_id, "errors": [state.error] if state.error else []}
+    if state.status in ("queued", "started"):
+        answer["message"] = playground.no_worker_message(playground.live_gpu_workers())
+    response = render(request, "runs/_playground_answer.html" if request.htmx else "runs/playground.html", {
+        "run": run, "answer": answer, "playground": None if request.htmx else _playground_box(run, {}),
+    })
+    if state.status in ("finished", "failed") and request.htmx:
+        response.status_code = STOP_POLLING
+    return response
 
 
 @login_required

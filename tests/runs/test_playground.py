@@ -1,0 +1,135 @@
+"""The playground of a completed fine-tune: base and fine-tuned answers, inline and on a real gpu worker.
+
+The run is a real tiny-llama fine-tune (run_pipeline); asked one of its eval rows,
+the playground must answer exactly what the run's generate step answered (same
+prompt format, budget and generation settings), for both variants.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from django.core.management import call_command
+
+from runs.models import PipelineRun, SampleResult
+from tests.conftest import run_worker_burst
+
+from .factories import finetune_config, make_run
+
+pytestmark = [pytest.mark.pipeline, pytest.mark.django_db(transaction=True)]
+
+CONFIG = finetune_config(
+    name="playground-finetune",
+    training={"epochs": 1, "batch_size": 8, "max_seq_length": 256, "learning_rate": 5e-3, "max_steps": 2, "seed": 3},
+    evaluation={"metrics": ["rouge_score"], "max_samples": 2, "max_new_tokens": 8, "batch_size": 1, "compare_base": True},
+)
+
+
+@pytest.fixture
+def completed_finetune(tmp_path: Path, tiny_model, user) -> PipelineRun:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(CONFIG))
+    call_command("run_pipeline", str(path))
+    run = PipelineRun.objects.get(name=CONFIG["name"])
+    assert run.status == "completed", run.logs
+    PipelineRun.objects.filter(pk=run.pk).update(owner=user)
+    return PipelineRun.objects.get(pk=run.pk)
+
+
+def stored(run: PipelineRun, variant: str, index: int = 0) -> SampleResult:
+    return SampleResult.objects.get(run=run, variant=variant, index=index)
+
+
+def test_inline_it_answers_an_eval_row_as_the_run_did(completed_finetune, api, client, user):
+    from evaluation.playground import forget_loaded_model
+
+    run = completed_finetune
+    forget_loaded_model()
+    for index in (0, 1):
+        row = stored(run, "finetuned", index)
+        response = api.post(f"/api/runs/{run.pk}/generate/", {"question": row.question, "contexts": row.contexts}, format="json")
+        assert response.status_code == 200, response.content
+        body = response.json()
+        assert body["finetuned"] == row.answer
+        assert body["base"] == stored(run, "base", index).answer
+        if index == 0:
+            assert body["prompt"] == run.reproducibility["prompt_example"]
+        assert "### Question:" in body["prompt"] and row.question in body["prompt"]
+
+    # Typed by hand: no contexts at all is a question too.
+    typed = api.post(f"/api/runs/{run.pk}/generate/", {"question": "What is the capital of France?", "contexts": []}, format="json")
+    assert typed.status_code == 200 and set(typed.json()) == {"base", "finetuned", "prompt"}
+
+    # The page: the box on the run page, prefilled from an eval row, answered in place (htmx) or as a page.
+    client.force_login(user)
+    page = client.get(f"/runs/{run.pk}/").content.decode()
+    assert 'id="playground"' in page and 'name="sample"' in page
+    row = stored(run, "finetuned", 1)
+    prefilled = client.get(f"/runs/{run.pk}/playground/", {"sample": row.pk}, HTTP_HX_REQUEST="true")
+    assert prefilled.status_code == 200 and row.question in prefilled.content.decode()
+    asked = client.post(f"/runs/{run.pk}/playground/", {"question": row.question, "contexts": "\n\n".join(row.contexts)}, HTTP_HX_REQUEST="true")
+    html = asked.content.decode()
+    assert asked.status_code == 200 and 'id="playground-answers"' in html
+    from django.utils.html import escape
+
+    assert f'id="playground-finetuned">{escape(row.answer) or "(empty answer)"}<' in html
+    assert f'id="playground-base">{escape(stored(run, "base", 1).answer) or "(empty answer)"}<' in html
+    plain = client.post(f"/runs/{run.pk}/playground/", {"question": row.question, "contexts": "\n\n".join(row.contexts)})
+    assert plain.status_code == 200 and "<html" in plain.content.decode() and 'id="playground-answers"' in plain.content.decode()
+
+
+def test_it_refuses_runs_that_are_not_completed_fine_tunes_and_bounds_its_input(api, other_api, user, client):
+    pending = make_run(user, status="pending")
+    evaluated = make_run(user, kind="eval_only", status="completed")
+    for run in (pending, evaluated):
+        response = api.post(f"/api/runs/{run.pk}/generate/", {"question": "q", "contexts": ["c"]}, format="json")
+        assert response.status_code == 409, response.content
+    assert other_api.post(f"/api/runs/{pending.pk}/generate/", {"question": "q", "contexts": []}, format="json").status_code == 404
+    completed = make_run(user, status="completed")
+    too_long = api.post(f"/api/runs/{completed.pk}/generate/", {"question": "q" * 4001, "contexts": []}, format="json")
+    assert too_long.status_code == 400 and "question" in too_long.content.decode()
+    too_many = api.post(f"/api/runs/{completed.pk}/generate/", {"question": "q", "contexts": ["c"] * 21}, format="json")
+    assert too_many.status_code == 400 and "contexts" in too_many.content.decode()
+    assert api.post(f"/api/runs/{completed.pk}/generate/", {"contexts": ["c"]}, format="json").status_code == 400
+    client.force_login(user)
+    assert 'id="playground"' not in client.get(f"/runs/{pending.pk}/").content.decode()
+    assert client.get(f"/runs/{pending.pk}/playground/").status_code == 409
+
+
+def test_served_it_is_a_gpu_job_that_the_page_and_the_api_poll(completed_finetune, api, client, user, request, redis_url):
+    import django_rq
+
+    run = completed_finetune
+    request.getfixturevalue("rq_settings")  # from here on: served mode, jobs on the test Redis
+    row = stored(run, "finetuned", 0)
+    sent = api.post(f"/api/runs/{run.pk}/generate/", {"question": row.question, "contexts": row.contexts}, format="json")
+    assert sent.status_code == 202, sent.content
+    body = sent.json()
+    job_id = body["job_id"]
+    assert job_id.startswith(f"playground-{run.pk}-") and django_rq.get_queue("gpu").job_ids == [job_id]
+    assert body["gpu_workers"] == 0 and "No gpu worker is live" in body["message"]
+    waiting = api.get(f"/api/runs/{run.pk}/generate/{job_id}/")
+    assert waiting.status_code == 202 and waiting.json()["status"] == "queued"
+
+    client.force_login(user)
+    asked = client.post(f"/runs/{run.pk}/playground/", {"question": row.question, "contexts": "\n\n".join(row.contexts)}, HTTP_HX_REQUEST="true")
+    assert 'id="playground-pending"' in asked.content.decode() and "No gpu worker is live" in asked.content.decode()
+    page_job = asked.content.decode().split(f"/runs/{run.pk}/playground/", 1)[1].split("/", 1)[0]
+    poll = client.get(f"/runs/{run.pk}/playground/{page_job}/", HTTP_HX_REQUEST="true")
+    assert poll.status_code == 200 and "No gpu worker is live" in poll.content.decode()
+    # Another run's id in the path does not read this run's job.
+    other = make_run(user, status="completed")
+    assert api.get(f"/api/runs/{other.pk}/generate/{job_id}/").status_code == 404
+
+    result = run_worker_burst("gpu", redis_url)
+    assert result.returncode == 0, result.stderr[-3000:]
+    done = api.get(f"/api/runs/{run.pk}/generate/{job_id}/")
+    assert done.status_code == 200, done.content
+    answers = done.json()
+    assert answers["status"] == "finished"
+    assert answers["finetuned"] == row.answer and answers["base"] == stored(run, "base", 0).answer
+    assert answers["prompt"] == run.reproducibility["prompt_example"]
+    final = client.get(f"/runs/{run.pk}/playground/{page_job}/", HTTP_HX_REQUEST="true")
+    assert final.status_code == 286 and 'id="playground-answers"' in final.content.decode()
