@@ -339,7 +339,10 @@ def _queued_body(request: Request, run: PipelineRun, job_id: str, status_name: s
     from .playground import live_gpu_workers, no_worker_message
 
     workers = live_gpu_workers()
-    return {"job_id": job_id, "status": status_name, "poll": request.build_absolute_uri(f"/api/runs/{run.pk}/generate/{job_id}/"),
+    from django.urls import reverse
+
+    poll = request.build_absolute_uri(reverse("api-run-generate-job", kwargs={"pk": run.pk, "job_id": job_id}))
+    return {"job_id": job_id, "status": status_name, "poll": poll,
             "gpu_workers": workers, "message": no_worker_message(workers)}
 
 

@@ -110,6 +110,7 @@ def test_served_it_is_a_gpu_job_that_the_page_and_the_api_poll(completed_finetun
     job_id = body["job_id"]
     assert job_id.startswith(f"playground-{run.pk}-") and django_rq.get_queue("gpu").job_ids == [job_id]
     assert body["gpu_workers"] == 0 and "No gpu worker is live" in body["message"]
+    assert body["poll"].endswith(f"/api/runs/{run.pk}/generate/{job_id}/")
     waiting = api.get(f"/api/runs/{run.pk}/generate/{job_id}/")
     assert waiting.status_code == 202 and waiting.json()["status"] == "queued"
 
@@ -133,3 +134,19 @@ def test_served_it_is_a_gpu_job_that_the_page_and_the_api_poll(completed_finetun
     assert answers["prompt"] == run.reproducibility["prompt_example"]
     final = client.get(f"/runs/{run.pk}/playground/{page_job}/", HTTP_HX_REQUEST="true")
     assert final.status_code == 286 and 'id="playground-answers"' in final.content.decode()
+
+
+def test_served_without_redis_it_answers_503_and_the_page_says_why(settings, api, client, user):
+    import django_rq.queues
+
+    from tests.conftest import free_port
+
+    settings.JOBS_INLINE = False
+    settings.RQ_QUEUES = {name: {**conf, "URL": f"redis://127.0.0.1:{free_port()}/0"} for name, conf in settings.RQ_QUEUES.items()}
+    getattr(getattr(django_rq.queues, "get_redis_connection", None), "cache_clear", lambda: None)()
+    run = make_run(user, status="completed")
+    response = api.post(f"/api/runs/{run.pk}/generate/", {"question": "q", "contexts": ["c"]}, format="json")
+    assert response.status_code == 503 and "gpu queue cannot be reached" in response.json()["detail"]
+    client.force_login(user)
+    asked = client.post(f"/runs/{run.pk}/playground/", {"question": "q", "contexts": "c"}, HTTP_HX_REQUEST="true")
+    assert asked.status_code == 200 and "Redis cannot be reached" in asked.content.decode()
