@@ -39,7 +39,10 @@ def test_a_runs_directory_that_is_a_file_fails_the_run_before_training(tmp_path,
         f"finetune failed: ArtifactWriteError: cannot write the adapter to {blocker / str(run.pk) / 'adapter'}: "
         "Not a directory (disk full or directory not writable)"
     )
-    assert run.train_history == [] and run.mlflow_run_id == ""  # found out before loading the model, not after training
+    assert run.train_history == []  # found out before loading the model, not after training
+    from runs.tracking import client
+
+    assert client().get_run(run.mlflow_run_id).info.status == "FAILED"  # the MLflow run the registry opened says so too
     assert list(run.events.values_list("to_status", flat=True)) == ["pending", "training", "failed"]
     assert not PipelineRun.objects.filter(status__in=ACTIVE_STATUSES).exists()
 
