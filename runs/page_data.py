@@ -28,6 +28,7 @@ from .models import (
     ScoreComparison,
     ordered_variants,
 )
+from .selectors import run_sample_scores
 
 VARIANT_LABELS = {"finetuned": "fine-tuned", "base": "base model", "dataset": "stored answers"}
 # These compare the retrieved contexts with the reference contexts: the answer, and so
@@ -342,13 +343,77 @@ def config_differences(runs: list[PipelineRun]) -> list[dict[str, Any]]:
     return diff
 
 
+def _recorded_sha256(run: PipelineRun, dataset: str) -> str:
+    """The eval dataset's sha256 in the run's reproducibility record ("" when not recorded)."""
+    entry = ((run.reproducibility or {}).get("datasets") or {}).get(dataset)
+    if isinstance(entry, dict):
+        entry = entry.get("sha256")
+    return entry if isinstance(entry, str) else ""
+
+
+def paired_with_reference(runs: list[PipelineRun]) -> dict[str, Any]:
+    """Each run after the first against the first (the reference), on every eval dataset and metric both scored.
+
+    Main-variant per-sample scores are paired by row index and compared with
+    evaluation/significance.py: one Holm family per (run, dataset), across the
+    metrics both scored; delta = other - reference, so `better` means the other
+    run scored higher. A dataset whose sha256 differs between the two
+    reproducibility records is not paired (a refusal naming it); where a record
+    lacks the dataset the rows are paired unchecked, and a note says so.
+
+    Returns {"reference": run or None, "cells": {(dataset, metric, run pk): cell},
+    "refused": {(dataset, run pk): message}, "messages": [refusals], "unchecked": [notes]}.
+    A cell: {"n_pairs", "n_excluded", "delta", "ci_low", "ci_high", "interval", "p_adjusted",
+    "p_text", "verdict", "verdict_class"}.
+    """
+    out: dict[str, Any] = {"reference": runs[0] if len(runs) > 1 else None, "cells": {}, "refused": {}, "messages": [], "unchecked": []}
+    if len(runs) < 2:
+        return out
+    from evaluation.significance import compare_metrics, format_interval, format_p_value, pair_by_index
+
+    reference, others = runs[0], runs[1:]
+    main = SampleResult.objects.filter(run=reference, variant=reference.main_variant)
+    datasets = sorted({name for name in main.values_list("dataset__name", flat=True).distinct() if name})
+    for dataset in datasets:
+        mine = run_sample_scores(reference, dataset_name=dataset, variant=reference.main_variant)
+        if not mine:
+            continue
+        for other in others:
+            theirs = run_sample_scores(other, dataset_name=dataset, variant=other.main_variant)
+            metrics = sorted(set(mine) & set(theirs))
+            if not metrics:
+                continue
+            ref_sha, other_sha = _recorded_sha256(reference, dataset), _recorded_sha256(other, dataset)
+            if ref_sha and other_sha and ref_sha != other_sha:
+                message = (f"#{other.pk} {other.name} is not paired with #{reference.pk} {reference.name} on {dataset}: "
+                           f"they scored different versions of {dataset} (sha256 {other_sha[:12]}… vs {ref_sha[:12]}…).")
+                out["refused"][(dataset, other.pk)] = message
+                out["messages"].append(message)
+                continue
+            if not (ref_sha and other_sha):
+                missing = " and ".join(f"#{r.pk}" for r, sha in ((reference, ref_sha), (other, other_sha)) if not sha)
+                out["unchecked"].append(f"{dataset}: the reproducibility record of {missing} has no sha256 for it, "
+                                        f"so #{other.pk} and #{reference.pk} are paired by row without checking they scored the same file.")
+            compared = compare_metrics({m: pair_by_index(mine[m], theirs[m]) for m in metrics})
+            for metric, c in compared.items():
+                verdict = str(c.verdict) if c.verdict is not None else ""
+                out["cells"][(dataset, metric, other.pk)] = {
+                    "n_pairs": c.n_pairs, "n_excluded": c.n_excluded, "delta": c.delta, "ci_low": c.ci_low, "ci_high": c.ci_high,
+                    "interval": format_interval(c.delta, c.ci_low, c.ci_high), "p_adjusted": c.p_adjusted,
+                    "p_text": format_p_value(c.p_adjusted), "verdict": verdict, "verdict_class": "verdict-" + verdict.replace(" ", "-"),
+                }
+    return out
+
+
 def compare_data(runs: list[PipelineRun]) -> dict[str, Any]:
-    """Scores of several runs side by side (base kept beside fine-tuned), loss curves, config differences.
+    """Scores of several runs side by side (base kept beside fine-tuned), each run's paired difference from
+    the first run (`paired_with_reference`), loss curves, config differences.
 
     The runs come with their results prefetched (`compare_queryset`).
     """
     keys = sorted({(r.dataset.name if r.dataset else "", r.metric) for run in runs for r in run.results.all()})
     variants = ordered_variants(r.variant for run in runs for r in run.results.all())
+    paired = paired_with_reference(runs)
     rows = []
     for dataset, metric in keys:
         cells = []
@@ -362,10 +427,17 @@ def compare_data(runs: list[PipelineRun]) -> dict[str, Any]:
         best = max(measured) if len(set(measured)) > 1 else None
         for cell in cells:
             cell["best"] = best is not None and cell["value"] == best
+        for run, cell in zip(runs, cells, strict=True):
+            cell["paired"] = paired["cells"].get((dataset, metric, run.pk))
+            cell["refused"] = (dataset, run.pk) in paired["refused"]
+            cell["reference"] = run is paired["reference"]
         rows.append({
             "dataset": dataset, "metric": metric, "cells": cells, "model_independent": metric in MODEL_INDEPENDENT_METRICS,
             "has_base": any(c["base"] is not None for c in cells), "has_delta": any(c["delta"] is not None for c in cells),
+            "has_paired": any(c["paired"] or c["refused"] for c in cells),
         })
+        row = rows[-1]
+        row["rowspan"] = 1 + row["has_base"] + (row["has_base"] and row["has_delta"]) + row["has_paired"]
     chart = {
         "runs": [f"#{run.pk} {run.name}" for run in runs],
         "panels": [{"title": f"{row['dataset']} · {row['metric']}", "values": {v: [c["values"].get(v) for c in row["cells"]] for v in variants}}
@@ -375,7 +447,8 @@ def compare_data(runs: list[PipelineRun]) -> dict[str, Any]:
                "loss": [h["loss"] for h in run.train_history if isinstance(h, dict) and h.get("loss") is not None]}
               for run in runs if run.train_history]
     return {"runs": runs, "mains": [VARIANT_LABELS[run.main_variant] for run in runs], "rows": rows, "chart": chart, "losses": losses,
-            "diff": config_differences(runs)}
+            "diff": config_differences(runs), "reference": paired["reference"], "pairing_refused": paired["messages"],
+            "pairing_unchecked": paired["unchecked"]}
 
 
 def compare_queryset(qs):
