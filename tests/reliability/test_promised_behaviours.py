@@ -68,8 +68,9 @@ def workers(redis_url, tmp_path) -> Iterator[Processes]:
         procs.close()
 
 
-def enqueue_and_wait(config: Path, redis_url: str, processes: Processes, timeout: float) -> subprocess.CompletedProcess:
-    result = manage("run_pipeline", str(config), "--enqueue", "--wait", env=worker_env(redis_url), timeout=timeout)
+def enqueue_and_wait(config: Path, redis_url: str, processes: Processes, timeout: float, *overrides: str) -> subprocess.CompletedProcess:
+    sets = [arg for override in overrides for arg in ("--set", override)]
+    result = manage("run_pipeline", str(config), "--enqueue", "--wait", *sets, env=worker_env(redis_url), timeout=timeout)
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr[-3000:]}\n{processes.logs()}"
     return result
 
@@ -103,9 +104,10 @@ def test_run_pipeline_enqueue_wait_completes_the_shipped_eval_only_config_on_wor
 @pytest.mark.timeout(2400)
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("name", ["finetune_rag_qa.yaml", "multi_dataset.yaml"])
-def test_run_pipeline_enqueue_wait_completes_the_shipped_finetune_configs_on_workers(workers, redis_url, tiny_model, name):
+def test_run_pipeline_enqueue_wait_completes_the_shipped_finetune_configs_on_workers(workers, redis_url, tiny_model, smollm2_model, name):
     config = ROOT / "configs" / name
-    result = enqueue_and_wait(config, redis_url, workers, timeout=2300)
+    # The shipped file as it is, only shorter: a few steps and answers (`make run` runs it whole).
+    result = enqueue_and_wait(config, redis_url, workers, 2300, "training.max_steps=3", "evaluation.max_samples=4")
     assert_completed_with_every_metric(config, result.stdout)
 
 

@@ -30,6 +30,31 @@ from runs.selectors import run_comparisons, run_promotion, run_score_table
 from runs.services import run_create
 
 
+def apply_overrides(data, overrides: list[str]):
+    """--set PATH=VALUE: the value parsed as YAML (bounded like a config), put at the dotted path."""
+    if not overrides:
+        return data
+    if not isinstance(data, dict):
+        raise CommandError("--set needs a config that is a mapping")
+    for item in overrides:
+        path, sep, text = item.partition("=")
+        if not sep or not path.strip():
+            raise CommandError(f"--set {item!r}: expected PATH=VALUE, e.g. training.max_steps=20")
+        try:
+            value = parse_yaml(text, source=f"--set {path}")
+        except ConfigError as exc:
+            raise CommandError(str(exc)) from None
+        node = data
+        *parents, leaf = path.strip().split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise CommandError(f"--set {path}: {part} is not a section of the config")
+            node = child
+        node[leaf] = value
+    return data
+
+
 class Command(BaseCommand):
     help = "Validate a YAML config and run the pipeline (inline, or on the workers with --enqueue)."
 
@@ -39,8 +64,12 @@ class Command(BaseCommand):
         parser.add_argument("--wait", action="store_true", help="With --enqueue: follow the run until it ends.")
         parser.add_argument("--user", default="cli", help="Owner of the run (created without a password if missing).")
         parser.add_argument("--dry-run", action="store_true", help="Validate the config only.")
+        parser.add_argument(
+            "--set", action="append", default=[], metavar="PATH=VALUE", dest="overrides",
+            help="Override one config field, e.g. --set training.max_steps=20 --set evaluation.max_samples=10 (VALUE is YAML).",
+        )
 
-    def handle(self, *args, config: Path, enqueue: bool, wait: bool, user: str, dry_run: bool, **options) -> None:
+    def handle(self, *args, config: Path, enqueue: bool, wait: bool, user: str, dry_run: bool, overrides: list[str], **options) -> None:
         if options["verbosity"] < 2:
             # The run's own log keeps every line (GET /api/runs/{id}/); the console shows the bar.
             logging.getLogger().setLevel(logging.WARNING)
@@ -52,6 +81,7 @@ class Command(BaseCommand):
             data = parse_yaml(config.read_text(encoding="utf-8"), source=str(config))
         except (ConfigError, UnicodeDecodeError) as exc:
             raise CommandError(str(exc)) from None
+        data = apply_overrides(data, overrides)
         owner = self._owner(user)
         if dry_run:
             from runs.config import validate_config
