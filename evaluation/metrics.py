@@ -88,9 +88,8 @@ def _embeddings_class():
         """
 
         def __init__(self, path: str) -> None:
-            from sentence_transformers import SentenceTransformer
-
             from ragas.run_config import RunConfig
+            from sentence_transformers import SentenceTransformer
 
             super().__init__()
             # Metrics whose init() does not reach MetricWithEmbeddings.init() (AnswerCorrectness) would find none.
