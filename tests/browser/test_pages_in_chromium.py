@@ -233,6 +233,7 @@ def test_compare_two_runs(page, watched):
     page.click("button[value=launch]")
     page.wait_for_url(re.compile(r".*/runs/\d+/$"))
     shot(page, "07a-eval-run")
+    assert "browser-eval" in page.inner_text("h1") and "eval_only" in page.inner_text("h1")
     page.wait_for_selector("#run-status-badge:has-text('completed')", timeout=180_000)
     first = PipelineRun.objects.get(name="browser-eval")
     page.goto(f"/runs/new/?clone={first.pk}")
@@ -245,6 +246,10 @@ def test_compare_two_runs(page, watched):
     page.click("button:has-text('Compare selected')")
     page.wait_for_selector("#compare-chart .main-svg")
     shot(page, "07-compare")
+    table = page.inner_text("table.compare")
+    for run in PipelineRun.objects.all():
+        assert f"#{run.pk}" in table, table  # every ticked run has its column
+    assert "ragas_eval" in table and "paired by row" in table  # the second run is paired with the first
     watched[1].check()
 
 
@@ -278,6 +283,9 @@ def test_upload_a_bad_dataset_and_see_the_line_numbered_error(page, watched, tmp
     page.goto("/datasets/")
     page.click("a:has-text('ragas_eval')")
     shot(page, "09-dataset-preview")
+    preview = page.inner_text("table.preview")
+    assert "QUESTION" in preview and "REFERENCE CONTEXTS" in preview  # an eval set's columns, reference_contexts included
+    assert len([line for line in preview.splitlines() if line.strip()]) > 10  # a page of rows, not an empty table
     watched[1].check()
 
 
