@@ -18,6 +18,7 @@ from django.conf import settings
 from django.db.models import DurationField, ExpressionWrapper, F, Prefetch
 from django.utils import timezone
 
+from .config import flatten_config
 from .models import (
     TERMINAL_STATUSES,
     PipelineRun,
@@ -299,15 +300,6 @@ def sample_rows(
 # --- compare page ------------------------------------------------------------------
 
 
-def _flatten(prefix: str, value: Any) -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for key, item in value.items():
-            out.update(_flatten(f"{prefix}.{key}" if prefix else key, item))
-        return out
-    return {prefix: value}
-
-
 def _shown(value: Any) -> str:
     if value is None:
         return "—"
@@ -331,7 +323,7 @@ def config_differences(runs: list[PipelineRun]) -> list[dict[str, Any]]:
     A field absent from one config and null in another is no difference; a field a
     run does not use (`_applies`) is left out of the comparison and shows "n/a".
     """
-    flat = [_flatten("", run.config) for run in runs]
+    flat = [flatten_config(run.config) for run in runs]
     fields = sorted({k for f in flat for k in f})
     diff = []
     for field in fields:

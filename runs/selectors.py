@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -8,8 +7,7 @@ from django.conf import settings
 from django.db.models import Prefetch, QuerySet
 from django.shortcuts import get_object_or_404
 
-from .config import flatten_config
-from .models import VARIANT_ORDER, PipelineRun, PromotionDecision, RunResult, SampleResult, ScoreComparison, ordered_variants
+from .models import PipelineRun, PromotionDecision, RunResult, SampleResult, ScoreComparison, ordered_variants
 
 
 def run_visible_to(user) -> QuerySet[PipelineRun]:
@@ -161,34 +159,3 @@ def run_samples_table(run: PipelineRun, *, dataset: str | None, sort: str | None
         ordered.sort(key=key)
     datasets = sorted(SampleResult.objects.filter(run=run).values_list("dataset__name", flat=True).distinct())
     return {"rows": ordered, "variants": variants, "metrics": metrics, "datasets": datasets}
-
-
-def _main_variant_value(results: list[RunResult], dataset: str, metric: str, run: PipelineRun) -> float | None:
-    preference = [run.main_variant, *VARIANT_ORDER]
-    by_variant = {r.variant: r.value for r in results if (r.dataset.name if r.dataset else "") == dataset and r.metric == metric}
-    for variant in preference:
-        if by_variant.get(variant) is not None:
-            return by_variant[variant]
-    return None
-
-
-def compare_runs(user, ids: list[int]) -> dict[str, Any]:
-    """Metrics side by side (best per row marked), chart data, and the config fields that differ."""
-    runs = list(run_visible_to(user).filter(pk__in=ids).prefetch_related(Prefetch("results", queryset=RunResult.objects.select_related("dataset"))))
-    runs.sort(key=lambda r: ids.index(r.pk))
-    keys = sorted({(r.dataset.name if r.dataset else "", r.metric) for run in runs for r in run.results.all()})
-    rows = []
-    chart: dict[str, dict[str, float]] = {}
-    for dataset, metric in keys:
-        values = [_main_variant_value(list(run.results.all()), dataset, metric, run) for run in runs]
-        measured = [v for v in values if v is not None]
-        best = max(measured) if measured else None
-        differ = len(set(measured)) > 1  # a tie everywhere has no best
-        rows.append({"dataset": dataset, "metric": metric, "cells": [{"value": v, "best": differ and v == best} for v in values]})
-        for run, value in zip(runs, values, strict=True):
-            if value is not None:
-                chart.setdefault(f"#{run.pk} {run.name}", {})[f"{dataset}/{metric}"] = value
-    flat = [{k: v if isinstance(v, str) else json.dumps(v) for k, v in flatten_config(run.config).items()} for run in runs]
-    fields = sorted({k for f in flat for k in f})
-    diff = [{"field": field, "values": [f.get(field, "—") for f in flat]} for field in fields if len({f.get(field, "—") for f in flat}) > 1]
-    return {"runs": runs, "rows": rows, "chart": chart, "diff": diff}

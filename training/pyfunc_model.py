@@ -292,31 +292,3 @@ def register(
 def set_alias(*, tracking_uri: str, name: str, alias: str, version: str, registry_uri: str | None = None) -> None:
     """Point `alias` (e.g. champion) at `version`; it leaves whichever version had it."""
     _registry_client(tracking_uri, registry_uri).set_registered_model_alias(name, alias, str(version))
-
-
-def delete_alias(*, tracking_uri: str, name: str, alias: str, registry_uri: str | None = None) -> None:
-    """Remove `alias` from the registered model (no error when it is not set)."""
-    from mlflow.exceptions import MlflowException
-
-    client = _registry_client(tracking_uri, registry_uri)
-    try:
-        client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return
-    client.delete_registered_model_alias(name, alias)
-
-
-def alias_version(*, tracking_uri: str, name: str, alias: str, registry_uri: str | None = None) -> str | None:
-    """The version `alias` points at, None when it is not set (or the model is not registered)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return str(_registry_client(tracking_uri, registry_uri).get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
-
-
-def set_version_tags(*, tracking_uri: str, name: str, version: str, tags: Mapping[str, Any], registry_uri: str | None = None) -> None:
-    client = _registry_client(tracking_uri, registry_uri)
-    for key, value in tags.items():
-        client.set_model_version_tag(name, str(version), key, str(value))
