@@ -37,6 +37,14 @@ class LoraConfig(Strict):
     target_modules: Literal["all-linear"] | Annotated[list[Annotated[str, Field(min_length=1, max_length=100)]], Field(min_length=1, max_length=64)] = "all-linear"
 
 
+class EarlyStoppingConfig(Strict):
+    """Stop when validation loss has not improved by more than min_delta for `patience` evaluations."""
+
+    # null: off (train every step asked for).
+    patience: int | None = Field(None, ge=1, le=1000)
+    min_delta: float = Field(0.0, ge=0.0, le=100.0)
+
+
 class TrainingConfig(Strict):
     epochs: int = Field(3, ge=1, le=100)
     learning_rate: float = Field(2.0e-4, gt=0.0, le=1.0)
@@ -51,6 +59,24 @@ class TrainingConfig(Strict):
     max_steps: int | None = Field(None, ge=1, le=1_000_000)
     # "auto": bf16 on a CUDA device that supports it, float32 elsewhere.
     precision: Literal["auto", "bf16", "fp32"] = "auto"
+    # Held-out share of the train rows (seeded, disjoint from training) for the validation loss; 0: none.
+    validation_split: float = Field(0.1, ge=0.0, le=0.5)
+    # A train-kind dataset to validate on instead of a split (not one of datasets.train).
+    validation_dataset: DatasetName | None = None
+    # Validation every N optimizer steps; null: once per epoch and at the end.
+    eval_every: int | None = Field(None, ge=1, le=1_000_000)
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    # A checkpoint every N optimizer steps; null: about every 5 minutes of training (and at each validation).
+    checkpoint_every: int | None = Field(None, ge=1, le=1_000_000)
+    # Attempts in all: a fine-tune whose worker died is sent again and resumes from its last checkpoint.
+    max_attempts: int = Field(2, ge=1, le=10)
+    # Refuse a config whose max_seq_length would cut more than this share of the train rows.
+    max_truncated_fraction: float = Field(0.1, ge=0.0, le=1.0)
+
+    @field_validator("early_stopping", mode="before")
+    @classmethod
+    def _early_stopping_off(cls, value: Any) -> Any:
+        return {} if value is None else value
 
 
 class JudgeConfig(Strict):
@@ -117,6 +143,8 @@ class EvaluationConfig(Strict):
     max_samples: int | None = Field(None, ge=1, le=1_000_000)
     max_new_tokens: int = Field(64, ge=1, le=4096)
     batch_size: int = Field(8, ge=1, le=512)
+    # Accept train rows whose question duplicates (or nearly) an eval question; refused by default.
+    allow_overlap: bool = False
 
     @field_validator("metrics")
     @classmethod
@@ -259,6 +287,9 @@ class RunConfig(Strict):
                 raise ValueError("datasets.train: a finetune run needs at least one train dataset")
             if self.training is None:
                 self.training = TrainingConfig()
+            validation = self.training.validation_dataset
+            if validation is not None and validation in self.datasets.train:
+                raise ValueError(f"training.validation_dataset: {validation!r} is also in datasets.train; validation rows must be held out")
             if self.evaluation.answers != "generate":
                 raise ValueError("evaluation.answers: a finetune run scores generated answers; use 'generate'")
             self._promotion_rules()
@@ -339,6 +370,13 @@ def validate_config(data: Any, *, known_datasets: dict[str, str] | None = None) 
                     errors.append({"field": f"datasets.{role}[{position}]", "message": f"unknown dataset {name!r}"})
                 elif kind != role:
                     errors.append({"field": f"datasets.{role}[{position}]", "message": f"dataset {name!r} is a {kind} dataset, not {role}"})
+        validation = config.training.validation_dataset if config.training else None
+        if validation is not None:
+            kind = known_datasets.get(validation)
+            if kind is None:
+                errors.append({"field": "training.validation_dataset", "message": f"unknown dataset {validation!r}"})
+            elif kind != "train":
+                errors.append({"field": "training.validation_dataset", "message": f"dataset {validation!r} is a {kind} dataset, not train"})
         if errors:
             raise ConfigError(errors)
     return config.model_dump(mode="json")

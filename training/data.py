@@ -210,3 +210,17 @@ def collate(examples: Sequence[Example], *, pad_token_id: int, pad_to_multiple_o
 def iter_batches(examples: Sequence[Example], *, batch_size: int, seed: int, epoch: int) -> Iterator[list[Example]]:
     for indices in length_grouped_batches([e.n_tokens for e in examples], batch_size=batch_size, seed=seed, epoch=epoch):
         yield [examples[i] for i in indices]
+
+
+def split_validation(rows: Sequence[dict], *, fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train rows, validation rows): a seeded shuffle, `fraction` of the rows held out, disjoint by position.
+
+    At least one row is held out when fraction > 0 and there are two rows or more; order within each part is kept.
+    """
+    if fraction <= 0 or len(rows) < 2:
+        return list(rows), []
+    count = min(len(rows) - 1, max(1, round(len(rows) * fraction)))
+    order = list(range(len(rows)))
+    random.Random(f"validation-split:{seed}").shuffle(order)
+    held = set(order[:count])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]

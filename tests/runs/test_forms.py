@@ -30,6 +30,7 @@ SPECIAL = {
     "evaluation.judge.api_key_env": "MY_JUDGE_KEY",
     "promotion.metric": "bleu_score",
     "promotion.datasets": ["ragas_eval"],
+    "training.validation_dataset": "medical_qa_train",
 }
 
 
