@@ -6,8 +6,11 @@ The same samples (the bundled eval sets with their stored answers), the same
 metrics (every metric that needs no judge), the same embeddings object. The
 baseline is the call a ragas user writes: `evaluate(EvaluationDataset, metrics)`
 and read `result.scores`. Ours adds the failure bookkeeping (a callback that
-keeps every unmeasured sample's reason) and the NaN -> None conversion. The
-scores must be identical; the ratio is baseline time / our time (1.0 = free).
+keeps every unmeasured sample's reason), the NaN -> None conversion, and
+embeds the texts ragas asks for one at a time beforehand, once each, in
+unpadded batches (evaluation.embedding_cache). The scores must be identical
+(to 1e-9, sample by sample and metric by metric; the benchmark exits non-zero
+otherwise); the ratio is baseline time / our time.
 The two alternate, round after round, and each side's best round counts (the
 machines here are shared: the least disturbed round is the closest to the
 true cost). Runs without Django.
@@ -26,6 +29,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import ROOT, print_table, ratio, read_jsonl, verdict, write_json  # noqa: E402
+
+TOLERANCE = 1e-9  # issue 14: every score identical to 1e-9
 
 
 def load_samples(limit: int | None):
@@ -57,6 +62,24 @@ def ragas_directly(samples, metric_names: list[str]) -> list[dict[str, float]]:
         result = evaluate(dataset, metrics=metrics, show_progress=False)
     keys = [result_key(m) for m in metrics]
     return [{name: row[key] for name, key in zip(metric_names, keys, strict=True)} for row in result.scores]
+
+
+def compare(ours_scores, direct_scores, metric_names: list[str]) -> tuple[list[dict[str, Any]], float]:
+    """Every (sample, metric) whose score differs by more than TOLERANCE (or is measured on one side only)."""
+    mismatches, largest = [], 0.0
+    for index, (ours, direct) in enumerate(zip(ours_scores, direct_scores, strict=True)):
+        for name in metric_names:
+            expected = direct[name]
+            expected = None if expected is None or (isinstance(expected, float) and math.isnan(expected)) else float(expected)
+            got = ours[name]
+            if got is None or expected is None:
+                if got is not expected:
+                    mismatches.append({"sample": index, "metric": name, "ours": got, "ragas": expected})
+                continue
+            largest = max(largest, abs(got - expected))
+            if abs(got - expected) > TOLERANCE:
+                mismatches.append({"sample": index, "metric": name, "ours": got, "ragas": expected})
+    return mismatches, largest
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -95,13 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             timings[which].append(time.perf_counter() - t0)
         print(f"  round {number + 1}: ours {timings['ours'][-1]:.2f}s, ragas.evaluate {timings['ragas'][-1]:.2f}s", flush=True)
 
-    mismatches = []
-    for index, (ours, direct) in enumerate(zip(ours_scores, direct_scores, strict=True)):
-        for name in metric_names:
-            expected = direct[name]
-            expected = None if expected is None or (isinstance(expected, float) and math.isnan(expected)) else float(expected)
-            if ours[name] != expected:
-                mismatches.append({"sample": index, "metric": name, "ours": ours[name], "ragas": expected})
+    mismatches, largest_difference = compare(ours_scores, direct_scores, metric_names)
     # The best round of each: on a shared machine, the one least disturbed by others.
     ours_s, ragas_s = min(timings["ours"]), min(timings["ragas"])
     report = {
@@ -109,16 +126,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seconds": {k: [round(t, 3) for t in v] for k, v in timings.items()},
         "samples_per_second": {"ours": round(len(samples) / ours_s, 2), "ragas_directly": round(len(samples) / ragas_s, 2)},
         "ratio": ratio(ragas_s, ours_s, 3),
-        "identical_scores": not mismatches, "mismatches": mismatches[:5], "n_mismatches": len(mismatches),
+        "identical_scores": not mismatches, "tolerance": TOLERANCE, "largest_difference": largest_difference,
+        "mismatches": mismatches[:5], "n_mismatches": len(mismatches),
     }
-    report["targets"] = {"ratio": verdict(report["ratio"], 0.95) + ("" if not mismatches else f", but {len(mismatches)} scores differ")}
+    report["targets"] = {"ratio": verdict(report["ratio"], 2.0) + ("" if not mismatches else f", but {len(mismatches)} scores differ")}
     report["bench_seconds"] = round(time.monotonic() - started, 1)
     print_table("scoring throughput (best round of each)", [
         ["ours (score_samples)", report["samples_per_second"]["ours"], round(ours_s, 3), "1.000"],
         ["ragas.evaluate directly", report["samples_per_second"]["ragas_directly"], round(ragas_s, 3), report["ratio"]],
     ], ["variant", "samples/s", "seconds", "ours / this"])
-    print(f"  identical scores: {'yes' if not mismatches else f'no, {len(mismatches)} differ'}; ratio {report['ratio']} -> {report['targets']['ratio']}")
+    print(f"  identical scores (to {TOLERANCE:g}; largest difference {largest_difference:g}): "
+          f"{'yes' if not mismatches else f'no, {len(mismatches)} differ'}; ratio {report['ratio']} -> {report['targets']['ratio']}")
     write_json(args.json, report)
+    if mismatches:
+        for m in mismatches[:5]:
+            print(f"  MISMATCH sample {m['sample']} {m['metric']}: ours {m['ours']!r}, ragas {m['ragas']!r}", file=sys.stderr)
+        raise SystemExit(f"bench 3 FAILED: {len(mismatches)} scores differ from ragas.evaluate by more than {TOLERANCE:g}")
     return report
 
 

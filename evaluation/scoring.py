@@ -4,6 +4,9 @@ ragas.evaluate(raise_exceptions=False) turns every failure into NaN and only log
 pass a LangChain callback that records each metric chain's exception, so every
 unmeasured sample keeps its reason (timeout, judge unreachable, parse error),
 and aggregates count those in n_failed instead of averaging NaN away.
+
+The texts ragas embeds one at a time are embedded beforehand, in batches without
+padding (evaluation.embedding_cache): the same vectors, a fraction of the time.
 """
 
 from __future__ import annotations
@@ -114,15 +117,21 @@ def score_samples(
     from ragas.dataset_schema import EvaluationDataset
     from ragas.run_config import RunConfig
 
+    from .embedding_cache import precomputed_embeddings, texts_to_embed
+
     if not samples:
         return ScoredSamples(scores=[], reasons=[], metrics=list(metric_names))
     llm = build_judge(judge, judge_api_key) if judge and any(needs_judge(m) for m in metric_names) else None
-    embeddings = packaged_embeddings() if uses_embeddings(metric_names) else None
+    rows = [s.to_ragas() for s in samples]
+    embeddings = None
+    if uses_embeddings(metric_names):
+        # Every text ragas will embed one at a time, embedded beforehand in unpadded batches (same vectors, bit for bit).
+        embeddings = precomputed_embeddings(packaged_embeddings(), texts_to_embed(rows, metric_names))
     metrics = build_metrics(metric_names, llm=llm, embeddings=embeddings)
     timeout = float(judge["timeout"]) if judge else 180.0
     run_config = RunConfig(timeout=int(math.ceil(timeout)), max_retries=judge["max_retries"] if judge else 1, max_workers=max_workers)
     collector = _FailureCollector()
-    dataset = EvaluationDataset.from_list([s.to_ragas() for s in samples])
+    dataset = EvaluationDataset.from_list(rows)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         result = evaluate(
