@@ -70,6 +70,14 @@ class PipelineRun(models.Model):
     # (job: finetune, generate, score). Jobs claim it with a compare-and-swap.
     current_job = models.CharField(max_length=32, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    # Fine-tune attempts so far: a worker lost mid-training sends the step again (training.max_attempts).
+    attempts = models.PositiveSmallIntegerField(default=1)
+    # The step of the last checkpoint a new attempt can resume from (null: none yet).
+    checkpoint_step = models.PositiveIntegerField(null=True, blank=True)
+    # The step whose adapter was kept (best validation loss); null: the last step's.
+    best_step = models.PositiveIntegerField(null=True, blank=True)
+    # The data check of the config (training/data_check.py), made when the run was created.
+    data_check = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)

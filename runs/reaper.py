@@ -8,7 +8,9 @@ Two passes, run together by `reap_job` (the scheduler) and `manage.py reap_runs`
   persistence, or was unreachable when the job was sent), gets it again. The
   claim compare-and-swap makes a job that was not lost after all run once.
 - `reap_stale_runs`: a run whose running job stopped its heartbeat (a SIGKILLed
-  work-horse or worker never reports) ends `failed` with a reason saying so.
+  work-horse or worker never reports) ends `failed` with a reason saying so;
+  except a fine-tune with a checkpoint and attempts left (training.max_attempts):
+  it is sent again and resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import logging
 from datetime import timedelta
 
 from django.conf import settings
+from django.db import transaction
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from .execution import RunLog, run_fail
 from .models import ACTIVE_STATUSES, TERMINAL_STATUSES, PipelineRun
+from .services import run_requeue_lost_finetune
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +55,45 @@ def reap_stale_runs(*, stale_seconds: int) -> list[tuple[int, str]]:
             f"worker lost: no heartbeat {silence} (limit {stale_seconds}s) while {run.status}"
             f"{f' ({run.current_job})' if run.current_job else ''}; the worker process was probably killed"
         )
+        resumed = resume_lost_finetune(run, reason=reason)
+        if resumed:
+            reaped.append((run.pk, resumed))
+            continue
+        if run.current_job == "finetune:running" and run.attempts > 1:
+            reason += f"; {run.attempts} attempts of training.max_attempts {_max_attempts(run)} used"
+        elif run.current_job == "finetune:running" and run.checkpoint_step is None and _max_attempts(run) > 1:
+            reason += "; no checkpoint to resume from yet"
         if run_fail(run_id=run.pk, reason=reason):
             RunLog(run.pk)(reason)
             reaped.append((run.pk, reason))
     return reaped
+
+
+def _max_attempts(run: PipelineRun) -> int:
+    return int((run.config.get("training") or {}).get("max_attempts", 1))
+
+
+def resume_lost_finetune(run: PipelineRun, *, reason: str) -> str:
+    """A fine-tune whose worker died, with a checkpoint and attempts left, is sent again; returns what was done ("" if not).
+
+    The run goes back to "finetune:queued" (a service, compare-and-swap) and the
+    step registry sends it as it sends any first step (`pipeline.start`): the
+    step's claim and body are the usual ones, and the body resumes from the checkpoint.
+    """
+    from .pipeline import start
+
+    if run.current_job != "finetune:running" or run.checkpoint_step is None or run.attempts >= _max_attempts(run):
+        return ""
+    attempt = run.attempts + 1
+    message = (
+        f"{reason}; resuming from step {run.checkpoint_step} after the worker was lost "
+        f"(attempt {attempt} of {_max_attempts(run)})"
+    )
+    if not run_requeue_lost_finetune(run_id=run.pk, message=message):
+        return ""
+    RunLog(run.pk)(message)
+    transaction.on_commit(lambda: start(run_id=run.pk))
+    return message
 
 
 def waiting_runs(*, grace_seconds: int) -> QuerySet[PipelineRun]:

@@ -20,6 +20,23 @@ def run_status(run_id: int) -> str:
     return PipelineRun.objects.values_list("status", flat=True).get(pk=run_id)
 
 
+def last_training_throughput(*, base_model: str, device: str | None, before_run: int | None = None, scan: int = 20) -> dict[str, Any] | None:
+    """Training tokens/s of the latest completed fine-tune of this base model (on `device` when given), from its loss curve.
+
+    {"tokens_per_second", "run_id", "device"} or None; looks at the latest `scan` such runs (one query).
+    """
+    qs = PipelineRun.objects.filter(kind="finetune", status="completed", base_model=base_model)
+    if before_run is not None:
+        qs = qs.exclude(pk=before_run)
+    for pk, history in qs.order_by("-finished_at").values_list("pk", "train_history")[:scan]:
+        last = (history or [{}])[-1] if isinstance(history, list) else {}
+        seconds, tokens = last.get("elapsed_seconds"), last.get("tokens")
+        if not seconds or not tokens or (device and last.get("device") != device):
+            continue
+        return {"tokens_per_second": float(tokens) / float(seconds), "run_id": pk, "device": last.get("device") or "unknown"}
+    return None
+
+
 def run_generated_samples(run: PipelineRun, *, dataset_name: str) -> list[SampleResult]:
     """The answers a run generated for one eval dataset, every variant, in row order."""
     return list(SampleResult.objects.filter(run=run, dataset__name=dataset_name).order_by("variant", "index"))

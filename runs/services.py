@@ -321,3 +321,47 @@ def run_record_promotion(
         run_id=run_id, model_name=model_name, model_version=model_version, decision=decision, alias=alias,
         reason=reason[:5000], automatic=automatic, by=by,
     )
+
+
+def run_set_checkpoint(*, run_id: int, step: int, train_history: list[dict[str, Any]] | None = None) -> None:
+    """A checkpoint of the running fine-tune was stored: a new attempt can resume from `step`."""
+    changes: dict[str, Any] = {"checkpoint_step": step, "heartbeat_at": timezone.now()}
+    if train_history is not None:
+        changes["train_history"] = train_history
+    PipelineRun.objects.filter(pk=run_id).exclude(status__in=TERMINAL_STATUSES).update(**changes)
+
+
+def run_set_best_step(*, run_id: int, step: int | None) -> None:
+    """The step whose adapter the run kept (best validation loss)."""
+    PipelineRun.objects.filter(pk=run_id).update(best_step=step)
+
+
+def run_set_data_check(*, run_id: int, report: dict[str, Any]) -> None:
+    PipelineRun.objects.filter(pk=run_id).update(data_check=report)
+
+
+def run_note(*, run_id: int, message: str) -> None:
+    """An event of the run that is not a status change (resumed, stopped early): from = to = its status."""
+    status = PipelineRun.objects.values_list("status", flat=True).get(pk=run_id)
+    RunEvent.objects.create(run_id=run_id, from_status=status, to_status=status, message=message[:2000])
+
+
+def run_requeue_lost_finetune(*, run_id: int, message: str) -> bool:
+    """The fine-tune's worker was lost: "finetune:running" -> "finetune:queued", one attempt more, an event saying so.
+
+    A compare-and-swap on the running step and the attempt count: False when the
+    run moved on, ended, or another reaper got there first.
+    """
+    with transaction.atomic():
+        run = PipelineRun.objects.only("pk", "status", "attempts").filter(
+            pk=run_id, status=S.TRAINING, current_job="finetune:running",
+        ).first()
+        if run is None:
+            return False
+        updated = PipelineRun.objects.filter(pk=run_id, status=S.TRAINING, current_job="finetune:running", attempts=run.attempts).update(
+            current_job="finetune:queued", attempts=run.attempts + 1, heartbeat_at=timezone.now(),
+        )
+        if not updated:
+            return False
+        RunEvent.objects.create(run_id=run_id, from_status=S.TRAINING, to_status=S.TRAINING, message=message[:2000])
+    return True

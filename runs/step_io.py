@@ -9,6 +9,7 @@ in MLflow. The step registry (runs/pipeline.py) calls both.
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
@@ -30,11 +31,15 @@ from .execution import RunCancelled, RunLog, tolerate_db_errors
 from .exports import write_scored_samples_csv
 from .models import TERMINAL_STATUSES, PipelineRun, RunKind, Variant, ordered_variants
 from .reproducibility import reproducibility_record
-from .selectors import run_generated_samples, run_sample_scores, run_status
+from .selectors import last_training_throughput, run_generated_samples, run_sample_scores, run_status
 from .services import (
+    run_note,
     run_record_comparisons,
     run_record_results,
     run_record_samples,
+    run_set_best_step,
+    run_set_checkpoint,
+    run_set_data_check,
     run_set_mlflow_ids,
     run_set_registered_model,
     run_set_reproducibility,
@@ -52,6 +57,7 @@ log = logging.getLogger(__name__)
 
 # Live updates (progress, loss curve, cancel checks) at most this often.
 LIVE_UPDATE_SECONDS = 1.0
+LOG_EVERY_SECONDS = 15.0  # a training line in the run's log at least this often (first and last steps, validations too)
 
 
 def runs_dir() -> Path:
@@ -81,7 +87,10 @@ class StepContext:
         self._log = RunLog(run.pk)
         self._last_live = 0.0
         self._last_check = 0.0
-        self._history: list[dict[str, Any]] = []
+        self._last_log = 0.0
+        # A resumed fine-tune continues the loss curve of its earlier attempts (cut back to its checkpoint by record_step).
+        self._history: list[dict[str, Any]] = list(run.train_history or []) if step.name == "finetune" and run.attempts > 1 else []
+        self.attempt: int = run.attempts
         self._metrics = tracking.MetricBuffer(run.mlflow_run_id) if run.mlflow_run_id else None
 
     # --- inputs
@@ -94,6 +103,57 @@ class StepContext:
     def eval_sets(self) -> list[EvalSet]:
         limit = self.config["evaluation"]["max_samples"]
         return [EvalSet(name=d.name, rows=dataset_rows(d, limit=limit)) for d in self.run.eval_datasets.order_by("name")]
+
+    def validation_rows(self) -> list[dict[str, Any]] | None:
+        """The rows of training.validation_dataset; None when the config validates on a split of the train rows."""
+        name = (self.config.get("training") or {}).get("validation_dataset")
+        if not name:
+            return None
+        from datasets_app.selectors import datasets_by_names
+
+        return dataset_rows(datasets_by_names([name])[name])
+
+    def eval_questions(self) -> list[str]:
+        return [r["question"] for s in self.eval_sets() for r in s.rows]
+
+    def throughput(self, device: str | None) -> dict[str, Any] | None:
+        return last_training_throughput(base_model=self.base_model, device=device, before_run=self.run_id)
+
+    def record_data_check(self, report: dict[str, Any]) -> None:
+        """The fine-tune's data check, stored with the run (and to MLflow)."""
+        run_set_data_check(run_id=self.run_id, report=report)
+        if self.run.mlflow_run_id:
+            overlap, truncated = report["overlap"], report["tokens"]["truncated"]
+            tracking.log_metrics(self.run.mlflow_run_id, {
+                "data_check/truncated_rows": truncated["rows"], "data_check/overlap_train_rows": overlap["train_rows"],
+                "data_check/duplicate_questions": report["train_set"]["duplicate_questions"],
+            }, step=0)
+            tracking.log_text(self.run.mlflow_run_id, json.dumps(report, indent=2), "data_check.json")
+        truncated = report["tokens"]["truncated"]
+        self.log(
+            f"data check: {report['tokens']['rows']} train rows, {truncated['rows']} cut by max_seq_length "
+            f"({truncated['context_cut']} context, {truncated['answer_cut']} answer); {report['overlap']['train_rows']} overlap "
+            f"the eval sets; {report['train_set']['duplicate_questions']} duplicate questions; {report['estimate']['steps']} steps"
+            + ("; refused" if report["problems"] else "")
+        )
+
+    def checkpoint_dir(self) -> Path:
+        """This run's checkpoints on this machine; in served mode fetched from MLflow when another worker wrote them."""
+        local = self.work_dir / "checkpoints"
+        if self.run.attempts > 1 and not (local / "last").exists() and _mlflow_served() and self.run.mlflow_run_id:
+            try:
+                tracking.download_artifacts(self.run.mlflow_run_id, "checkpoints", self.work_dir)
+            except Exception:  # No checkpoint in MLflow: the attempt starts from the beginning.
+                log.warning("run %s: no checkpoints in MLflow to resume from", self.run_id, exc_info=True)
+        return local
+
+    def store_checkpoint(self, kind: str, directory: Path, step: int) -> None:
+        """A checkpoint written: to MLflow in served mode (another gpu worker can resume), recorded on the run."""
+        if _mlflow_served() and self.run.mlflow_run_id:
+            tracking.log_artifacts(self.run.mlflow_run_id, directory, f"checkpoints/{kind}")
+        if kind == "last":
+            with tolerate_db_errors(f"run {self.run_id}: checkpoint"):
+                run_set_checkpoint(run_id=self.run_id, step=step, train_history=self._history)
 
     def adapter_dir(self) -> Path:
         """The run's adapter on this machine: local, or downloaded from MLflow (another gpu worker trained it)."""
@@ -159,11 +219,30 @@ class StepContext:
 
     def record_step(self, info: StepInfo) -> None:
         """One optimizer step: to MLflow (batched), the loss curve and the progress bar (at most once a second)."""
+        values = {"train/loss": info.loss, "train/learning_rate": info.learning_rate, "train/epoch": info.epoch}
+        entry = {
+            "step": info.step, "loss": round(info.loss, 5), "learning_rate": info.learning_rate, "epoch": round(info.epoch, 3),
+            "tokens": info.tokens, "elapsed_seconds": info.elapsed_seconds, "device": info.device,
+        }
+        if info.peak_memory_bytes is not None:
+            entry["peak_memory_bytes"] = info.peak_memory_bytes
+        if info.val_loss is not None:
+            values["val/loss"] = info.val_loss
+            entry["val_loss"] = round(info.val_loss, 5)
         if self._metrics is not None:
-            self._metrics.add({"train/loss": info.loss, "train/learning_rate": info.learning_rate, "train/epoch": info.epoch}, info.step)
-        self._history.append({"step": info.step, "loss": round(info.loss, 5), "learning_rate": info.learning_rate, "epoch": round(info.epoch, 3)})
+            self._metrics.add(values, info.step)
+        # A resumed attempt goes on from its checkpoint: what the lost attempt did after it is replaced.
+        self._history = [e for e in self._history if e["step"] < info.step] + [entry]
         moment = time.monotonic()
-        if moment - self._last_live >= LIVE_UPDATE_SECONDS or info.step == info.total_steps:
+        if moment - self._last_log >= LOG_EVERY_SECONDS or info.step in (1, info.total_steps) or info.val_loss is not None:
+            self._last_log = moment
+            speed = info.tokens / info.elapsed_seconds if info.elapsed_seconds > 0 else 0.0
+            self.log(
+                f"step {info.step}/{info.total_steps} epoch {info.epoch:.2f}: loss {info.loss:.4f}"
+                + (f", validation loss {info.val_loss:.4f}" if info.val_loss is not None else "")
+                + f", lr {info.learning_rate:.2e}, {speed:.0f} tokens/s"
+            )
+        if moment - self._last_live >= LIVE_UPDATE_SECONDS or info.step == info.total_steps or info.val_loss is not None:
             self._last_live = moment
             start, end = self.step.progress
             with tolerate_db_errors(f"run {self.run_id}: live training update"):
@@ -195,6 +274,11 @@ class StepContext:
         if self._history:
             with tolerate_db_errors(f"run {self.run_id}: training history"):
                 run_set_train_history(run_id=self.run_id, train_history=self._history)
+
+
+def _mlflow_served() -> bool:
+    """A tracking server: the artifact store is where another gpu worker finds checkpoints (else the run's directory)."""
+    return str(settings.MLFLOW_TRACKING_URI).startswith(("http://", "https://", "databricks"))
 
 
 def generated_variants(run: PipelineRun) -> list[str]:
@@ -239,6 +323,16 @@ def store_finetune(ctx: StepContext, trained: TrainedAdapter) -> None:
     run, outcome = ctx.run, trained.outcome
     ctx.progress(1.0, "logging adapter to MLflow")
     _record_base_model_build(ctx, trained.base_model_info)
+    run_set_best_step(run_id=run.pk, step=outcome.best_step)
+    tracking.set_tags(run.mlflow_run_id, {
+        "best_step": str(outcome.best_step if outcome.best_step is not None else outcome.steps),
+        "adapter": "best validation loss" if outcome.best_step is not None else "last step (no validation)",
+        **({"resumed_from_step": str(outcome.resumed_from)} if outcome.resumed_from is not None else {}),
+    })
+    if outcome.best_val_loss is not None:
+        tracking.log_metrics(run.mlflow_run_id, {"val/best_loss": outcome.best_val_loss}, step=outcome.best_step or 0)
+    if outcome.stopped_early:
+        run_note(run_id=run.pk, message=outcome.stopped_early)
     tracking.log_metrics(run.mlflow_run_id, {
         "train/final_loss": outcome.final_loss, "train/tokens_per_second": outcome.tokens / max(outcome.seconds, 1e-9),
         "train/seconds": outcome.seconds, "train/trainable_parameters": outcome.trainable_parameters,

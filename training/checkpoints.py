@@ -44,6 +44,7 @@ class TrainingState:
     bad_evals: int = 0  # validations since the last improvement (early stopping)
     stopped_early: str = ""
     last_loss: float = float("nan")
+    seconds: float = 0.0  # training time up to this step (model loading excluded)
 
 
 def has_checkpoint(directory: Path, kind: str) -> bool:

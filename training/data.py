@@ -17,6 +17,7 @@ question or the answer.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -155,15 +156,56 @@ def render_prompt(
     return tokenizer.decode(ids, skip_special_tokens=False)
 
 
+def answer_budget(max_seq_length: int) -> int:
+    """The most tokens an answer keeps (with its end token): half the sequence; the prompt gets the rest."""
+    return max(1, max_seq_length // 2)
+
+
+def _answer_ids(tokenizer, answer: str, fmt: str) -> list[int]:
+    end = end_of_turn_ids(tokenizer) if fmt == "chat" else [tokenizer.eos_token_id]
+    return tokenizer(answer.strip(), add_special_tokens=False)["input_ids"] + end
+
+
+@dataclass
+class RowLengths:
+    """A row's token counts before any cut, and what build_example would cut of it."""
+
+    prompt_tokens: int
+    answer_tokens: int  # with its end token
+    context_cut: bool
+    answer_cut: bool
+
+    @property
+    def total(self) -> int:
+        return self.prompt_tokens + self.answer_tokens
+
+
+def row_lengths(tokenizer, *, question: str, context: str, answer: str, max_seq_length: int, prompt_format: str = "auto") -> RowLengths:
+    """The lengths build_example starts from, and its cuts (the same budgets: answer_budget, then the prompt's rest)."""
+    fmt = resolve_prompt_format(tokenizer, prompt_format)
+    answer_tokens = len(_answer_ids(tokenizer, answer, fmt))
+    kept_answer = min(answer_tokens, answer_budget(max_seq_length))
+    prompt_tokens = len(_tokenize_prompt(tokenizer, _prompt_text(tokenizer, question=question, context=context, fmt=fmt), fmt))
+    return RowLengths(
+        prompt_tokens=prompt_tokens, answer_tokens=answer_tokens,
+        context_cut=prompt_tokens > max_seq_length - kept_answer, answer_cut=answer_tokens > kept_answer,
+    )
+
+
+def planned_steps(n_examples: int, training: dict) -> int:
+    """Optimizer steps a fine-tune of n_examples takes: batches per epoch / accumulation, x epochs, capped by max_steps."""
+    batches_per_epoch = math.ceil(n_examples / training["batch_size"])
+    steps = math.ceil(batches_per_epoch / training.get("gradient_accumulation_steps", 1)) * training["epochs"]
+    return min(steps, training["max_steps"]) if training.get("max_steps") else steps
+
+
 def build_example(
     tokenizer, *, question: str, context: str, answer: str, max_seq_length: int, prompt_format: str = "auto",
 ) -> Example:
     """Prompt + answer + end (EOS; with chat the template's end-of-turn token); labels mask the
     prompt so only answer tokens carry loss."""
     fmt = resolve_prompt_format(tokenizer, prompt_format)
-    end = end_of_turn_ids(tokenizer) if fmt == "chat" else [tokenizer.eos_token_id]
-    answer_ids = tokenizer(answer.strip(), add_special_tokens=False)["input_ids"] + end
-    answer_ids = answer_ids[: max(1, max_seq_length // 2)]
+    answer_ids = _answer_ids(tokenizer, answer, fmt)[: answer_budget(max_seq_length)]
     prompt_ids = encode_prompt(
         tokenizer, question=question, context=context, max_prompt_tokens=max_seq_length - len(answer_ids), prompt_format=fmt,
     )

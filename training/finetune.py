@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoints
-from .data import IGNORE_INDEX, Example, build_example, collate, iter_batches, resolve_prompt_format
+from .data import IGNORE_INDEX, Example, build_example, collate, iter_batches, planned_steps, resolve_prompt_format
 
 
 @dataclass
@@ -45,6 +45,9 @@ class StepInfo:
     learning_rate: float
     tokens: int  # non-padding tokens seen so far
     val_loss: float | None = None  # on the steps where validation ran
+    elapsed_seconds: float = 0.0  # training time so far (earlier attempts included), model loading excluded
+    device: str = ""
+    peak_memory_bytes: int | None = None  # the device's peak allocation on cuda, the process's peak RSS on cpu
 
 
 @dataclass
@@ -64,6 +67,21 @@ class FinetuneOutcome:
     resumed_from: int | None = None  # the checkpoint step this attempt started from
     micro_batch_size: int = 0  # after any out-of-memory halving
     validation_rows: int = 0
+    peak_memory_bytes: int | None = None
+
+
+def peak_memory_bytes(device: str) -> int | None:
+    """Peak memory so far: allocated on the CUDA device, else the process's peak resident set."""
+    if device == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated())
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
+    except (ImportError, OSError):  # pragma: no cover - not Linux
+        return None
 
 
 class TrainingOutOfMemory(RuntimeError):
@@ -261,10 +279,7 @@ def finetune(
     batch_size = training["batch_size"]
     accumulation = training.get("gradient_accumulation_steps", 1)
     batches_per_epoch = math.ceil(len(examples) / batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
-    total_steps = steps_per_epoch * training["epochs"]
-    if training.get("max_steps"):
-        total_steps = min(total_steps, training["max_steps"])
+    total_steps = planned_steps(len(examples), training)
     trainable_parameters = [p for p in model.parameters() if p.requires_grad]
     # fused AdamW: one kernel for all LoRA tensors instead of several per tensor (CUDA only).
     optimizer = torch.optim.AdamW(trainable_parameters, lr=training["learning_rate"], weight_decay=0.0, fused=device == "cuda")
@@ -296,6 +311,7 @@ def finetune(
             on_checkpoint(kind, checkpoint_dir / kind, state.step)
 
     model.train()
+    loop_started = time.monotonic() - state.seconds  # a resumed attempt goes on from the checkpoint's training time
     loss_value = float("nan")
     pad_multiple = 8 if device == "cuda" else None
     trim_logits = supports_logits_to_keep(model)
@@ -380,9 +396,11 @@ def finetune(
                         f"early stopping at step {state.step}: validation loss has not improved by more than {min_delta:g} "
                         f"for {patience} evaluation(s) (best {state.best_loss:.4f} at step {state.best_step})"
                     )
+            state.seconds = time.monotonic() - loop_started
             info = StepInfo(
                 step=state.step, total_steps=total_steps, epoch=epoch + (window[-1] + 1) / batches_per_epoch,
                 loss=loss_value, learning_rate=scheduler.get_last_lr()[0], tokens=state.tokens, val_loss=val_loss,
+                elapsed_seconds=round(state.seconds, 3), device=device, peak_memory_bytes=peak_memory_bytes(device),
             )
             if on_step:
                 on_step(info)
@@ -422,4 +440,5 @@ def finetune(
         trainable_parameters=trainable, total_parameters=total_params,
         best_step=state.best_step, best_val_loss=state.best_loss, stopped_early=state.stopped_early,
         resumed_from=resumed_from, micro_batch_size=state.micro_batch_size, validation_rows=len(held_out),
+        peak_memory_bytes=peak_memory_bytes(device),
     )

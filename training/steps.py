@@ -13,31 +13,57 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .finetune import FinetuneOutcome, StepInfo, finetune
+from .checkpoints import checkpoint_step
+from .data import split_validation
+from .data_check import check_data
+from .finetune import FinetuneOutcome, StepInfo, finetune, load_tokenizer, pick_device
 from .local_models import local_model_info, resolve_model_path
 
 # Errors that mean "this disk or directory cannot take the adapter", whichever file hit them.
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
-class FinetuneContext(Protocol):
+class EvalRows(Protocol):
+    name: str
+    rows: list[dict[str, Any]]
+
+
+class DataCheckContext(Protocol):
+    """What the data check needs: a fine-tune step's context has it, and so has a config not yet run (runs/data_check.py)."""
+
+    config: dict[str, Any]
+    base_model: str
+
+    def train_rows(self) -> list[dict[str, Any]]: ...
+    def validation_rows(self) -> list[dict[str, Any]] | None: ...  # training.validation_dataset's rows, or None: a split
+    def eval_sets(self) -> Sequence[EvalRows]: ...
+    def build_progress(self) -> Callable[[int, int], None]: ...
+    # tokens/s, run id and device of the last fine-tune of this base model (on `device` when given), or None
+    def throughput(self, device: str | None) -> dict[str, Any] | None: ...
+
+
+class FinetuneContext(DataCheckContext, Protocol):
     """What the fine-tune step needs from the application (runs/step_io.py implements it)."""
 
     config: dict[str, Any]
     base_model: str
     work_dir: Path  # this run's directory on this machine
 
-    def train_rows(self) -> list[dict[str, Any]]: ...
     def progress(self, fraction: float | None, stage: str) -> None: ...
     def log(self, line: str) -> None: ...
     def check_cancelled(self) -> None: ...  # raises when the run was cancelled
     def record_step(self, info: StepInfo) -> None: ...
     def build_progress(self) -> Callable[[int, int], None]: ...
+    attempt: int  # 1, or more when the worker of an earlier attempt was lost
+
+    def record_data_check(self, report: dict[str, Any]) -> None: ...
+    def checkpoint_dir(self) -> Path: ...  # where checkpoints are on this machine (fetched for a resumed attempt)
+    def store_checkpoint(self, kind: str, directory: Path, step: int) -> None: ...
 
 
 @dataclass
@@ -54,15 +80,81 @@ class ArtifactWriteError(Exception):
         self.errno = errno
 
 
+# A test hook (never set by the product): "STEP:TIMES,..." raises a CUDA out-of-memory error in those steps.
+INJECT_OOM_ENV = "MLOPS_TEST_INJECT_OOM"
+
+
+def injected_oom() -> dict[int, int] | None:
+    spec = os.environ.get(INJECT_OOM_ENV, "").strip()
+    if not spec:
+        return None
+    return {int(step): int(times) for step, _, times in (item.partition(":") for item in spec.split(","))}
+
+
+class DataCheckFailed(ValueError):
+    """The data check refuses the config (truncation above the limit, train/eval overlap)."""
+
+
+def data_check(ctx: DataCheckContext, *, on_training_device: bool) -> dict[str, Any]:
+    """The data check of the context's config (training/data_check.py), with the tokenizer of its base model.
+
+    on_training_device: this process is where the fine-tune trains, so the time
+    estimate uses an earlier run on this device; else the last run of the base model anywhere.
+    """
+    config = ctx.config
+    training = config["training"]
+    rows, validation, source = training_rows(ctx)
+    tokenizer = load_tokenizer(resolve_model_path(ctx.base_model, progress=ctx.build_progress()))
+    device = pick_device(training.get("precision", "auto"))[0] if on_training_device else None
+    report = check_data(
+        tokenizer=tokenizer, train_rows=rows, validation_rows=validation, eval_sets={s.name: s.rows for s in ctx.eval_sets()},
+        training=training, prompt_format=config["model"].get("prompt_format", "auto"),
+        allow_overlap=config["evaluation"].get("allow_overlap", False), throughput=ctx.throughput(device),
+    )
+    report["validation"] = {"rows": len(validation), "source": source}
+    report["base_model"] = ctx.base_model
+    return report
+
+
+def training_rows(ctx: DataCheckContext) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+    """(train rows, validation rows, where the validation rows come from)."""
+    training = ctx.config["training"]
+    rows = ctx.train_rows()
+    validation = ctx.validation_rows()
+    if validation is not None:
+        return rows, validation, f"dataset {training['validation_dataset']}"
+    train, held = split_validation(rows, fraction=training.get("validation_split", 0.0), seed=training["seed"])
+    return train, held, f"{training.get('validation_split', 0.0):g} of the train rows (seed {training['seed']})"
+
+
 def finetune_step(ctx: FinetuneContext) -> TrainedAdapter:
     config = ctx.config
-    rows = ctx.train_rows()
-    ctx.log(f"fine-tuning {ctx.base_model} on {', '.join(config['datasets']['train'])} ({len(rows)} rows)")
+    rows, validation, source = training_rows(ctx)
+    ctx.log(
+        f"fine-tuning {ctx.base_model} on {', '.join(config['datasets']['train'])} ({len(rows)} rows; "
+        f"validation: {len(validation)} rows, {source})"
+    )
     output = ctx.work_dir
+    resume = ctx.attempt > 1
     with artifact_writes(output):
         if output.exists():
-            shutil.rmtree(output)  # A retried step starts clean.
+            # A retried step starts clean; a resumed attempt keeps its checkpoints.
+            for child in output.iterdir():
+                if not (resume and child.name == "checkpoints"):
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
         ensure_writable(output)  # before the model is loaded and trained, not after
+    ctx.progress(0.0, "checking the data")
+    report = data_check(ctx, on_training_device=True)
+    ctx.record_data_check(report)
+    if report["problems"]:
+        raise DataCheckFailed("the data check refuses this config: " + "; ".join(f"{p['field']}: {p['message']}" for p in report["problems"]))
+    checkpoint_dir = ctx.checkpoint_dir() if resume else output / "checkpoints"
+    start_step = checkpoint_step(checkpoint_dir) if resume else None
+    if resume:
+        ctx.log(
+            f"attempt {ctx.attempt}: resumed from step {start_step} after the worker was lost" if start_step is not None
+            else f"attempt {ctx.attempt}: no checkpoint found after the worker was lost; training from the start"
+        )
 
     ctx.progress(0.0, "loading base model")
     base_path = resolve_model_path(ctx.base_model, progress=ctx.build_progress())
@@ -71,12 +163,16 @@ def finetune_step(ctx: FinetuneContext) -> TrainedAdapter:
             base_model_path=base_path, rows=rows, training=config["training"], output_dir=output,
             prompt_format=config["model"].get("prompt_format", "auto"),
             on_step=ctx.record_step, check_cancelled=ctx.check_cancelled,
+            validation_rows=validation, checkpoint_dir=checkpoint_dir, on_checkpoint=ctx.store_checkpoint,
+            resume=start_step is not None, log=ctx.log, inject_oom=injected_oom(),
         )
         (outcome.adapter_dir / "run_config.json").write_text(json.dumps(config, indent=2))
     ctx.log(
         f"trained {outcome.steps} steps on {outcome.device} ({outcome.dtype}) in {outcome.seconds:.1f}s: "
         f"final loss {outcome.final_loss:.4f}, {outcome.tokens / max(outcome.seconds, 1e-9):.0f} tokens/s, "
         f"{outcome.trainable_parameters}/{outcome.total_parameters} parameters trainable"
+        + (f", peak memory {outcome.peak_memory_bytes / 2**20:.0f} MiB" if outcome.peak_memory_bytes else "")
+        + (f"; adapter of step {outcome.best_step} (best validation loss {outcome.best_val_loss:.4f})" if outcome.best_step else "")
     )
     return TrainedAdapter(outcome=outcome, base_model_info=local_model_info(base_path))
 

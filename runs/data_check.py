@@ -1,0 +1,125 @@
+"""The data check of a config before any run exists: the API, the New run form and `run_pipeline --check`.
+
+One function answers all three, `check_config(config, owner)`: it validates the
+config as run creation does, then runs the fine-tune step's own check
+(`training.steps.data_check`, the report of training/data_check.py) on the
+rows the run would use. Every fine-tune step runs the same check again before
+training and stores its report with the run (runs/step_io.py
+`record_data_check`), refusing to train when it finds a problem.
+
+Where it runs: the check needs the base model's tokenizer (and builds a
+`local:` model on first use). In the embedded default (settings.JOBS_INLINE)
+that is this process. In served mode the web image has no model libraries, so
+the check is a job on the `cpu` queue, whose return value is the report;
+`check_config` waits for it up to CHECK_TIMEOUT_SECONDS.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+
+from datasets_app.selectors import dataset_rows, datasets_by_names
+
+from .config import validate_config
+from .selectors import last_training_throughput
+from .services import dataset_name_types
+
+QUEUE = "cpu"
+CHECK_TIMEOUT_SECONDS = 120
+RESULT_TTL_SECONDS = 600
+
+
+class DataCheckUnavailable(Exception):
+    """No worker answered the check in time (served mode), or Redis is unreachable."""
+
+
+@dataclass
+class EvalRows:
+    name: str
+    rows: list[dict[str, Any]]
+
+
+class ConfigData:
+    """A validated config's rows, as the fine-tune step's context gives them (training.steps.DataCheckContext)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.base_model: str = config["model"]["base"]
+
+    def train_rows(self) -> list[dict[str, Any]]:
+        by_name = datasets_by_names(self.config["datasets"]["train"])
+        return [row for name in sorted(by_name) for row in dataset_rows(by_name[name])]
+
+    def validation_rows(self) -> list[dict[str, Any]] | None:
+        name = self.config["training"].get("validation_dataset")
+        return dataset_rows(datasets_by_names([name])[name]) if name else None
+
+    def eval_sets(self) -> list[EvalRows]:
+        limit = self.config["evaluation"]["max_samples"]
+        by_name = datasets_by_names(self.config["datasets"]["eval"])
+        return [EvalRows(name=name, rows=dataset_rows(by_name[name], limit=limit)) for name in sorted(by_name)]
+
+    def build_progress(self) -> Callable[[int, int], None]:
+        return lambda step, total: None
+
+    def throughput(self, device: str | None) -> dict[str, Any] | None:
+        return last_training_throughput(base_model=self.base_model, device=device)
+
+
+def check_validated(config: dict[str, Any], *, on_training_device: bool) -> dict[str, Any]:
+    """The report for a validated config (here, in this process)."""
+    from training.steps import data_check
+
+    if config["kind"] != "finetune":
+        return {"ok": True, "problems": [], "skipped": "an eval-only run trains nothing: there is no training data to check"}
+    return data_check(ConfigData(config), on_training_device=on_training_device)
+
+
+def check_config(config: Any, *, owner) -> dict[str, Any]:
+    """Validate `config` for `owner` (ConfigError as run creation raises it) and return its data check report.
+
+    Raises DataCheckUnavailable when, in served mode, no cpu worker answers in time.
+    """
+    validated = validate_config(config, known_datasets=dataset_name_types(owner))
+    if settings.JOBS_INLINE:
+        return check_validated(validated, on_training_device=True)
+    return _check_on_worker(validated)
+
+
+def data_check_job(config: dict[str, Any]) -> dict[str, Any]:
+    """The cpu queue's job: the report of an already validated config."""
+    return check_validated(config, on_training_device=False)
+
+
+def _check_on_worker(config: dict[str, Any]) -> dict[str, Any]:
+    import django_rq
+    from redis.exceptions import RedisError
+
+    try:
+        queue = django_rq.get_queue(QUEUE)
+        job = queue.enqueue_call(
+            data_check_job, args=(config,), job_id=f"data-check-{uuid.uuid4().hex[:16]}", timeout=CHECK_TIMEOUT_SECONDS,
+            result_ttl=RESULT_TTL_SECONDS, failure_ttl=RESULT_TTL_SECONDS,
+        )
+        deadline = time.monotonic() + CHECK_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            status = str(getattr(job.get_status(refresh=True), "value", ""))
+            if status == "finished":
+                return job.return_value()
+            if status in ("failed", "stopped", "canceled"):
+                lines = [line for line in (job.exc_info or "").strip().splitlines() if line.strip()]
+                raise DataCheckUnavailable(f"the data check failed on the worker: {lines[-1][:500] if lines else status}")
+            time.sleep(0.2)
+        job.cancel()
+    except RedisError as exc:
+        raise DataCheckUnavailable(f"Redis cannot be reached, so no worker can check the data ({type(exc).__name__})") from exc
+    raise DataCheckUnavailable(
+        f"no cpu worker answered the data check within {CHECK_TIMEOUT_SECONDS}s: start one "
+        "(`python manage.py rqworker cpu`, or the worker-cpu service of docker-compose.yml)"
+    )
