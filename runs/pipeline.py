@@ -161,6 +161,14 @@ def resend_lost_step(*, run_id: int, step_name: str) -> str | None:
     return queues.resend_lost_job(func=run_step, queue=QUEUES[step_name], run_id=run_id, step=step_name)
 
 
+def resend_after_lost_worker(*, run_id: int, step_name: str) -> None:
+    """The reaper's hand for a step whose worker died and that goes on (a fine-tune resuming from its checkpoint)."""
+    if settings.JOBS_INLINE:
+        start(run_id=run_id)  # a thread of this process (the embedded server, whose pages reap)
+    else:
+        queues.replace_dead_job(func=run_step, queue=QUEUES[step_name], run_id=run_id, step=step_name)
+
+
 def _finish_mlflow(run_id: int, status: str) -> None:
     """Best effort: the pipeline run's state is already recorded in the database."""
     try:

@@ -125,6 +125,28 @@ def resend_lost_job(*, func: Callable[..., None], queue: str, run_id: int, step:
     return f"{reason}: sent it again to the {queue} queue"
 
 
+def replace_dead_job(*, func: Callable[..., None], queue: str, run_id: int, step: str) -> bool:
+    """Send a step again whose worker died (the reaper saw its heartbeat stop); False when Redis could not take it.
+
+    The dead job's RQ entry goes first, whatever its state, so its unique id is
+    free: failed when RQ saw its work-horse die, still "started" when the whole
+    worker was killed (RQ keeps it there until the job's timeout).
+    """
+    import django_rq
+    from redis.exceptions import RedisError
+    from rq.exceptions import NoSuchJobError
+    from rq.job import Job
+
+    try:
+        Job.fetch(job_id(step, run_id), connection=django_rq.get_queue(queue).connection).delete()
+    except NoSuchJobError:
+        pass
+    except RedisError as exc:
+        log.warning("run %s: could not remove the dead %s job (%s: %s); the reaper sends it later", run_id, step, type(exc).__name__, exc)
+        return False
+    return send_job(func=func, queue=queue, run_id=run_id, step=step)
+
+
 def _still_waiting_for(run_id: int, step: str) -> bool:
     return PipelineRun.objects.filter(pk=run_id, current_job=f"{step}:queued").exclude(status__in=TERMINAL_STATUSES).exists()
 

@@ -77,10 +77,11 @@ def resume_lost_finetune(run: PipelineRun, *, reason: str) -> str:
     """A fine-tune whose worker died, with a checkpoint and attempts left, is sent again; returns what was done ("" if not).
 
     The run goes back to "finetune:queued" (a service, compare-and-swap) and the
-    step registry sends it as it sends any first step (`pipeline.start`): the
-    step's claim and body are the usual ones, and the body resumes from the checkpoint.
+    step registry sends the step again in place of the dead job
+    (`pipeline.resend_after_lost_worker`): the claim and body are the usual
+    ones, and the body resumes from the checkpoint.
     """
-    from .pipeline import start
+    from .pipeline import resend_after_lost_worker
 
     if run.current_job != "finetune:running" or run.checkpoint_step is None or run.attempts >= _max_attempts(run):
         return ""
@@ -92,7 +93,7 @@ def resume_lost_finetune(run: PipelineRun, *, reason: str) -> str:
     if not run_requeue_lost_finetune(run_id=run.pk, message=message):
         return ""
     RunLog(run.pk)(message)
-    transaction.on_commit(lambda: start(run_id=run.pk))
+    transaction.on_commit(lambda: resend_after_lost_worker(run_id=run.pk, step_name="finetune"))
     return message
 
 

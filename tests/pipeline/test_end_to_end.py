@@ -17,7 +17,7 @@ from tests.runs.factories import eval_only_config, finetune_config
 pytestmark = [pytest.mark.pipeline, pytest.mark.django_db(transaction=True)]
 
 SMALL_FINETUNE = finetune_config(
-    training={"epochs": 1, "batch_size": 8, "max_seq_length": 256, "learning_rate": 5e-3, "max_steps": 4, "seed": 7},
+    training={"epochs": 1, "batch_size": 8, "max_seq_length": 256, "max_truncated_fraction": 1.0, "learning_rate": 5e-3, "max_steps": 4, "seed": 7},
     evaluation={"metrics": ["rouge_score", "semantic_similarity", "non_llm_context_recall"], "max_samples": 4, "max_new_tokens": 8, "compare_base": True},
 )
 

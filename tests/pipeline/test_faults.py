@@ -20,7 +20,7 @@ from tests.runs.factories import finetune_config
 pytestmark = [pytest.mark.pipeline, pytest.mark.django_db(transaction=True)]
 
 LONG_FINETUNE = finetune_config(
-    training={"epochs": 100, "batch_size": 4, "max_seq_length": 256, "learning_rate": 1e-3},
+    training={"epochs": 100, "batch_size": 4, "max_seq_length": 256, "max_truncated_fraction": 1.0, "learning_rate": 1e-3},
     evaluation={"metrics": ["rouge_score"], "max_samples": 2, "max_new_tokens": 4},
 )
 

@@ -25,7 +25,7 @@ from tests.runs.factories import finetune_config
 # on a busy 2-core machine), then generates and scores two answers.
 SHORT_FINETUNE = finetune_config(
     name="fault-finetune",
-    training={"epochs": 1, "batch_size": 4, "max_seq_length": 128, "learning_rate": 1e-3, "max_steps": 16, "seed": 3},
+    training={"epochs": 1, "batch_size": 4, "max_seq_length": 128, "max_truncated_fraction": 1.0, "learning_rate": 1e-3, "max_steps": 16, "seed": 3},
     evaluation={"metrics": ["rouge_score"], "max_samples": 2, "max_new_tokens": 4, "compare_base": False},
 )
 

@@ -187,7 +187,7 @@ def page_form_fields() -> dict:
     """The New run form's fields for a short fine-tune of the offline model."""
     return {
         "name": "from-the-page", "kind": "finetune", "base_model": "local:tiny-llama", "train_datasets": ["rag_qa_train"],
-        "eval_datasets": ["ragas_eval"], "epochs": 1, "learning_rate": 0.001, "batch_size": 4, "max_seq_length": 128, "seed": 1,
+        "eval_datasets": ["ragas_eval"], "epochs": 1, "learning_rate": 0.001, "batch_size": 4, "max_seq_length": 128, "max_truncated_fraction": 1.0, "seed": 1,
         "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear", "gradient_accumulation_steps": 1,
         "max_steps": 2, "answers": "generate", "compare_base": "on", "metrics": ["rouge_score"], "max_samples": 2, "max_new_tokens": 4,
         "judge_api_key_env": "OPENAI_API_KEY",
@@ -225,7 +225,7 @@ def test_a_run_launched_from_the_page_completes_in_the_server_process(embedded_s
 SLOW_GENERATION = {
     "name": "cancel-while-generating", "kind": "finetune", "model": {"base": "local:tiny-llama"},
     "datasets": {"train": ["rag_qa_train"], "eval": ["ragas_eval"]},
-    "training": {"epochs": 1, "batch_size": 4, "max_seq_length": 128, "learning_rate": 1e-3, "max_steps": 1, "seed": 3},
+    "training": {"epochs": 1, "batch_size": 4, "max_seq_length": 128, "max_truncated_fraction": 1.0, "learning_rate": 1e-3, "max_steps": 1, "seed": 3},
     "evaluation": {"metrics": ["rouge_score"], "max_new_tokens": 64, "batch_size": 1, "compare_base": True},
 }
 # Scoring long enough to be caught mid-way: every row of the three eval sets, with the embedding metric.
@@ -413,7 +413,7 @@ def test_served_mode_stop_kills_a_running_job_after_stop_timeout_and_the_reaper_
     headers = {"Authorization": f"Token {Token.objects.create(user=user).key}"}
     long_run = {"name": "stopped-mid-training", "kind": "finetune", "model": {"base": "local:tiny-llama"},
                 "datasets": {"train": ["rag_qa_train"], "eval": ["ragas_eval"]},
-                "training": {"epochs": 100, "batch_size": 1, "max_seq_length": 128, "learning_rate": 1e-3, "seed": 3},
+                "training": {"epochs": 100, "batch_size": 1, "max_seq_length": 128, "max_truncated_fraction": 1.0, "learning_rate": 1e-3, "seed": 3},
                 "evaluation": {"metrics": ["rouge_score"], "max_samples": 2, "max_new_tokens": 4, "compare_base": False}}
     run_id = requests.post(f"{topology.web}/api/runs/", json=long_run, headers=headers, timeout=30).json()["id"]
     wait_until(lambda: len(PipelineRun.objects.get(pk=run_id).train_history) >= 1, 300, "training to start")

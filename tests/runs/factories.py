@@ -12,7 +12,7 @@ def finetune_config(**overrides: Any) -> dict[str, Any]:
         "kind": "finetune",
         "model": {"base": "local:tiny-llama"},
         "datasets": {"train": ["rag_qa_train"], "eval": ["ragas_eval"]},
-        "training": {"epochs": 1, "batch_size": 8, "max_seq_length": 256, "learning_rate": 1e-3, "max_steps": 3},
+        "training": {"epochs": 1, "batch_size": 8, "max_seq_length": 256, "max_truncated_fraction": 1.0, "learning_rate": 1e-3, "max_steps": 3},
         "evaluation": {"metrics": ["rouge_score", "exact_match"], "max_samples": 3, "max_new_tokens": 8},
     }
     config.update(overrides)

@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.pipeline, pytest.mark.django_db(transaction=True)]
 
 CONFIG = finetune_config(
     name="playground-finetune",
-    training={"epochs": 1, "batch_size": 8, "max_seq_length": 256, "learning_rate": 5e-3, "max_steps": 2, "seed": 3},
+    training={"epochs": 1, "batch_size": 8, "max_seq_length": 256, "max_truncated_fraction": 1.0, "learning_rate": 5e-3, "max_steps": 2, "seed": 3},
     evaluation={"metrics": ["rouge_score"], "max_samples": 2, "max_new_tokens": 8, "batch_size": 1, "compare_base": True},
 )
 

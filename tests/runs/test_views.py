@@ -107,7 +107,7 @@ def test_cancel_button_cancels_through_the_status_machine(logged_in, user):
 def form_data(**overrides):
     data = {
         "name": "from-the-form", "kind": "finetune", "base_model": "local:tiny-llama", "train_datasets": ["rag_qa_train"],
-        "eval_datasets": ["ragas_eval"], "epochs": 2, "learning_rate": 0.001, "batch_size": 8, "max_seq_length": 256, "seed": 1,
+        "eval_datasets": ["ragas_eval"], "epochs": 2, "learning_rate": 0.001, "batch_size": 8, "max_seq_length": 256, "max_truncated_fraction": 1.0, "seed": 1,
         "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear", "gradient_accumulation_steps": 1,
         "answers": "generate", "compare_base": "on", "metrics": ["rouge_score"], "max_new_tokens": 16, "judge_api_key_env": "OPENAI_API_KEY",
     }

@@ -39,7 +39,7 @@ SMOKE_RUN = {
     "kind": "finetune",
     "model": {"base": "local:tiny-llama"},
     "datasets": {"train": ["rag_qa_train"], "eval": ["ragas_eval"]},
-    "training": {"epochs": 1, "batch_size": 4, "max_seq_length": 128, "learning_rate": 1e-3, "max_steps": 2, "seed": 3},
+    "training": {"epochs": 1, "batch_size": 4, "max_seq_length": 128, "max_truncated_fraction": 1.0, "learning_rate": 1e-3, "max_steps": 2, "seed": 3},
     "evaluation": {"metrics": ["rouge_score"], "max_samples": 2, "max_new_tokens": 4, "compare_base": False},
 }
 TERMINAL = {"completed", "failed", "cancelled"}
