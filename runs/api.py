@@ -75,7 +75,7 @@ class RunDetailSerializer(RunListSerializer):
         fields = [
             *RunListSerializer.Meta.fields, "config", "logs", "mlflow_experiment_id",
             "registered_model_name", "registered_model_version", "reproducibility", "heartbeat_at", "owner", "results",
-            "comparisons", "promotion",
+            "comparisons", "promotion", "attempts", "checkpoint_step", "best_step", "data_check",
         ]
 
     @extend_schema_field(PromotionOutputSerializer(allow_null=True))
@@ -128,6 +128,27 @@ class RunListCreateApi(generics.ListAPIView):
     def post(self, request: Request) -> Response:
         run = run_create(config=request.data, owner=request.user)
         return Response(RunDetailSerializer(_detail_queryset(request.user).get(pk=run.pk)).data, status=status.HTTP_201_CREATED)
+
+
+class RunCheckApi(APIView):
+    @extend_schema(
+        request=RunConfigInputSerializer,
+        responses={200: OpenApiTypes.OBJECT, 400: OpenApiTypes.OBJECT, 503: OpenApiTypes.OBJECT},
+        description="Check a config's data before creating a run (training/data_check.py): token lengths of prompt and answer "
+                    "under the base model's tokenizer and prompt format, rows `max_seq_length` would cut (refused above "
+                    "`training.max_truncated_fraction`), train questions that duplicate an eval question (refused unless "
+                    "`evaluation.allow_overlap`), duplicates, empty answers, and the steps and training time the config implies. "
+                    "`problems` lists what refuses the config (each with its field); `ok` is true when there is none. The same "
+                    "check runs again, and is stored with the run (`data_check`), when a fine-tune starts. 400: the config is "
+                    "invalid (as for POST /api/runs/); 503: in served mode no cpu worker answered in time.",
+    )
+    def post(self, request: Request) -> Response:
+        from .data_check import DataCheckUnavailable, check_config
+
+        try:
+            return Response(check_config(request.data, owner=request.user))
+        except DataCheckUnavailable as exc:
+            return Response({"detail": str(exc)}, status=status.HTTP_503_SERVICE_UNAVAILABLE)
 
 
 class RunDetailApi(generics.RetrieveAPIView):

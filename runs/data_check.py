@@ -123,3 +123,34 @@ def _check_on_worker(config: dict[str, Any]) -> dict[str, Any]:
         f"no cpu worker answered the data check within {CHECK_TIMEOUT_SECONDS}s: start one "
         "(`python manage.py rqworker cpu`, or the worker-cpu service of docker-compose.yml)"
     )
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """The report as text lines (run_pipeline --check; the run's log has a one-line version)."""
+    if report.get("skipped"):
+        return [report["skipped"]]
+    tokens, overlap, train_set, estimate = report["tokens"], report["overlap"], report["train_set"], report["estimate"]
+    truncated = tokens["truncated"]
+
+    def spread(summary: dict[str, Any] | None) -> str:
+        return "-" if not summary else f"min {summary['min']}, median {summary['median']:g}, p95 {summary['p95']}, max {summary['max']}"
+
+    lines = [
+        f"base model {report['base_model']}, prompt format {tokens['prompt_format']}, max_seq_length {tokens['max_seq_length']}",
+        f"train rows {tokens['rows']}, validation rows {report['validation']['rows']} ({report['validation']['source']})",
+        f"prompt tokens: {spread(tokens['prompt_tokens'])}",
+        f"answer tokens: {spread(tokens['answer_tokens'])}",
+        f"cut by max_seq_length: {truncated['rows']} rows ({truncated['fraction']:.1%}): {truncated['context_cut']} lose context, "
+        f"{truncated['answer_cut']} lose answer; longest row {tokens['longest']['row']}: {tokens['longest']['tokens']} tokens",
+        f"train/eval overlap: {overlap['train_rows']} train rows ({overlap['exact']} exact, {overlap['near']} near pairs, "
+        f"token-set ratio >= {overlap['threshold']:g})",
+    ]
+    lines += [
+        f"  {p['kind']} {p['ratio']:g}: train row {p['train_row']} {p['train_question']!r} ~ {p['eval_dataset']} row {p['eval_row']} {p['eval_question']!r}"
+        for p in overlap["pairs"][:10]
+    ]
+    lines.append(f"duplicate questions in the train rows: {train_set['duplicate_questions']}; empty answers: {train_set['empty_answers']}")
+    seconds = estimate["seconds"]
+    when = f"about {seconds / 60:.1f} min ({estimate['basis']})" if seconds is not None else estimate["basis"]
+    lines.append(f"optimizer steps: {estimate['steps']}, {estimate['tokens']} tokens to train; training time: {when}")
+    return lines

@@ -4,6 +4,7 @@ from . import api
 
 urlpatterns = [
     path("runs/", api.RunListCreateApi.as_view(), name="api-runs"),
+    path("runs/check/", api.RunCheckApi.as_view(), name="api-runs-check"),
     path("runs/<int:pk>/", api.RunDetailApi.as_view(), name="api-run-detail"),
     path("runs/<int:pk>/status/", api.RunStatusApi.as_view(), name="api-run-status"),
     path("runs/<int:pk>/logs/", api.RunLogsApi.as_view(), name="api-run-logs"),

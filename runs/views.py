@@ -62,7 +62,7 @@ def run_row(request: HttpRequest, pk: int) -> HttpResponse:
 @login_required
 def run_new(request: HttpRequest) -> HttpResponse:
     yaml_form = YamlConfigForm()
-    validated = False
+    validated, data_check = False, None
     if request.method == "POST" and request.POST.get("action") == "load_yaml":
         yaml_form = YamlConfigForm(request.POST, request.FILES, user=request.user)
         form = RunForm(user=request.user)
@@ -76,6 +76,8 @@ def run_new(request: HttpRequest) -> HttpResponse:
         if form.is_valid():
             if request.POST.get("action") == "validate":
                 validated = True
+            elif request.POST.get("action") == "check":
+                data_check = _data_check(form)
             else:
                 try:
                     run = run_create(config=form.config, owner=request.user)
@@ -93,9 +95,22 @@ def run_new(request: HttpRequest) -> HttpResponse:
             initial = initial_from_config(source.config)
             initial["name"] = f"{source.name}-copy"[:200]
         form = RunForm(initial=initial, user=request.user)
-    context = {"form": form, "yaml_form": yaml_form, "validated": validated}
+    context = {"form": form, "yaml_form": yaml_form, "validated": validated, "data_check": data_check}
     template = "runs/_run_form.html" if request.htmx else "runs/run_new.html"
     return render(request, template, context)
+
+
+def _data_check(form: RunForm) -> dict:
+    """The form's config through the data check (runs/data_check.py): {"report"} or {"error"}."""
+    from .data_check import DataCheckUnavailable, check_config
+
+    try:
+        return {"report": check_config(form.config, owner=form.user)}
+    except ConfigError as exc:
+        form.add_config_errors(exc)
+        return {"error": "The config has errors (highlighted): fix them to check the data."}
+    except DataCheckUnavailable as exc:
+        return {"error": str(exc)}
 
 
 @login_required

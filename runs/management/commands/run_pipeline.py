@@ -65,11 +65,17 @@ class Command(BaseCommand):
         parser.add_argument("--user", default="cli", help="Owner of the run (created without a password if missing).")
         parser.add_argument("--dry-run", action="store_true", help="Validate the config only.")
         parser.add_argument(
+            "--check", action="store_true",
+            help="Check the data only (token lengths, truncation, train/eval overlap, duplicates, steps and time); exit 1 if refused.",
+        )
+        parser.add_argument(
             "--set", action="append", default=[], metavar="PATH=VALUE", dest="overrides",
             help="Override one config field, e.g. --set training.max_steps=20 --set evaluation.max_samples=10 (VALUE is YAML).",
         )
 
-    def handle(self, *args, config: Path, enqueue: bool, wait: bool, user: str, dry_run: bool, overrides: list[str], **options) -> None:
+    def handle(
+        self, *args, config: Path, enqueue: bool, wait: bool, user: str, dry_run: bool, check: bool, overrides: list[str], **options,
+    ) -> None:
         if options["verbosity"] < 2:
             # The run's own log keeps every line (GET /api/runs/{id}/); the console shows the bar.
             logging.getLogger().setLevel(logging.WARNING)
@@ -92,6 +98,9 @@ class Command(BaseCommand):
             except ConfigError as exc:
                 raise CommandError(f"{config}: {exc}") from None
             self.stdout.write(self.style.SUCCESS(f"{config}: valid"))
+            return
+        if check:
+            self._check(config, data, owner)
             return
         if enqueue and settings.JOBS_INLINE:
             raise CommandError("--enqueue needs REDIS_URL (workers read their jobs from Redis)")
@@ -119,6 +128,21 @@ class Command(BaseCommand):
             worker.start()
             self._follow(run.pk, worker=worker)
         self._report(PipelineRun.objects.get(pk=run.pk))
+
+    def _check(self, config: Path, data, owner) -> None:
+        from runs.data_check import DataCheckUnavailable, check_config, summary_lines
+
+        try:
+            report = check_config(data, owner=owner)
+        except ConfigError as exc:
+            raise CommandError(f"{config}: {exc}") from None
+        except DataCheckUnavailable as exc:
+            raise CommandError(f"{config}: {exc}") from None
+        for line in summary_lines(report):
+            self.stdout.write(line)
+        if report["problems"]:
+            raise CommandError(f"{config}: the data check refuses it: " + "; ".join(f"{p['field']}: {p['message']}" for p in report["problems"]))
+        self.stdout.write(self.style.SUCCESS(f"{config}: the data check passes"))
 
     def _owner(self, username: str):
         User = get_user_model()
