@@ -85,3 +85,98 @@ def test_a_sigkilled_worker_fails_its_run_through_the_reaper_and_a_retry_complet
     assert PipelineRun.objects.get(pk=run_id).status == "failed"  # the original keeps its history
     assert f"retried as run #{again.pk}" in PipelineRun.objects.get(pk=run_id).logs
     assert not PipelineRun.objects.filter(status__in=ACTIVE_STATUSES).exists()
+
+
+RESUMABLE = {
+    **SHORT_FINETUNE,
+    "name": "fault-resume",
+    "training": {**SHORT_FINETUNE["training"], "max_steps": 24, "epochs": 3, "checkpoint_every": 3, "eval_every": 6, "max_attempts": 2},
+}
+
+
+def adapter_weights(run_id: int) -> dict:
+    from safetensors.torch import load_file
+
+    from runs.step_io import run_dir
+
+    return load_file(str(run_dir(run_id) / "adapter" / "adapter_model.safetensors"))
+
+
+def checkpointed_past(run_id: int, step: int) -> bool:
+    run = PipelineRun.objects.only("checkpoint_step", "current_job").get(pk=run_id)
+    return (run.checkpoint_step or 0) >= step and run.current_job == "finetune:running"
+
+
+def kill_after_checkpoint(processes, run_id: int, *, step: int, whole_worker: bool) -> int:
+    """SIGKILL the gpu work-horse (and its parent) once the run has a checkpoint at `step` or later; the checkpoint step."""
+    wait_until(lambda: checkpointed_past(run_id, step), 240, f"a checkpoint at step {step} or later", every=0.05)
+    gpu = processes.by_name["worker-gpu"]
+    (horse,) = processes.horses("gpu")
+    sigkill(horse)
+    if whole_worker:
+        sigkill(psutil.Process(gpu.pid))
+    return PipelineRun.objects.get(pk=run_id).checkpoint_step
+
+
+def test_a_sigkilled_fine_tune_resumes_from_its_checkpoint_and_ends_with_the_adapter_of_an_uninterrupted_run(
+    owned_rq_settings, processes, user, ledger,
+):
+    ledger.record(
+        "fault", "SIGKILL the whole gpu worker mid-training, after a checkpoint",
+        f"the reaper ({STALE_SECONDS}s) sends the fine-tune again; it resumes from the checkpoint (event and log say so), "
+        "completes with attempts 2, a loss curve with every step once, and LoRA weights equal to an uninterrupted run's within 1e-5",
+    )
+    api = token_client(user)
+    processes.worker("gpu")
+    processes.worker("cpu")
+    processes.reaper(stale_seconds=STALE_SECONDS, requeue_grace=5)
+    try:
+        whole_id = api.post("/api/runs/", {**RESUMABLE, "name": "fault-resume-whole"}, format="json").json()["id"]
+        wait_until(lambda: ended(whole_id), 300, "the uninterrupted run to end")
+        whole = PipelineRun.objects.get(pk=whole_id)
+        assert whole.status == "completed" and whole.attempts == 1, whole.logs
+
+        run_id = api.post("/api/runs/", RESUMABLE, format="json").json()["id"]
+        at = kill_after_checkpoint(processes, run_id, step=3, whole_worker=True)
+        gpu = processes.by_name["worker-gpu"]
+        assert gpu.wait(timeout=10) is not None
+        processes.supervise("gpu")  # what systemd / docker's restart policy does
+        wait_until(lambda: ended(run_id), STALE_SECONDS + 300, "the resumed run to end")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{processes.logs()}") from exc
+    run = PipelineRun.objects.get(pk=run_id)
+    assert run.status == "completed", run.logs
+    assert run.attempts == 2
+    messages = list(run.events.values_list("message", flat=True))
+    assert any(f"resuming from step {at} after the worker was lost (attempt 2 of 2)" in m for m in messages), messages
+    assert f"attempt 2: resumed from step {at} after the worker was lost" in run.logs
+    assert [e["step"] for e in run.train_history] == list(range(1, 25))
+    assert [e["loss"] for e in run.train_history] == pytest.approx([e["loss"] for e in whole.train_history], abs=1e-5)
+    assert run.best_step == whole.best_step is not None
+    a, b = adapter_weights(whole_id), adapter_weights(run_id)
+    assert a.keys() == b.keys() and a
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    assert not PipelineRun.objects.filter(status__in=ACTIVE_STATUSES).exists()
+
+
+def test_a_fine_tune_that_loses_its_worker_on_every_attempt_fails_after_max_attempts(owned_rq_settings, processes, user, ledger):
+    ledger.record(
+        "fault", "SIGKILL the gpu work-horse on every attempt (training.max_attempts 2)",
+        "the first loss resumes the run (attempt 2), the second fails it with a reason naming the attempts; nothing left running",
+    )
+    api = token_client(user)
+    processes.worker("gpu")
+    processes.worker("cpu")
+    processes.reaper(stale_seconds=STALE_SECONDS, requeue_grace=5)
+    run_id = api.post("/api/runs/", RESUMABLE, format="json").json()["id"]
+    try:
+        first = kill_after_checkpoint(processes, run_id, step=3, whole_worker=False)
+        wait_until(lambda: PipelineRun.objects.get(pk=run_id).attempts == 2, STALE_SECONDS + 30, "the reaper to resume the run")
+        kill_after_checkpoint(processes, run_id, step=first + 3, whole_worker=False)
+        wait_until(lambda: ended(run_id), STALE_SECONDS + 30, "the reaper to end the run")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{processes.logs()}") from exc
+    run = PipelineRun.objects.get(pk=run_id)
+    assert run.status == "failed" and run.attempts == 2, run.logs
+    assert "worker lost: no heartbeat" in run.error and "2 attempts of training.max_attempts 2 used" in run.error
+    assert not PipelineRun.objects.filter(status__in=ACTIVE_STATUSES).exists()
