@@ -89,8 +89,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--samples", type=int, default=None, help="default: every row of the three bundled eval sets (143)")
     parser.add_argument("--metrics", default=",".join(NON_JUDGE_METRICS))
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; each side's best round counts")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for both sides (default: torch's own, one per core)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from evaluation.metrics import packaged_embeddings
     from evaluation.scoring import score_samples
@@ -122,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # The best round of each: on a shared machine, the one least disturbed by others.
     ours_s, ragas_s = min(timings["ours"]), min(timings["ragas"])
     report = {
-        "samples": len(samples), "metrics": metric_names,
+        "samples": len(samples), "metrics": metric_names, "torch_threads": torch.get_num_threads(),
         "seconds": {k: [round(t, 3) for t in v] for k, v in timings.items()},
         "samples_per_second": {"ours": round(len(samples) / ours_s, 2), "ragas_directly": round(len(samples) / ragas_s, 2)},
         "ratio": ratio(ragas_s, ours_s, 3),
