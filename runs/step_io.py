@@ -253,14 +253,23 @@ class StepContext:
 
     def build_progress(self) -> Callable[[int, int], None]:
         """Stage updates while a local: model is built on first use (it takes a while)."""
-        last = [0.0]
+        last, began = [0.0], [None]
 
         def report(step: int, total: int) -> None:
             moment = time.monotonic()
+            if began[0] is None:  # the build is its own stage of the run's timeline: an event when it begins and ends
+                began[0] = moment
+                with tolerate_db_errors(f"run {self.run_id}: model build event"):
+                    run_note(run_id=self.run_id, message=f"building {self.base_model} on first use")
             if moment - last[0] >= LIVE_UPDATE_SECONDS or step == total:
                 last[0] = moment
                 name = self.base_model.removeprefix("local:")
                 self.progress(None, f"building {self.base_model} on first use: {describe_progress(name, step, total)}")
+            if step == total:
+                message = f"{self.base_model} built in {moment - began[0]:.0f}s; {self.step.label} goes on"
+                self.log(message)
+                with tolerate_db_errors(f"run {self.run_id}: model build event"):
+                    run_note(run_id=self.run_id, message=message)
 
         return report
 

@@ -151,3 +151,9 @@ def smollm2_model() -> str:
     from training.local_models import resolve_model_path
 
     return resolve_model_path("local:smollm2-135m-instruct")
+
+
+def status_changes(run) -> list[str]:
+    """The statuses a run went through: its events less the notes (from = to status: a first-use model build,
+    a resume, early stopping), the "created" event kept."""
+    return [e.to_status for e in run.events.order_by("at", "id") if e.from_status != e.to_status or e.message == "created"]

@@ -11,7 +11,7 @@ import yaml
 from django.core.management import call_command
 
 from runs.models import PipelineRun, RunEvent, RunResult, SampleResult
-from tests.conftest import free_port, run_worker_burst, token_client, wait_for_port
+from tests.conftest import free_port, run_worker_burst, status_changes, token_client, wait_for_port
 from tests.runs.factories import eval_only_config, finetune_config
 
 pytestmark = [pytest.mark.pipeline, pytest.mark.django_db(transaction=True)]
@@ -38,7 +38,7 @@ def test_inline_finetune_run_completes_with_results_samples_and_mlflow(tmp_path,
     call_command("run_pipeline", str(write_config(tmp_path, SMALL_FINETUNE)))
     run = PipelineRun.objects.get()
     assert run.status == "completed", run.logs
-    assert list(run.events.values_list("to_status", flat=True)) == ["pending", "training", "evaluating", "completed"]
+    assert status_changes(run) == ["pending", "training", "evaluating", "completed"]
     results = RunResult.objects.filter(run=run)
     assert {(r.variant, r.metric) for r in results} == {(v, m) for v in ("base", "finetuned") for m in SMALL_FINETUNE["evaluation"]["metrics"]}
     assert all(r.n_scored == 4 and r.n_failed == 0 and r.value is not None for r in results)
@@ -87,7 +87,7 @@ def test_inline_eval_only_run_scores_the_dataset_answers(tmp_path):
     call_command("run_pipeline", str(write_config(tmp_path, eval_only_config())))
     run = PipelineRun.objects.get()
     assert run.status == "completed", run.logs
-    assert list(run.events.values_list("to_status", flat=True)) == ["pending", "evaluating", "completed"]
+    assert status_changes(run) == ["pending", "evaluating", "completed"]
     assert set(RunResult.objects.filter(run=run).values_list("variant", flat=True)) == {"dataset"}
     assert SampleResult.objects.filter(run=run, variant="dataset").count() == 4
 

@@ -14,7 +14,7 @@ import pytest
 
 from runs.models import PipelineRun
 from runs.reaper import reap_stale_runs
-from tests.conftest import ROOT, token_client, worker_env
+from tests.conftest import ROOT, status_changes, token_client, worker_env
 from tests.runs.factories import finetune_config
 
 pytestmark = [pytest.mark.pipeline, pytest.mark.django_db(transaction=True)]
@@ -84,7 +84,7 @@ def test_cancel_mid_training_stops_the_job_and_queues_nothing_more(gpu_worker, u
     wait_until(lambda: "finetune stopped" in PipelineRun.objects.get(pk=run_id).logs, 30, "the training loop to stop")
     run = PipelineRun.objects.get(pk=run_id)
     assert run.status == "cancelled"
-    assert list(run.events.values_list("to_status", flat=True)) == ["pending", "training", "cancelled"]
+    assert status_changes(run) == ["pending", "training", "cancelled"]
     assert len(run.train_history) < 100 * 42  # it stopped long before the end
     assert django_rq.get_queue("gpu").job_ids == [] and django_rq.get_queue("cpu").job_ids == []
 

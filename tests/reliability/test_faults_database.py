@@ -19,7 +19,7 @@ from runs.execution import heartbeat
 from runs.models import ACTIVE_STATUSES, PipelineRun
 from runs.pipeline import inline_foreground, run_step
 from runs.services import run_create
-from tests.conftest import token_client
+from tests.conftest import status_changes, token_client
 from tests.runs.factories import eval_only_config, make_run, replace_step_body
 
 from . import fault_tools
@@ -90,7 +90,7 @@ def test_a_connection_terminated_during_a_job_fails_it_cleanly(user, monkeypatch
     assert run.status == "failed"
     assert run.error.startswith("score failed: the database connection was lost or refused the query (OperationalError:"), run.error
     assert "Traceback" in run.logs and "score failed:" in run.logs
-    assert list(run.events.values_list("to_status", flat=True)) == ["pending", "evaluating", "failed"]
+    assert status_changes(run) == ["pending", "evaluating", "failed"]
     assert not run.results.exists()
     assert not PipelineRun.objects.filter(status__in=ACTIVE_STATUSES).exists()
 
@@ -128,6 +128,6 @@ def test_connections_terminated_mid_training_on_a_worker_are_survived(owned_rq_s
         assert run.status == "completed", f"{run.error}\n{run.logs}"
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{processes.logs()}") from exc
-    assert list(run.events.values_list("to_status", flat=True)) == ["pending", "training", "evaluating", "completed"]
+    assert status_changes(run) == ["pending", "training", "evaluating", "completed"]
     assert len(run.train_history) == config["training"]["max_steps"]
     assert run.results.filter(value__isnull=False).count() == 1

@@ -14,6 +14,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 
 from runs.models import ACTIVE_STATUSES, PipelineRun
+from tests.conftest import status_changes
 
 from .fault_tools import SHORT_FINETUNE
 
@@ -43,7 +44,7 @@ def test_a_runs_directory_that_is_a_file_fails_the_run_before_training(tmp_path,
     from runs.tracking import client
 
     assert client().get_run(run.mlflow_run_id).info.status == "FAILED"  # the MLflow run the registry opened says so too
-    assert list(run.events.values_list("to_status", flat=True)) == ["pending", "training", "failed"]
+    assert status_changes(run) == ["pending", "training", "failed"]
     assert not PipelineRun.objects.filter(status__in=ACTIVE_STATUSES).exists()
 
 
@@ -77,4 +78,4 @@ def test_a_full_disk_when_the_adapter_is_saved_fails_the_run_with_that_reason(tm
     )
     assert len(run.train_history) == SHORT_FINETUNE["training"]["max_steps"]  # it trained, then could not save
     assert run.registered_model_name == ""
-    assert list(run.events.values_list("to_status", flat=True)) == ["pending", "training", "failed"]
+    assert status_changes(run) == ["pending", "training", "failed"]

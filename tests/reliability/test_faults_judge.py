@@ -12,7 +12,7 @@ import yaml
 from django.core.management import call_command
 
 from runs.models import PipelineRun, RunResult, SampleResult
-from tests.conftest import free_port
+from tests.conftest import free_port, status_changes
 from tests.judge_server import JudgeServer
 from tests.runs.factories import eval_only_config
 
@@ -55,7 +55,7 @@ def test_a_misbehaving_judge_leaves_its_metric_not_measured_and_the_run_complete
 
     run = PipelineRun.objects.get()
     assert run.status == "completed", run.logs
-    assert list(run.events.values_list("to_status", flat=True)) == ["pending", "evaluating", "completed"]
+    assert status_changes(run) == ["pending", "evaluating", "completed"]
     judged = RunResult.objects.get(run=run, metric="faithfulness")
     assert judged.value is None and judged.n_scored == 0 and judged.n_failed == SAMPLES
     assert len(judged.failure_reasons) == 1

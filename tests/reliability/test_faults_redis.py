@@ -13,7 +13,7 @@ from runs.models import ACTIVE_STATUSES, PipelineRun, RunEvent, RunResult, Sampl
 from runs.pipeline import run_step
 from runs.queues import MAX_RESENDS, send_job
 from runs.reaper import requeue_lost_jobs
-from tests.conftest import token_client
+from tests.conftest import status_changes, token_client
 from tests.runs.factories import eval_only_config
 
 from . import fault_tools
@@ -35,7 +35,7 @@ def redis_conn(owned_redis):
 def assert_ran_once(run_id: int, statuses: list[str], results: int, samples: int) -> PipelineRun:
     run = PipelineRun.objects.get(pk=run_id)
     assert run.status == "completed", f"{run.error}\n{run.logs}"
-    assert list(run.events.values_list("to_status", flat=True)) == statuses
+    assert status_changes(run) == statuses
     assert RunResult.objects.filter(run=run).count() == results
     assert SampleResult.objects.filter(run=run).count() == samples
     return run

@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from runs.models import ACTIVE_STATUSES, PipelineRun
-from tests.conftest import token_client
+from tests.conftest import status_changes, token_client
 
 from . import fault_tools
 from .fault_tools import SHORT_FINETUNE, sigkill, wait_until
@@ -58,7 +58,7 @@ def test_a_sigkilled_worker_fails_its_run_through_the_reaper_and_a_retry_complet
         assert run.status == "failed", run.logs
         assert took <= STALE_SECONDS + 30
         assert "worker lost: no heartbeat" in run.error and "while training (finetune:running)" in run.error
-        assert list(run.events.values_list("to_status", flat=True)) == ["pending", "training", "failed"]
+        assert status_changes(run) == ["pending", "training", "failed"]
         assert not PipelineRun.objects.filter(status__in=ACTIVE_STATUSES).exists()
 
         if target == "work-horse":
@@ -79,7 +79,7 @@ def test_a_sigkilled_worker_fails_its_run_through_the_reaper_and_a_retry_complet
         raise AssertionError(f"{exc}\n{processes.logs()}") from exc
     again = PipelineRun.objects.get(pk=retry["id"])
     assert again.status == "completed", again.logs
-    assert list(again.events.values_list("to_status", flat=True)) == ["pending", "training", "evaluating", "completed"]
+    assert status_changes(again) == ["pending", "training", "evaluating", "completed"]
     assert len(again.train_history) == SHORT_FINETUNE["training"]["max_steps"]
     assert again.results.filter(metric="rouge_score", value__isnull=False).count() == 1
     assert PipelineRun.objects.get(pk=run_id).status == "failed"  # the original keeps its history
