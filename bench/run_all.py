@@ -49,9 +49,10 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                      "baseline": f"minimal loop {t['tokens_per_second']['minimal']}", "ratio": t["ratio_vs_minimal_loop"],
                      "target": t["targets"]["ratio_vs_minimal_loop"]})
     if g := results.get("generation"):
-        rows.append({"benchmark": "2 generation", "figure": f"answers/s, batch {g['batch_size']}", "ours": g["answers_per_second"]["ours"],
-                     "baseline": f"one at a time {g['answers_per_second']['baseline_one_at_a_time']}", "ratio": g["ratio"],
-                     "target": g["targets"]["ratio"] + (", answers identical" if g["identical_answers"] else "")})
+        for name, m in (g.get("models") or {g.get("model", "model"): g}).items():  # one row per model measured
+            rows.append({"benchmark": "2 generation", "figure": f"answers/s, {name}, batch {m['batch_size']}", "ours": m["answers_per_second"]["ours"],
+                         "baseline": f"one at a time {m['answers_per_second']['baseline_one_at_a_time']}", "ratio": m["ratio"],
+                         "target": m["targets"]["ratio"] + (", answers identical" if m["identical_answers"] else "")})
     if s := results.get("scoring"):
         rows.append({"benchmark": "3 scoring", "figure": f"samples/s, {s['samples']} x {len(s['metrics'])} metrics",
                      "ours": s["samples_per_second"]["ours"], "baseline": f"ragas.evaluate {s['samples_per_second']['ragas_directly']}",
