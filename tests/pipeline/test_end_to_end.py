@@ -183,3 +183,15 @@ def test_mlflow_server_in_served_mode_receives_everything(tmp_path, settings):
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def test_an_out_of_memory_step_halves_the_micro_batch_and_the_run_completes(tmp_path, monkeypatch):
+    from training.steps import INJECT_OOM_ENV
+
+    monkeypatch.setenv(INJECT_OOM_ENV, "2:1")  # one CUDA out-of-memory error in step 2 (a test hook; CPU here)
+    config = {**SMALL_FINETUNE, "evaluation": {**SMALL_FINETUNE["evaluation"], "compare_base": False, "metrics": ["rouge_score"]}}
+    call_command("run_pipeline", str(write_config(tmp_path, config)))
+    run = PipelineRun.objects.get()
+    assert run.status == "completed", run.logs
+    assert "out of memory at step 2" in run.logs and "micro-batch 8 -> 4" in run.logs
+    assert [e["step"] for e in run.train_history] == [1, 2, 3, 4]
