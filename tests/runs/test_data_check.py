@@ -161,3 +161,43 @@ def test_a_refused_fine_tune_stops_before_training_with_the_report_stored(user, 
     assert run.status == "failed" and "evaluation.allow_overlap" in run.error
     assert run.data_check["overlap"]["train_rows"] == 2 and not run.data_check["ok"]
     assert run.train_history == [] and "data check:" in run.logs
+
+
+@pytest.fixture
+def cpu_worker(rq_settings, redis_url):
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    from tests.conftest import ROOT, worker_env
+
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "manage.py"), "rqworker", "cpu"], env=worker_env(redis_url), cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    yield proc
+    for child in psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []:
+        child.kill()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_in_served_mode_a_cpu_worker_checks_the_data_and_the_api_waits_for_it(api, user, cpu_worker, tiny_model):
+    config = finetune_config()
+    response = api.post("/api/runs/check/", config, format="json")
+    assert response.status_code == 200, response.content
+    report = response.json()
+    assert report["ok"] and report["tokens"]["rows"] == 149 and report["validation"]["rows"] == 17
+    assert report["estimate"]["steps"] == 3  # max_steps
+
+
+@pytest.mark.django_db(transaction=True)
+def test_in_served_mode_without_a_cpu_worker_the_check_answers_503_naming_what_to_start(api, rq_settings, monkeypatch):
+    monkeypatch.setattr("runs.data_check.CHECK_TIMEOUT_SECONDS", 1)
+    response = api.post("/api/runs/check/", finetune_config(), format="json")
+    assert response.status_code == 503
+    assert "no cpu worker answered the data check within 1s" in response.json()["detail"]
+    assert "rqworker cpu" in response.json()["detail"]
