@@ -117,7 +117,7 @@ def test_connections_terminated_mid_training_on_a_worker_are_survived(owned_rq_s
     processes.worker("gpu")
     processes.worker("cpu")
     # Long enough (about ten seconds of steps) that the drop lands while training writes its live updates.
-    config = {**SHORT_FINETUNE, "training": {**SHORT_FINETUNE["training"], "epochs": 3, "max_steps": 120}}
+    config = {**SHORT_FINETUNE, "training": {**SHORT_FINETUNE["training"], "epochs": 4, "max_steps": 120}}
     run_id = token_client(user).post("/api/runs/", config, format="json").json()["id"]
     mine = my_backend_pid()
     try:
