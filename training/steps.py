@@ -95,15 +95,18 @@ class DataCheckFailed(ValueError):
     """The data check refuses the config (truncation above the limit, train/eval overlap)."""
 
 
-def data_check(ctx: DataCheckContext, *, on_training_device: bool) -> dict[str, Any]:
+def data_check(
+    ctx: DataCheckContext, *, on_training_device: bool, rows: tuple[list[dict[str, Any]], list[dict[str, Any]], str] | None = None,
+) -> dict[str, Any]:
     """The data check of the context's config (training/data_check.py), with the tokenizer of its base model.
 
     on_training_device: this process is where the fine-tune trains, so the time
     estimate uses an earlier run on this device; else the last run of the base model anywhere.
+    rows: training_rows(ctx) when the caller already read them (the fine-tune step), so no file is read twice.
     """
     config = ctx.config
     training = config["training"]
-    rows, validation, source = training_rows(ctx)
+    rows, validation, source = rows or training_rows(ctx)
     tokenizer = load_tokenizer(resolve_model_path(ctx.base_model, progress=ctx.build_progress()))
     device = pick_device(training.get("precision", "auto"))[0] if on_training_device else None
     report = check_data(
@@ -129,7 +132,7 @@ def training_rows(ctx: DataCheckContext) -> tuple[list[dict[str, Any]], list[dic
 
 def finetune_step(ctx: FinetuneContext) -> TrainedAdapter:
     config = ctx.config
-    rows, validation, source = training_rows(ctx)
+    rows, validation, source = split = training_rows(ctx)
     ctx.log(
         f"fine-tuning {ctx.base_model} on {', '.join(config['datasets']['train'])} ({len(rows)} rows; "
         f"validation: {len(validation)} rows, {source})"
@@ -144,7 +147,7 @@ def finetune_step(ctx: FinetuneContext) -> TrainedAdapter:
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
         ensure_writable(output)  # before the model is loaded and trained, not after
     ctx.progress(0.0, "checking the data")
-    report = data_check(ctx, on_training_device=True)
+    report = data_check(ctx, on_training_device=True, rows=split)
     ctx.record_data_check(report)
     if report["problems"]:
         raise DataCheckFailed("the data check refuses this config: " + "; ".join(f"{p['field']}: {p['message']}" for p in report["problems"]))
