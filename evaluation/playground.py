@@ -42,10 +42,11 @@ def _load(base_path: str, adapter_dir: str, precision: str) -> LoadedPair:
         return _loaded
     from peft import PeftModel
 
-    from training.finetune import load_base_model, load_tokenizer, pick_device
+    from training.finetune import load_base_model, load_tokenizer
+    from training.precision import pick_device
 
     _loaded = None  # free the previous model before loading the next
-    device, dtype = pick_device(precision)
+    device, dtype = pick_device(precision, base_path)
     tokenizer = load_tokenizer(base_path)
     model = PeftModel.from_pretrained(load_base_model(base_path, device=device, dtype=dtype), adapter_dir)
     model.eval()

@@ -88,8 +88,9 @@ class ScoreContext(Protocol):
 
 def generate_step(ctx: GenerateContext) -> Generated:
     from training.data import render_prompt
-    from training.finetune import load_base_model, load_tokenizer, pick_device
+    from training.finetune import load_base_model, load_tokenizer
     from training.local_models import local_model_info, resolve_model_path
+    from training.precision import pick_device
 
     from .generation import adapter_disabled, encode_eval_prompts, generate_answers
 
@@ -99,7 +100,7 @@ def generate_step(ctx: GenerateContext) -> Generated:
     prompt_format = config["model"].get("prompt_format", "auto")
     ctx.progress(0.0, "loading model for generation")
     base_path = resolve_model_path(ctx.base_model, progress=ctx.build_progress())
-    device, dtype = pick_device(training.get("precision", "auto"))
+    device, dtype = pick_device(training.get("precision", "auto"), base_path)
     tokenizer = load_tokenizer(base_path)
     model = load_base_model(base_path, device=device, dtype=dtype)
     if "finetuned" in ctx.variants:

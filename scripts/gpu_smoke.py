@@ -54,7 +54,8 @@ def main() -> int:
         return round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None
 
     from evaluation.generation import encode_eval_prompts, generate_answers
-    from training.finetune import finetune, load_base_model, load_tokenizer, pick_device
+    from training.finetune import finetune, load_base_model, load_tokenizer
+    from training.precision import pick_device
     from training.tiny_model import build_tiny_model
 
     device, dtype = pick_device("auto")

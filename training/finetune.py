@@ -34,6 +34,7 @@ from typing import Any
 
 from . import checkpoints
 from .data import IGNORE_INDEX, Example, build_example, collate, iter_batches, planned_steps, resolve_prompt_format
+from .precision import pick_device, training_autocast, training_dtypes
 
 
 @dataclass
@@ -86,17 +87,6 @@ def peak_memory_bytes(device: str) -> int | None:
 
 class TrainingOutOfMemory(RuntimeError):
     """Out of memory at micro-batch 1: nothing smaller to try."""
-
-
-def pick_device(precision: str = "auto") -> tuple[str, Any]:
-    """CUDA with bf16 where supported, else CPU with float32."""
-    import torch
-
-    if torch.cuda.is_available():
-        if precision in ("auto", "bf16") and torch.cuda.is_bf16_supported():
-            return "cuda", torch.bfloat16
-        return "cuda", torch.float32
-    return "cpu", torch.float32
 
 
 class HubModelNeedsToken(OSError):
@@ -203,7 +193,9 @@ def make_lora_model(model, lora: dict[str, Any], *, gradient_checkpointing: bool
     return get_peft_model(model, peft_config)
 
 
-def validation_loss(model, examples: Sequence[Example], *, batch_size: int, pad_token_id: int, device: str, trim_logits: bool) -> float:
+def validation_loss(
+    model, examples: Sequence[Example], *, batch_size: int, pad_token_id: int, device: str, trim_logits: bool, autocast_dtype=None,
+) -> float:
     """The answer-token loss of training (causal_lm_loss) over held-out examples, weighted by their labelled tokens."""
     import torch
 
@@ -220,7 +212,8 @@ def validation_loss(model, examples: Sequence[Example], *, batch_size: int, pad_
                     continue
                 first_logit = first_logit_needed(cpu_batch["labels"]) if trim_logits else None
                 batch = {k: v.to(device) for k, v in cpu_batch.items()}
-                total += float(causal_lm_loss(model, batch, first_logit=first_logit)) * labelled
+                with training_autocast(device, autocast_dtype):
+                    total += float(causal_lm_loss(model, batch, first_logit=first_logit)) * labelled
                 weight += labelled
     finally:
         model.train(was_training)
@@ -265,9 +258,10 @@ def finetune(
     say = log or (lambda line: None)
     seed = training["seed"]
     set_seed(seed)
-    device, dtype = pick_device(training.get("precision", "auto"))
+    device, dtype = pick_device(training.get("precision", "auto"), base_model_path)
+    weights_dtype, autocast_dtype = training_dtypes(device, dtype)
     tokenizer = load_tokenizer(base_model_path)
-    model = load_base_model(base_model_path, device=device, dtype=dtype)
+    model = load_base_model(base_model_path, device=device, dtype=weights_dtype)
     examples = encode_rows(tokenizer, rows, training["max_seq_length"], prompt_format=prompt_format)
     if not examples:
         raise ValueError("no training examples")
@@ -343,7 +337,8 @@ def finetune(
                             window_tokens += sum(e.n_tokens for e in chunk)
                             batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
                             share = len(chunk) / len(batch_examples) / accumulation
-                            loss = causal_lm_loss(model, batch, first_logit=first_logit) * share
+                            with training_autocast(device, autocast_dtype):
+                                loss = causal_lm_loss(model, batch, first_logit=first_logit) * share
                             loss.backward()
                             # Summed on the device; read once per optimizer step (one sync, not one per micro-batch).
                             window_loss = loss.detach() if window_loss is None else window_loss + loss.detach()
@@ -384,6 +379,7 @@ def finetune(
             if validate:
                 val_loss = validation_loss(
                     model, held_out, batch_size=state.micro_batch_size, pad_token_id=tokenizer.pad_token_id, device=device, trim_logits=trim_logits,
+                    autocast_dtype=autocast_dtype,
                 )
                 improved = state.best_loss is None or val_loss < state.best_loss - min_delta
                 if improved:
@@ -436,7 +432,7 @@ def finetune(
     tokenizer.save_pretrained(adapter_dir)
     return FinetuneOutcome(
         adapter_dir=adapter_dir, steps=state.step, final_loss=loss_value, tokens=state.tokens,
-        seconds=time.monotonic() - started, device=device, dtype=str(dtype).removeprefix("torch."),
+        seconds=time.monotonic() - started, device=device, dtype=str(autocast_dtype or dtype).removeprefix("torch."),
         trainable_parameters=trainable, total_parameters=total_params,
         best_step=state.best_step, best_val_loss=state.best_loss, stopped_early=state.stopped_early,
         resumed_from=resumed_from, micro_batch_size=state.micro_batch_size, validation_rows=len(held_out),

@@ -123,13 +123,14 @@ class RagAnswerModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from peft import PeftModel
 
-        from training.finetune import load_base_model, load_tokenizer, pick_device
+        from training.finetune import load_base_model, load_tokenizer
+        from training.precision import pick_device
 
         config = {**DEFAULT_CONFIG, **(context.model_config or {})}
         if "base_model" not in config:
             raise ValueError("model_config needs base_model")
         base_path = resolve_base_model(str(config["base_model"]))
-        device, dtype = pick_device(config["precision"])
+        device, dtype = pick_device(config["precision"], base_path)
         self._config = config
         self._tokenizer = load_tokenizer(base_path)
         model = load_base_model(base_path, device=device, dtype=dtype)

@@ -21,8 +21,9 @@ from typing import Any, Protocol
 from .checkpoints import checkpoint_step
 from .data import split_validation
 from .data_check import check_data
-from .finetune import FinetuneOutcome, StepInfo, finetune, load_tokenizer, pick_device
+from .finetune import FinetuneOutcome, StepInfo, finetune, load_tokenizer
 from .local_models import local_model_info, resolve_model_path
+from .precision import pick_device
 
 # Errors that mean "this disk or directory cannot take the adapter", whichever file hit them.
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
