@@ -15,8 +15,12 @@ from datetime import datetime
 from typing import Any
 
 from django.conf import settings
-from django.db.models import DurationField, ExpressionWrapper, F, Prefetch
+from django.db.models import DurationField, ExpressionWrapper, F, Prefetch, Q
+from django.db.models.fields.json import KeyTransform
+from django.urls import reverse
 from django.utils import timezone
+from django.utils.formats import date_format
+from django.utils.text import Truncator
 
 from .config import flatten_config
 from .models import (
@@ -29,7 +33,7 @@ from .models import (
     ScoreComparison,
     ordered_variants,
 )
-from .selectors import run_sample_scores
+from .selectors import dashboard_related, run_sample_scores
 
 VARIANT_LABELS = {"finetuned": "fine-tuned", "base": "base model", "dataset": "stored answers"}
 # These compare the retrieved contexts with the reference contexts: the answer, and so
@@ -236,44 +240,45 @@ SAMPLE_FILTERS = {"": "all samples", "better": "fine-tuned better", "worse": "fi
 
 
 def sample_rows(
-    run: PipelineRun, *, dataset: str = "", metric: str = "", sort: str = "", show: str = "", variant: str = ""
+    run: PipelineRun, *, dataset: str = "", metric: str = "", sort: str = "", show: str = "", variant: str = "", details: bool = True
 ) -> dict[str, Any]:
     """Samples with every variant's answer side by side, the ground truth's words marked, and the per-sample difference.
 
     `metric` picks the score that sorting and filtering use (default: the first
     configured metric that depends on the model); the difference is fine-tuned − base;
     the score sorts use `variant` (default: the run's main one).
+
+    The order and the filters read only each sample's key and that one score. With
+    `details=False` the rows hold just dataset, index, difference and score, and
+    `sample_details` fills in the rows a page shows: a run with thousands of samples
+    shows ten at a time, and reading and marking every answer cost over a second.
     """
-    qs = SampleResult.objects.filter(run=run).select_related("dataset").order_by("dataset__name", "index", "variant")
+    qs = SampleResult.objects.filter(run=run).order_by("dataset__name", "index", "variant")
     if dataset:
         qs = qs.filter(dataset__name=dataset)
     metrics = list((run.config.get("evaluation") or {}).get("metrics", []))
     if metric not in metrics:
         metric = next((m for m in metrics if m not in MODEL_INDEPENDENT_METRICS), metrics[0] if metrics else "")
+    if metric:
+        keys = qs.annotate(metric_score=KeyTransform(metric, "scores")).values_list("dataset__name", "index", "variant", "metric_score")
+    else:
+        keys = ((name, index, v, None) for name, index, v in qs.values_list("dataset__name", "index", "variant"))
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     variants: set[str] = set()
-    for sample in qs:
-        key = (sample.dataset.name if sample.dataset else "", sample.index)
-        row = rows.setdefault(key, {
-            "dataset": key[0], "index": sample.index, "question": sample.question, "contexts": sample.contexts or [],
-            "ground_truth": sample.ground_truth, "answers": {},
-        })
-        row["answers"][sample.variant] = {
-            "text": sample.answer, "pieces": highlight(sample.answer, sample.ground_truth),
-            "scores": [{"metric": m, "value": (sample.scores or {}).get(m), "reason": (sample.reasons or {}).get(m, "")} for m in metrics],
-            "score": (sample.scores or {}).get(metric),
-        }
-        variants.add(sample.variant)
+    for name, index, sample_variant, value in keys:
+        row = rows.setdefault((name or "", index), {"dataset": name or "", "index": index, "scores_by_variant": {}})
+        row["scores_by_variant"][sample_variant] = value
+        variants.add(sample_variant)
     variant_list = ordered_variants(variants)
     paired = "finetuned" in variants and "base" in variants
     main = run.main_variant if run.main_variant in variants else (variant_list[0] if variant_list else "")
     scored = variant if variant in variants else main
     out = []
     for row in rows.values():
-        row["columns"] = [{"variant": v, "label": VARIANT_LABELS[v], **row["answers"][v]} if v in row["answers"] else {"variant": v, "label": VARIANT_LABELS[v], "missing": True} for v in variant_list]
-        tuned, base = (row["answers"].get("finetuned") or {}).get("score"), (row["answers"].get("base") or {}).get("score")
+        by_variant = row.pop("scores_by_variant")
+        tuned, base = by_variant.get("finetuned"), by_variant.get("base")
         row["difference"] = tuned - base if paired and tuned is not None and base is not None else None
-        row["score"] = (row["answers"].get(scored) or {}).get("score")
+        row["score"] = by_variant.get(scored)
         if show == "better" and not (row["difference"] is not None and row["difference"] > 0):
             continue
         if show == "worse" and not (row["difference"] is not None and row["difference"] < 0):
@@ -290,11 +295,43 @@ def sample_rows(
         sign = -1 if sort == "score_desc" else 1
         out.sort(key=lambda r: (r["score"] is None, sign * (r["score"] or 0.0)))
     datasets = sorted(n for n in SampleResult.objects.filter(run=run).values_list("dataset__name", flat=True).distinct() if n)
-    return {
+    samples = {
         "rows": out, "variants": variant_list, "metrics": metrics, "metric": metric, "datasets": datasets, "paired": paired,
         "main": main, "scored_variant": scored, "sorts": SAMPLE_SORTS if paired else {k: v for k, v in SAMPLE_SORTS.items() if k not in ("wins", "losses")},
         "filters": SAMPLE_FILTERS if paired else {"": "all samples", "unmeasured": "not measured"},
     }
+    if details:
+        sample_details(run, out, samples)
+    return samples
+
+
+def sample_details(run: PipelineRun, rows: list[dict[str, Any]], samples: dict[str, Any]) -> None:
+    """Fills in `rows` (some of `samples["rows"]`, from sample_rows) with what the page shows of each, in one query:
+    question, contexts, ground truth, and per variant (`columns`, in `samples["variants"]` order) the answer
+    with the ground truth's words marked and its scores."""
+    by_key = {(row["dataset"], row["index"]): row for row in rows}
+    if not by_key:
+        return
+    metrics, metric = samples["metrics"], samples["metric"]
+    names = {name for name, _ in by_key}
+    in_datasets = Q(dataset__name__in=[n for n in names if n]) | (Q(dataset__isnull=True) if "" in names else Q(pk__in=[]))
+    qs = SampleResult.objects.filter(in_datasets, run=run, index__in={index for _, index in by_key}).select_related("dataset")
+    for sample in qs.order_by("dataset__name", "index", "variant"):
+        row = by_key.get((sample.dataset.name if sample.dataset else "", sample.index))
+        if row is None:
+            continue
+        row.setdefault("question", sample.question)
+        row.setdefault("contexts", sample.contexts or [])
+        row.setdefault("ground_truth", sample.ground_truth)
+        row.setdefault("answers", {})[sample.variant] = {
+            "text": sample.answer, "pieces": highlight(sample.answer, sample.ground_truth),
+            "scores": [{"metric": m, "value": (sample.scores or {}).get(m), "reason": (sample.reasons or {}).get(m, "")} for m in metrics],
+            "score": (sample.scores or {}).get(metric),
+        }
+    for row in rows:
+        answers = row.setdefault("answers", {})
+        row["columns"] = [{"variant": v, "label": VARIANT_LABELS[v], **answers[v]} if v in answers else {"variant": v, "label": VARIANT_LABELS[v], "missing": True}
+                          for v in samples["variants"]]
 
 
 # --- compare page ------------------------------------------------------------------
@@ -468,16 +505,18 @@ def dashboard_order(qs, *, search: str = "", sort: str = "-created"):
     return qs.order_by(*fields.get(sort, fields["-created"]))
 
 
-def headline(run: PipelineRun, limit: int = 2) -> list[dict[str, Any]]:
+def headline(run: PipelineRun, limit: int = 2, *, results: list[tuple[str, str, str, float | None]] | None = None) -> list[dict[str, Any]]:
     """Up to `limit` metrics of the run's first eval dataset: the main variant's score and, for a fine-tune, its gain over base.
 
-    Uses the run's prefetched results; model-independent metrics come last.
+    `results`: the run's (dataset name, metric, variant, value) rows (`selectors.dashboard_related`);
+    without them, the run's prefetched results. Model-independent metrics come last.
     """
-    results = list(run.results.all())
+    if results is None:
+        results = [(r.dataset.name if r.dataset else "", r.metric, r.variant, r.value) for r in run.results.all()]
     if not results:
         return []
-    first = min(r.dataset.name if r.dataset else "" for r in results)
-    values = {(r.metric, r.variant): r.value for r in results if (r.dataset.name if r.dataset else "") == first}
+    first = min(dataset for dataset, _, _, _ in results)
+    values = {(metric, variant): value for dataset, metric, variant, value in results if dataset == first}
     main = run.main_variant
     configured = [m for m in (run.config.get("evaluation") or {}).get("metrics", []) if (m, main) in values]
     configured.sort(key=lambda m: m in MODEL_INDEPENDENT_METRICS)
@@ -489,6 +528,28 @@ def headline(run: PipelineRun, limit: int = 2) -> list[dict[str, Any]]:
             "delta": value - base if main == "finetuned" and value is not None and base is not None else None,
         })
     return out
+
+
+def dashboard_rows(runs: list[PipelineRun], *, now: datetime | None = None) -> list[dict[str, Any]]:
+    """What each dashboard row shows (templates/runs/_run_row.html), worked out here once per page rather than
+    by template tags per row: datasets and results in two queries, links, dates, headline scores, duration."""
+    now = now or timezone.now()
+    related = dashboard_related([run.pk for run in runs])
+    rows = []
+    for run in runs:
+        label = model_label(run)
+        created = timezone.template_localtime(run.created_at)
+        rows.append({
+            "pk": run.pk, "name": run.name, "kind": run.kind, "status": run.status, "progress": run.progress, "stage": run.stage,
+            "terminal": run.is_terminal, "retryable": run.is_retryable, "model_label": label, "model_label_short": Truncator(label).chars(40),
+            "detail_url": reverse("run-detail", args=[run.pk]), "row_url": "" if run.is_terminal else reverse("run-row", args=[run.pk]),
+            "train": related["train"].get(run.pk, []), "eval": related["eval"].get(run.pk, []),
+            "heads": headline(run, results=related["results"].get(run.pk, [])),
+            "created_iso": created.isoformat(), "created_text": date_format(created, "M j, H:i"),  # the date filter's "c" is isoformat()
+            "took": run_duration(run, now=now),
+        })
+        rows[-1]["results_url"] = reverse("run-results", args=[run.pk]) if rows[-1]["heads"] else ""
+    return rows
 
 
 def run_duration(run: PipelineRun, *, now: datetime | None = None) -> float | None:

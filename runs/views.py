@@ -47,8 +47,9 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     runs = page_data.dashboard_order(dashboard_runs(request.user, status=status, kind=kind), search=search, sort=sort)
     query = request.GET.copy()
     query.pop("page", None)
+    page = Paginator(runs, 25).get_page(request.GET.get("page"))
     return render(request, "runs/dashboard.html", {
-        "page": Paginator(runs, 25).get_page(request.GET.get("page")), "status": status, "kind": kind, "statuses": RunStatus.values,
+        "page": page, "rows": page_data.dashboard_rows(list(page.object_list)), "status": status, "kind": kind, "statuses": RunStatus.values,
         "kinds": RunKind.values, "q": search, "sort": sort, "sorts": page_data.DASHBOARD_SORTS, "query": query.urlencode(),
     })
 
@@ -56,7 +57,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
 @login_required
 def run_row(request: HttpRequest, pk: int) -> HttpResponse:
     run = get_object_or_404(dashboard_runs(request.user), pk=pk)
-    return _poll_response(request, "runs/_run_row.html", {"run": run}, run)
+    return _poll_response(request, "runs/_run_row.html", {"row": page_data.dashboard_rows([run])[0]}, run)
 
 
 @login_required
@@ -194,7 +195,7 @@ def run_playground_job(request: HttpRequest, pk: int, job_id: str) -> HttpRespon
 
 @login_required
 def run_status(request: HttpRequest, pk: int) -> HttpResponse:
-    run = run_for_page(request.user, pk)
+    run = run_for_page(request.user, pk, related=("events",))
     return _poll_response(request, "runs/_run_status.html", {"run": run, "links": mlflow_links(run)}, run)
 
 
@@ -246,7 +247,7 @@ def run_promotion_view(request: HttpRequest, pk: int) -> HttpResponse:
 
 @login_required
 def run_results(request: HttpRequest, pk: int) -> HttpResponse:
-    run = run_for_page(request.user, pk)
+    run = run_for_page(request.user, pk, related=())
     tables = page_data.score_tables(run)
     sort, metric, variant = request.GET.get("sort", ""), request.GET.get("metric", ""), ""
     legacy = page_data.LEGACY_SORT_RE.match(sort)  # ?sort=metric:variant&order=asc|desc, as linked before
@@ -254,17 +255,20 @@ def run_results(request: HttpRequest, pk: int) -> HttpResponse:
         metric, variant = legacy["metric"], legacy["variant"]
         sort = "score_desc" if request.GET.get("order") == "desc" else "score_asc"
     show = request.GET.get("show", "")
-    samples = page_data.sample_rows(run, dataset=request.GET.get("dataset", ""), metric=metric, sort=sort, show=show, variant=variant)
+    samples = page_data.sample_rows(run, dataset=request.GET.get("dataset", ""), metric=metric, sort=sort, show=show, variant=variant,
+                                    details=False)
     try:
         worst = max(0, int(request.GET.get("worst") or 0))
     except ValueError:
         worst = 0
     rows = samples["rows"][:worst] if worst else samples["rows"]
+    page = Paginator(rows, 10).get_page(request.GET.get("page"))
+    page_data.sample_details(run, list(page.object_list), samples)  # only the ten rows shown
     query = request.GET.copy()
     query.pop("page", None)
     return render(request, "runs/run_results.html", {
         "run": run, "tables": tables, "chart": page_data.results_chart(tables), "samples": samples,
-        "page": Paginator(rows, 10).get_page(request.GET.get("page")), "sort": sort, "show": show, "query": query.urlencode(),
+        "page": page, "sort": sort, "show": show, "query": query.urlencode(),
     })
 
 
