@@ -294,7 +294,8 @@ def sample_rows(
     elif sort in ("score_asc", "score_desc"):
         sign = -1 if sort == "score_desc" else 1
         out.sort(key=lambda r: (r["score"] is None, sign * (r["score"] or 0.0)))
-    datasets = sorted(n for n in SampleResult.objects.filter(run=run).values_list("dataset__name", flat=True).distinct() if n)
+    # order_by(): with the model's ordering, DISTINCT would be over (name, index, variant), one name per sample.
+    datasets = sorted(n for n in SampleResult.objects.filter(run=run).order_by().values_list("dataset__name", flat=True).distinct() if n)
     samples = {
         "rows": out, "variants": variant_list, "metrics": metrics, "metric": metric, "datasets": datasets, "paired": paired,
         "main": main, "scored_variant": scored, "sorts": SAMPLE_SORTS if paired else {k: v for k, v in SAMPLE_SORTS.items() if k not in ("wins", "losses")},
