@@ -15,8 +15,9 @@ from datetime import datetime
 from typing import Any
 
 from django.conf import settings
-from django.db.models import DurationField, ExpressionWrapper, F, Prefetch, Q
-from django.db.models.fields.json import KeyTransform
+from django.db.models import Case, DurationField, ExpressionWrapper, F, FloatField, Max, Prefetch, Q, Value, When
+from django.db.models.fields.json import KeyTextTransform
+from django.db.models.functions import Cast
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.formats import date_format
@@ -248,71 +249,69 @@ def sample_rows(
     configured metric that depends on the model); the difference is fine-tuned − base;
     the score sorts use `variant` (default: the run's main one).
 
-    The order and the filters read only each sample's key and that one score. With
-    `details=False` the rows hold just dataset, index, difference and score, and
-    `sample_details` fills in the rows a page shows: a run with thousands of samples
+    The database orders and filters the samples (one row per eval row: its fine-tuned,
+    base and sorted-by scores of that one metric, and their difference), so a page reads
+    only the rows it shows. With `details=False`, "rows" is that query (dicts of
+    dataset__name, index, difference, score) for the view to paginate, and
+    `sample_details` fills in the rows of the page; a run with thousands of samples
     shows ten at a time, and reading and marking every answer cost over a second.
     """
-    qs = SampleResult.objects.filter(run=run).order_by("dataset__name", "index", "variant")
-    if dataset:
-        qs = qs.filter(dataset__name=dataset)
+    samples = SampleResult.objects.filter(run=run).order_by()
     metrics = list((run.config.get("evaluation") or {}).get("metrics", []))
     if metric not in metrics:
         metric = next((m for m in metrics if m not in MODEL_INDEPENDENT_METRICS), metrics[0] if metrics else "")
-    if metric:
-        keys = qs.annotate(metric_score=KeyTransform(metric, "scores")).values_list("dataset__name", "index", "variant", "metric_score")
-    else:
-        keys = ((name, index, v, None) for name, index, v in qs.values_list("dataset__name", "index", "variant"))
-    rows: dict[tuple[str, int], dict[str, Any]] = {}
-    variants: set[str] = set()
-    for name, index, sample_variant, value in keys:
-        row = rows.setdefault((name or "", index), {"dataset": name or "", "index": index, "scores_by_variant": {}})
-        row["scores_by_variant"][sample_variant] = value
-        variants.add(sample_variant)
+    present = set(samples.values_list("dataset__name", "variant").distinct())
+    datasets = sorted({name for name, _ in present if name})
+    variants = {v for name, v in present if not dataset or name == dataset}
     variant_list = ordered_variants(variants)
     paired = "finetuned" in variants and "base" in variants
     main = run.main_variant if run.main_variant in variants else (variant_list[0] if variant_list else "")
     scored = variant if variant in variants else main
-    out = []
-    for row in rows.values():
-        by_variant = row.pop("scores_by_variant")
-        tuned, base = by_variant.get("finetuned"), by_variant.get("base")
-        row["difference"] = tuned - base if paired and tuned is not None and base is not None else None
-        row["score"] = by_variant.get(scored)
-        if show == "better" and not (row["difference"] is not None and row["difference"] > 0):
-            continue
-        if show == "worse" and not (row["difference"] is not None and row["difference"] < 0):
-            continue
-        if show == "same" and row["difference"] != 0:
-            continue
-        if show == "unmeasured" and (row["difference"] is not None if paired else row["score"] is not None):
-            continue
-        out.append(row)
+
+    score: Any = Value(None, output_field=FloatField())
+    if metric:  # a JSON null is not measured (SQLite's text extraction would cast it to 0.0)
+        score = Case(When(**{f"scores__{metric}": None}, then=score), default=Cast(KeyTextTransform(metric, "scores"), FloatField()))
+
+    def score_of(which: str):  # one sample per (eval row, variant): the max is that sample's score
+        return Max(Case(When(variant=which, then=score), output_field=FloatField()))
+
+    keys = (samples.filter(dataset__name=dataset) if dataset else samples).values("dataset__name", "index").annotate(
+        tuned=score_of("finetuned"), base=score_of("base"), score=score_of(scored),
+    ).annotate(difference=F("tuned") - F("base") if paired else Value(None, output_field=FloatField()))
+    if show == "better":
+        keys = keys.filter(difference__gt=0)
+    elif show == "worse":
+        keys = keys.filter(difference__lt=0)
+    elif show == "same":
+        keys = keys.filter(difference=0)
+    elif show == "unmeasured":
+        keys = keys.filter(difference__isnull=True) if paired else keys.filter(score__isnull=True)
+    in_order = (F("dataset__name").asc(nulls_last=True), "index")
     if sort in ("wins", "losses"):
-        sign = -1 if sort == "wins" else 1
-        out.sort(key=lambda r: (r["difference"] is None, sign * (r["difference"] or 0.0)))
+        keys = keys.order_by(F("difference").desc(nulls_last=True) if sort == "wins" else F("difference").asc(nulls_last=True), *in_order)
     elif sort in ("score_asc", "score_desc"):
-        sign = -1 if sort == "score_desc" else 1
-        out.sort(key=lambda r: (r["score"] is None, sign * (r["score"] or 0.0)))
-    # order_by(): with the model's ordering, DISTINCT would be over (name, index, variant), one name per sample.
-    datasets = sorted(n for n in SampleResult.objects.filter(run=run).order_by().values_list("dataset__name", flat=True).distinct() if n)
-    samples = {
-        "rows": out, "variants": variant_list, "metrics": metrics, "metric": metric, "datasets": datasets, "paired": paired,
-        "main": main, "scored_variant": scored, "sorts": SAMPLE_SORTS if paired else {k: v for k, v in SAMPLE_SORTS.items() if k not in ("wins", "losses")},
+        keys = keys.order_by(F("score").desc(nulls_last=True) if sort == "score_desc" else F("score").asc(nulls_last=True), *in_order)
+    else:
+        keys = keys.order_by(*in_order)
+    out = {
+        "rows": keys, "has_samples": bool(variants), "variants": variant_list, "metrics": metrics, "metric": metric, "datasets": datasets,
+        "paired": paired, "main": main, "scored_variant": scored,
+        "sorts": SAMPLE_SORTS if paired else {k: v for k, v in SAMPLE_SORTS.items() if k not in ("wins", "losses")},
         "filters": SAMPLE_FILTERS if paired else {"": "all samples", "unmeasured": "not measured"},
     }
     if details:
-        sample_details(run, out, samples)
-    return samples
+        out["rows"] = sample_details(run, keys, out)
+    return out
 
 
-def sample_details(run: PipelineRun, rows: list[dict[str, Any]], samples: dict[str, Any]) -> None:
-    """Fills in `rows` (some of `samples["rows"]`, from sample_rows) with what the page shows of each, in one query:
-    question, contexts, ground truth, and per variant (`columns`, in `samples["variants"]` order) the answer
-    with the ground truth's words marked and its scores."""
+def sample_details(run: PipelineRun, keys, samples: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of `keys` (some of `samples["rows"]`, from sample_rows) as the page shows them, in one query:
+    dataset, index, difference, score, question, contexts, ground truth, and per variant (`columns`, in
+    `samples["variants"]` order) the answer with the ground truth's words marked and its scores."""
+    rows = [{"dataset": key["dataset__name"] or "", "index": key["index"], "difference": key["difference"], "score": key["score"]} for key in keys]
     by_key = {(row["dataset"], row["index"]): row for row in rows}
     if not by_key:
-        return
+        return rows
     metrics, metric = samples["metrics"], samples["metric"]
     names = {name for name, _ in by_key}
     in_datasets = Q(dataset__name__in=[n for n in names if n]) | (Q(dataset__isnull=True) if "" in names else Q(pk__in=[]))
@@ -333,6 +332,7 @@ def sample_details(run: PipelineRun, rows: list[dict[str, Any]], samples: dict[s
         answers = row.setdefault("answers", {})
         row["columns"] = [{"variant": v, "label": VARIANT_LABELS[v], **answers[v]} if v in answers else {"variant": v, "label": VARIANT_LABELS[v], "missing": True}
                           for v in samples["variants"]]
+    return rows
 
 
 # --- compare page ------------------------------------------------------------------

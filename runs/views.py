@@ -263,7 +263,7 @@ def run_results(request: HttpRequest, pk: int) -> HttpResponse:
         worst = 0
     rows = samples["rows"][:worst] if worst else samples["rows"]
     page = Paginator(rows, 10).get_page(request.GET.get("page"))
-    page_data.sample_details(run, list(page.object_list), samples)  # only the ten rows shown
+    page.object_list = page_data.sample_details(run, page.object_list, samples)  # only the ten rows shown are read whole
     query = request.GET.copy()
     query.pop("page", None)
     return render(request, "runs/run_results.html", {

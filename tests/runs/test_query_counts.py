@@ -29,7 +29,7 @@ METRICS = ["semantic_similarity", "rouge_score", "bleu_score", "non_llm_context_
 # API: auth + count + page, or auth + run + results + comparisons + promotion decisions.
 # Pages: session + user, then the dashboard's count + page + datasets + results; the status
 # fragment's run + events; a row's run + datasets + results; the results page's run + results +
-# comparisons + sample order + sample datasets + the shown samples.
+# comparisons + the samples' datasets and variants + count and page of the sample order + the shown samples.
 ENDPOINTS: dict[str, tuple[str, Callable[[PipelineRun], str], int]] = {
     "api-list": ("api", lambda run: "/api/runs/", 4),
     "api-list-filtered": ("api", lambda run: "/api/runs/?status=completed,failed", 4),
@@ -40,7 +40,7 @@ ENDPOINTS: dict[str, tuple[str, Callable[[PipelineRun], str], int]] = {
     "dashboard-filtered": ("logged_in", lambda run: "/?status=completed&sort=-duration", 6),
     "status-fragment": ("logged_in", lambda run: f"/runs/{run.pk}/status/", 4),
     "run-row": ("logged_in", lambda run: f"/runs/{run.pk}/row/", 5),
-    "results-page": ("logged_in", lambda run: f"/runs/{run.pk}/results/", 8),
+    "results-page": ("logged_in", lambda run: f"/runs/{run.pk}/results/", 9),
 }
 
 
@@ -113,7 +113,7 @@ def test_the_results_page_reads_as_many_queries_for_5000_samples_as_for_10(query
     assert response.status_code == 200 and page.count('<article class="sample"') == 10
     assert '<select name="dataset">' not in page  # one eval dataset: no choice (it was listed once per sample)
     assert len(queries) == with_10 <= ENDPOINTS["results-page"][2], f"{with_10} queries with 10 samples, then {len(queries)} with 5,000"
-    # The order reads one score per sample; only the ten samples shown are read whole.
+    # The database orders the samples on one score each; only the ten shown are read whole.
     whole = [q["sql"] for q in queries if '"runs_sampleresult"."answer"' in q["sql"]]
     assert len(whole) == 1 and '"runs_sampleresult"."index" IN' in whole[0]
 
