@@ -21,6 +21,7 @@ from django.db.models.functions import Cast
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.formats import date_format
+from django.utils.html import format_html, format_html_join
 from django.utils.text import Truncator
 
 from .config import flatten_config
@@ -229,6 +230,11 @@ def highlight(answer: str, ground_truth: str) -> list[tuple[str, bool]]:
     return pieces
 
 
+def marked_html(pieces: list[tuple[str, bool]]) -> str:
+    """The answer as HTML, each found word in <mark>: one string rather than a template loop over every word."""
+    return format_html_join("", "{}", ((format_html("<mark>{}</mark>", text) if found else text,) for text, found in pieces))
+
+
 SAMPLE_SORTS = {
     "": "dataset order",
     "wins": "biggest gains first (fine-tuned − base)",
@@ -323,8 +329,9 @@ def sample_details(run: PipelineRun, keys, samples: dict[str, Any]) -> list[dict
         row.setdefault("question", sample.question)
         row.setdefault("contexts", sample.contexts or [])
         row.setdefault("ground_truth", sample.ground_truth)
+        pieces = highlight(sample.answer, sample.ground_truth)
         row.setdefault("answers", {})[sample.variant] = {
-            "text": sample.answer, "pieces": highlight(sample.answer, sample.ground_truth),
+            "text": sample.answer, "pieces": pieces, "marked": marked_html(pieces),
             "scores": [{"metric": m, "value": (sample.scores or {}).get(m), "reason": (sample.reasons or {}).get(m, "")} for m in metrics],
             "score": (sample.scores or {}).get(metric),
         }
