@@ -21,7 +21,7 @@ from django.db.models.functions import Cast
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.formats import date_format
-from django.utils.html import format_html, format_html_join
+from django.utils.html import format_html
 from django.utils.text import Truncator
 
 from .config import flatten_config
@@ -232,7 +232,8 @@ def highlight(answer: str, ground_truth: str) -> list[tuple[str, bool]]:
 
 def marked_html(pieces: list[tuple[str, bool]]) -> str:
     """The answer as HTML, each found word in <mark>: one string rather than a template loop over every word."""
-    return format_html_join("", "{}", ((format_html("<mark>{}</mark>", text) if found else text,) for text, found in pieces))
+    layout = "".join("<mark>{}</mark>" if found else "{}" for _, found in pieces)
+    return format_html(layout, *(text for text, _ in pieces))  # every piece escaped
 
 
 SAMPLE_SORTS = {
@@ -255,10 +256,10 @@ def sample_rows(
     configured metric that depends on the model); the difference is fine-tuned − base;
     the score sorts use `variant` (default: the run's main one).
 
-    The database orders and filters the samples (one row per eval row: its fine-tuned,
-    base and sorted-by scores of that one metric, and their difference), so a page reads
-    only the rows it shows. With `details=False`, "rows" is that query (dicts of
-    dataset__name, index, difference, score) for the view to paginate, and
+    The database orders and filters the samples (one row per eval row; to sort or filter
+    on scores, with its fine-tuned, base and sorted-by scores of that one metric and their
+    difference), so a page reads only the rows it shows. With `details=False`, "rows" is
+    that query (dicts with dataset__name and index) for the view to paginate, and
     `sample_details` fills in the rows of the page; a run with thousands of samples
     shows ten at a time, and reading and marking every answer cost over a second.
     """
@@ -281,9 +282,13 @@ def sample_rows(
     def score_of(which: str):  # one sample per (eval row, variant): the max is that sample's score
         return Max(Case(When(variant=which, then=score), output_field=FloatField()))
 
-    keys = (samples.filter(dataset__name=dataset) if dataset else samples).values("dataset__name", "index").annotate(
-        tuned=score_of("finetuned"), base=score_of("base"), score=score_of(scored),
-    ).annotate(difference=F("tuned") - F("base") if paired else Value(None, output_field=FloatField()))
+    keys = (samples.filter(dataset__name=dataset) if dataset else samples).values("dataset__name", "index")
+    in_order = (F("dataset__name").asc(nulls_last=True), "index")
+    if sort in SAMPLE_SORTS and sort or show in ("better", "worse", "same", "unmeasured"):
+        keys = keys.annotate(tuned=score_of("finetuned"), base=score_of("base"), score=score_of(scored)).annotate(
+            difference=F("tuned") - F("base") if paired else Value(None, output_field=FloatField()))
+    else:  # dataset order, every sample: no score needs reading to order or filter
+        keys = keys.distinct()
     if show == "better":
         keys = keys.filter(difference__gt=0)
     elif show == "worse":
@@ -292,7 +297,6 @@ def sample_rows(
         keys = keys.filter(difference=0)
     elif show == "unmeasured":
         keys = keys.filter(difference__isnull=True) if paired else keys.filter(score__isnull=True)
-    in_order = (F("dataset__name").asc(nulls_last=True), "index")
     if sort in ("wins", "losses"):
         keys = keys.order_by(F("difference").desc(nulls_last=True) if sort == "wins" else F("difference").asc(nulls_last=True), *in_order)
     elif sort in ("score_asc", "score_desc"):
@@ -314,7 +318,7 @@ def sample_details(run: PipelineRun, keys, samples: dict[str, Any]) -> list[dict
     """The rows of `keys` (some of `samples["rows"]`, from sample_rows) as the page shows them, in one query:
     dataset, index, difference, score, question, contexts, ground truth, and per variant (`columns`, in
     `samples["variants"]` order) the answer with the ground truth's words marked and its scores."""
-    rows = [{"dataset": key["dataset__name"] or "", "index": key["index"], "difference": key["difference"], "score": key["score"]} for key in keys]
+    rows = [{"dataset": key["dataset__name"] or "", "index": key["index"]} for key in keys]
     by_key = {(row["dataset"], row["index"]): row for row in rows}
     if not by_key:
         return rows
@@ -337,6 +341,9 @@ def sample_details(run: PipelineRun, keys, samples: dict[str, Any]) -> list[dict
         }
     for row in rows:
         answers = row.setdefault("answers", {})
+        tuned, base = (answers.get("finetuned") or {}).get("score"), (answers.get("base") or {}).get("score")
+        row["difference"] = tuned - base if samples["paired"] and tuned is not None and base is not None else None
+        row["score"] = (answers.get(samples["scored_variant"]) or {}).get("score")
         row["columns"] = [{"variant": v, "label": VARIANT_LABELS[v], **answers[v]} if v in answers else {"variant": v, "label": VARIANT_LABELS[v], "missing": True}
                           for v in samples["variants"]]
     return rows
