@@ -58,11 +58,20 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                      "ours": s["samples_per_second"]["ours"], "baseline": f"ragas.evaluate {s['samples_per_second']['ragas_directly']}",
                      "ratio": s["ratio"], "target": s["targets"]["ratio"] + (", scores identical" if s["identical_scores"] else "")})
     if w := results.get("web"):
-        for name, e in w["endpoints"].items():
-            rows.append({"benchmark": "4 web", "figure": f"{name} p50/p99 ms, {e['queries']} queries", "ours": f"{e['p50_ms']}/{e['p99_ms']}",
-                         "baseline": f"capacity {e['capacity_requests_per_second']} req/s", "ratio": None, "target": e["target"]})
-        for note in w.get("skipped", []):
-            rows.append({"benchmark": "4 web", "figure": note, "ours": None, "baseline": None, "ratio": None, "target": "skipped"})
+        sizes = w.get("sizes") or {"10k": w}  # one record per history size (before: a single 10k record)
+        for size, record in sizes.items():
+            history = record.get("history", {})
+            label = f"{size} ({history.get('runs', 0):,} runs, {history.get('samples', 0):,} samples)" if history else size
+            for name, e in record["endpoints"].items():
+                same = (w.get("queries_equal_per_url") or {}).get(name)
+                queries = f"{e['queries']} queries" + ("" if same is None or len(sizes) < 2 else ", same at every size" if same else ", NOT the same at every size")
+                rows.append({"benchmark": "4 web", "figure": f"{label}: {name} p50/p99 ms, {queries}", "ours": f"{e['p50_ms']}/{e['p99_ms']}",
+                             "baseline": f"capacity {e['capacity_requests_per_second']} req/s", "ratio": None, "target": e["target"]})
+            for note in record.get("skipped", []):
+                rows.append({"benchmark": "4 web", "figure": f"{size}: {note}", "ours": None, "baseline": None, "ratio": None, "target": "skipped"})
+        if len(sizes) > 1 and w.get("queries_equal") is not None:
+            rows.append({"benchmark": "4 web", "figure": "SQL queries per URL equal across the sizes", "ours": "yes" if w["queries_equal"] else "no",
+                         "baseline": None, "ratio": None, "target": "MET" if w["queries_equal"] else "NOT MET"})
     if o := results.get("orchestration"):
         e2e = o["end_to_end_seconds"]
         rows.append({"benchmark": "5 orchestration", "figure": "eval-only run, seconds", "ours": e2e["api_workers"],
