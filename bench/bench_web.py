@@ -14,7 +14,7 @@ already holds exactly that history (else dropped and refilled):
 One completed fine-tune in each (`bench-results-5000-samples`) has 5,000 of
 those samples (2,500 eval rows x base and fine-tuned) for the results page; the
 rest are 100 per run. Rows are filled with PostgreSQL COPY through Django's
-connection, in batches, printing progress (~1 min for 10k, ~8 min for 100k on
+connection, in batches, printing progress (~10 s for 10k, ~1.5 min for 100k on
 2 cores). Then, for each size:
 
 - counts the SQL queries of each request in-process (Django test client): they
