@@ -46,7 +46,7 @@ def _load(base_path: str, adapter_dir: str, precision: str) -> LoadedPair:
     from training.precision import pick_device
 
     _loaded = None  # free the previous model before loading the next
-    device, dtype = pick_device(precision, base_path)
+    device, dtype = pick_device(precision)
     tokenizer = load_tokenizer(base_path)
     model = PeftModel.from_pretrained(load_base_model(base_path, device=device, dtype=dtype), adapter_dir)
     model.eval()

@@ -100,7 +100,7 @@ def generate_step(ctx: GenerateContext) -> Generated:
     prompt_format = config["model"].get("prompt_format", "auto")
     ctx.progress(0.0, "loading model for generation")
     base_path = resolve_model_path(ctx.base_model, progress=ctx.build_progress())
-    device, dtype = pick_device(training.get("precision", "auto"), base_path)
+    device, dtype = pick_device(training.get("precision", "auto"))
     tokenizer = load_tokenizer(base_path)
     model = load_base_model(base_path, device=device, dtype=dtype)
     if "finetuned" in ctx.variants:

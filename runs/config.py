@@ -57,8 +57,8 @@ class TrainingConfig(Strict):
     warmup_ratio: float = Field(0.0, ge=0.0, le=0.5)
     # Stops after this many optimizer steps (a smoke run); null trains every epoch.
     max_steps: int | None = Field(None, ge=1, le=1_000_000)
-    # "auto": bf16 where it is measured to win (a bf16 CUDA GPU; a CPU with AMX/AVX-512 BF16 and a model
-    # with hidden_size >= 256), float32 elsewhere: training/precision.py.
+    # "auto": bf16 where it is measured to win without changing answers (a bf16 CUDA GPU; training on a CPU with
+    # AMX/AVX-512 BF16 and a model with hidden_size >= 256), float32 elsewhere: training/precision.py.
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     # Held-out share of the train rows (seeded, disjoint from training) for the validation loss; 0: none.
     validation_split: float = Field(0.1, ge=0.0, le=0.5)

@@ -34,7 +34,7 @@ from typing import Any
 
 from . import checkpoints
 from .data import IGNORE_INDEX, Example, build_example, collate, iter_batches, planned_steps, resolve_prompt_format
-from .precision import pick_device, training_autocast, training_dtypes
+from .precision import training_autocast, training_precision
 
 
 @dataclass
@@ -258,8 +258,7 @@ def finetune(
     say = log or (lambda line: None)
     seed = training["seed"]
     set_seed(seed)
-    device, dtype = pick_device(training.get("precision", "auto"), base_model_path)
-    weights_dtype, autocast_dtype = training_dtypes(device, dtype)
+    device, weights_dtype, autocast_dtype = training_precision(training.get("precision", "auto"), base_model_path)
     tokenizer = load_tokenizer(base_model_path)
     model = load_base_model(base_model_path, device=device, dtype=weights_dtype)
     examples = encode_rows(tokenizer, rows, training["max_seq_length"], prompt_format=prompt_format)
@@ -432,7 +431,7 @@ def finetune(
     tokenizer.save_pretrained(adapter_dir)
     return FinetuneOutcome(
         adapter_dir=adapter_dir, steps=state.step, final_loss=loss_value, tokens=state.tokens,
-        seconds=time.monotonic() - started, device=device, dtype=str(autocast_dtype or dtype).removeprefix("torch."),
+        seconds=time.monotonic() - started, device=device, dtype=str(autocast_dtype or weights_dtype).removeprefix("torch."),
         trainable_parameters=trainable, total_parameters=total_params,
         best_step=state.best_step, best_val_loss=state.best_loss, stopped_early=state.stopped_early,
         resumed_from=resumed_from, micro_batch_size=state.micro_batch_size, validation_rows=len(held_out),

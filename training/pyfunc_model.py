@@ -130,7 +130,7 @@ class RagAnswerModel(mlflow.pyfunc.PythonModel):
         if "base_model" not in config:
             raise ValueError("model_config needs base_model")
         base_path = resolve_base_model(str(config["base_model"]))
-        device, dtype = pick_device(config["precision"], base_path)
+        device, dtype = pick_device(config["precision"])
         self._config = config
         self._tokenizer = load_tokenizer(base_path)
         model = load_base_model(base_path, device=device, dtype=dtype)

@@ -92,7 +92,7 @@ def platform_generation(ctx) -> list[str]:
     from training.finetune import load_base_model, load_tokenizer
     from training.precision import pick_device
 
-    device, dtype = pick_device("auto", ctx.base_path)
+    device, dtype = pick_device("auto")
     tokenizer = load_tokenizer(ctx.base_path)
     model = PeftModel.from_pretrained(load_base_model(ctx.base_path, device=device, dtype=dtype), str(ctx.adapter_dir))
     max_seq, max_new = GENERATION["max_seq_length"], GENERATION["max_new_tokens"]
