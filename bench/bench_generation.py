@@ -39,19 +39,38 @@ from bench._common import ROOT, print_table, ratio, read_jsonl, verdict, write_j
 REAL_MODEL = "smollm2-135m-instruct"
 
 
-def load(model_name: str):
-    import torch
-
+def load(model_name: str, precision: str = "auto"):
+    """The model as the generate step loads it: device and dtype from training.precision's rule."""
     from training.finetune import load_base_model, load_tokenizer
     from training.local_models import build_local_model
+    from training.precision import pick_device
 
     # Explicit directories: resolve_model_path() would read MODELS_DIR from Django's settings.
     path = str(build_local_model(model_name, models_dir=ROOT / "var" / "models", data_dir=ROOT / "data"))
     tokenizer = load_tokenizer(path)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_base_model(path, device=device, dtype=torch.float32)
+    device, dtype = pick_device(precision)
+    model = load_base_model(path, device=device, dtype=dtype)
     model.eval()
     return model, tokenizer
+
+
+def fp32_reference(model_name: str, prompts: list[list[int]], answers: list[str], *, batch_size: int, max_new_tokens: int,
+                   seconds: float) -> dict[str, Any]:
+    """The same batched generation in float32: its speed, and how close bf16's answers are (identical; ROUGE-L F1)."""
+    from rouge_score import rouge_scorer
+
+    from evaluation.generation import generate_answers
+
+    model, tokenizer = load(model_name, "fp32")
+    generate_answers(model, tokenizer, prompts[:2], batch_size=2, max_new_tokens=4)  # warm-up
+    started = time.perf_counter()
+    reference = generate_answers(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    fp32_seconds = time.perf_counter() - started
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    overlap = [scorer.score(a, b)["rougeL"].fmeasure for a, b in zip(reference, answers, strict=True)]
+    return {"fp32_seconds": round(fp32_seconds, 3), "bf16_speedup": ratio(fp32_seconds, seconds),
+            "identical_to_fp32": sum(a == b for a, b in zip(reference, answers, strict=True)), "questions": len(prompts),
+            "mean_rouge_l_vs_fp32": round(sum(overlap) / len(overlap), 4), "lowest_rouge_l_vs_fp32": round(min(overlap), 4)}
 
 
 def eval_prompts(tokenizer, model, *, max_new_tokens: int, limit: int | None, spread: int | None = None) -> list[list[int]]:
@@ -88,15 +107,16 @@ def one_at_a_time(model, tokenizer, prompts: list[list[int]], *, max_new_tokens:
 
 
 def bench_model(model_name: str, *, batch_size: int, max_new_tokens: int, limit: int | None, spread: int | None,
-                rounds: int) -> dict[str, Any]:
+                rounds: int, precision: str = "auto") -> dict[str, Any]:
     """One model's row: batched vs one at a time, in pairs of one batch each."""
     from evaluation.generation import generate_answers
 
     started = time.monotonic()
-    model, tokenizer = load(model_name)
+    model, tokenizer = load(model_name, precision)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     prompts = eval_prompts(tokenizer, model, max_new_tokens=max_new_tokens, limit=limit, spread=spread)
     print(f"bench 2, generation: local:{model_name}, {len(prompts)} questions, greedy, max_new_tokens {max_new_tokens}, "
-          f"batch size {batch_size}, {rounds} interleaved round(s)", flush=True)
+          f"batch size {batch_size}, {dtype}, {rounds} interleaved round(s)", flush=True)
     generate_answers(model, tokenizer, prompts[:2], batch_size=2, max_new_tokens=4)  # warm-up
     one_at_a_time(model, tokenizer, prompts[:1], max_new_tokens=4)
 
@@ -130,7 +150,7 @@ def bench_model(model_name: str, *, batch_size: int, max_new_tokens: int, limit:
     ours_rate = len(prompts) / timings["ours"]
     base_rate = len(prompts) / timings["baseline"]
     report = {
-        "model": f"local:{model_name}", "device": str(next(model.parameters()).device), "questions": len(prompts),
+        "model": f"local:{model_name}", "device": str(next(model.parameters()).device), "dtype": dtype, "questions": len(prompts),
         "parameters": sum(p.numel() for p in model.parameters()),
         "batch_size": batch_size, "max_new_tokens": max_new_tokens,
         "answers_per_second": {"ours": round(ours_rate, 2), "baseline_one_at_a_time": round(base_rate, 2)},
@@ -143,12 +163,19 @@ def bench_model(model_name: str, *, batch_size: int, max_new_tokens: int, limit:
         "empty_answers": sum(1 for a in answers["ours"] if not a),
     }
     report["targets"] = {"ratio": verdict(report["ratio"], 3.0) + ("" if not different else f", but {len(different)} answers differ")}
+    if dtype == "bfloat16" and report["device"] == "cpu":
+        model = None  # free it before the float32 copy loads
+        report["precision"] = fp32_reference(model_name, prompts, answers["ours"], batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                             seconds=timings["ours"])
     report["bench_seconds"] = round(time.monotonic() - started, 1)
     print_table(f"generation throughput, local:{model_name} (answers/s; each batch-sized group's best time over the rounds, summed)", [
         [f"ours, batch {batch_size}", round(ours_rate, 2), round(timings["ours"], 2), "1.00"],
         ["one question at a time", round(base_rate, 2), round(timings["baseline"], 2), report["ratio"]],
     ], ["variant", "answers/s", "seconds", "ours / this"])
     print(f"  identical answers: {len(prompts) - len(different)}/{len(prompts)}; ratio {report['ratio']}x -> {report['targets']['ratio']}", flush=True)
+    if p := report.get("precision"):
+        print(f"  bf16 vs float32 (batched): {p['bf16_speedup']}x faster; answers identical to float32 {p['identical_to_fp32']}/{p['questions']}, "
+              f"ROUGE-L F1 vs float32 mean {p['mean_rouge_l_vs_fp32']}, lowest {p['lowest_rouge_l_vs_fp32']}", flush=True)
     return report
 
 
@@ -165,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for both sides (default: torch's own, one per core); 1 keeps a co-running "
                              "process on the other core from stalling every parallel region")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="as training.precision (training/precision.py)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -178,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in names:
         models[name] = bench_model(
             name, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
-            spread=(args.real_questions or None) if name == REAL_MODEL else None, rounds=args.rounds)
+            spread=(args.real_questions or None) if name == REAL_MODEL else None, rounds=args.rounds, precision=args.precision)
     headline = models.get(REAL_MODEL) or models[names[0]]
     report = {**headline, "models": models, "torch_threads": torch.get_num_threads(), "bench_seconds": round(time.monotonic() - started, 1)}
     write_json(args.json, report)

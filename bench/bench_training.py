@@ -84,11 +84,14 @@ class Clock:
     def __init__(self, sync) -> None:
         self.sync = sync
         self.marks: list[tuple[float, int]] = []
+        self.losses: list[float] = []
 
-    def mark(self, tokens: int, *, synchronize: bool = False) -> None:
+    def mark(self, tokens: int, *, synchronize: bool = False, loss: float | None = None) -> None:
         if synchronize:
             self.sync()
         self.marks.append((time.perf_counter(), tokens))
+        if loss is not None:
+            self.losses.append(loss)
 
     def summary(self, started: float) -> dict[str, Any]:
         (t1, k1), (tn, kn) = self.marks[0], self.marks[-1]
@@ -107,10 +110,11 @@ class Clock:
 def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from training.finetune import pick_device
+    from training.precision import training_precision
 
     cuda = torch.cuda.is_available()
-    device, dtype = pick_device("auto")
+    device, weights_dtype, autocast_dtype = training_precision(args.precision, args.model_dir)
+    dtype = autocast_dtype or weights_dtype  # the compute dtype, as finetune() reports it
 
     def sync() -> None:
         if cuda:
@@ -122,7 +126,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         "epochs": args.epochs, "learning_rate": LEARNING_RATE, "batch_size": args.batch_size,
         "max_seq_length": args.max_seq_length, "seed": SEED, "lora": dict(LORA, dropout=args.lora_dropout),
         "gradient_accumulation_steps": args.accumulation, "gradient_checkpointing": args.gradient_checkpointing,
-        "warmup_ratio": 0.0, "max_steps": None, "precision": "auto",
+        "warmup_ratio": 0.0, "max_steps": None, "precision": args.precision,
     }
     clock = Clock(sync)
     _preimport(variant)
@@ -134,15 +138,15 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     if variant == "ours":
         _run_ours(model_dir, rows, training, clock)
     elif variant == "trainer":
-        _run_trainer(model_dir, rows, training, clock, device=device, dtype=dtype)
+        _run_trainer(model_dir, rows, training, clock, device=device, weights_dtype=weights_dtype, bf16=dtype == torch.bfloat16)
     elif variant == "minimal":
-        _run_minimal(model_dir, rows, training, clock, device=device, dtype=dtype)
+        _run_minimal(model_dir, rows, training, clock, device=device, weights_dtype=weights_dtype, autocast_dtype=autocast_dtype)
     else:
         raise SystemExit(f"unknown variant {variant}")
     sync()
     result = clock.summary(started)
     result.update({
-        "variant": variant, "device": device, "dtype": str(dtype).removeprefix("torch."),
+        "variant": variant, "device": device, "dtype": str(dtype).removeprefix("torch."), "losses": clock.losses,
         "peak_rss_mib": memory.peak_mib(), "rss_before_mib": memory.start_mib(),
         "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
         "gpu": torch.cuda.get_device_name(0) if cuda else None,
@@ -165,12 +169,11 @@ def _run_ours(model_dir: str, rows, training, clock: Clock) -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-ours-") as out:
         finetune(base_model_path=model_dir, rows=rows, training=training, output_dir=Path(out),
-                 on_step=lambda info: clock.mark(info.tokens))
+                 on_step=lambda info: clock.mark(info.tokens, loss=info.loss))
 
 
-def _run_trainer(model_dir: str, rows, training, clock: Clock, *, device: str, dtype) -> None:
+def _run_trainer(model_dir: str, rows, training, clock: Clock, *, device: str, weights_dtype, bf16: bool) -> None:
     """The script the Transformers/PEFT docs lead to: Trainer, padding to max_length, loss on the whole sequence."""
-    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import (
         AutoModelForCausalLM,
@@ -195,7 +198,7 @@ def _run_trainer(model_dir: str, rows, training, clock: Clock, *, device: str, d
         batch_tokens.append(int(batch["attention_mask"].sum()))
         return batch
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=weights_dtype)  # CPU bf16: float32 weights + autocast, as ours
     lora = training["lora"]
     model = get_peft_model(model, LoraConfig(
         r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=lora["target_modules"],
@@ -216,22 +219,23 @@ def _run_trainer(model_dir: str, rows, training, clock: Clock, *, device: str, d
             gradient_checkpointing=training["gradient_checkpointing"],
             learning_rate=training["learning_rate"], weight_decay=0.0, lr_scheduler_type="linear", warmup_steps=0,
             logging_steps=10, save_strategy="no", report_to="none", seed=SEED, disable_tqdm=True,
-            bf16=device == "cuda" and dtype == torch.bfloat16, use_cpu=device == "cpu",
+            bf16=bf16, use_cpu=device == "cpu",
         )
         Trainer(model=model, args=arguments, train_dataset=dataset, data_collator=counting_collator, callbacks=[StepClock()]).train()
 
 
-def _run_minimal(model_dir: str, rows, training, clock: Clock, *, device: str, dtype) -> None:
+def _run_minimal(model_dir: str, rows, training, clock: Clock, *, device: str, weights_dtype, autocast_dtype) -> None:
     """Our batches through a bare loop: forward, the same loss, backward, AdamW. Nothing else."""
     import torch
     from transformers import set_seed
 
     from training.data import collate, iter_batches
     from training.finetune import causal_lm_loss, encode_rows, first_logit_needed, load_base_model, load_tokenizer, make_lora_model
+    from training.precision import training_autocast
 
     set_seed(SEED)
     tokenizer = load_tokenizer(model_dir)
-    model = load_base_model(model_dir, device=device, dtype=dtype)
+    model = load_base_model(model_dir, device=device, dtype=weights_dtype)
     examples = encode_rows(tokenizer, rows, training["max_seq_length"])
     model = make_lora_model(model, training["lora"], gradient_checkpointing=training["gradient_checkpointing"])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=training["learning_rate"], weight_decay=0.0,
@@ -245,7 +249,9 @@ def _run_minimal(model_dir: str, rows, training, clock: Clock, *, device: str, d
             batch = collate(batch_examples, pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=pad_multiple)
             first_logit = first_logit_needed(batch["labels"])
             batch = {k: v.to(device) for k, v in batch.items()}
-            causal_lm_loss(model, batch, first_logit=first_logit).backward()
+            with training_autocast(device, autocast_dtype):
+                loss = causal_lm_loss(model, batch, first_logit=first_logit)
+            loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             tokens += sum(e.n_tokens for e in batch_examples)
@@ -260,7 +266,7 @@ def child_command(variant: str, args: argparse.Namespace, out: Path) -> list[str
         sys.executable, str(Path(__file__).resolve()), "--variant", variant, "--child-json", str(out),
         "--model-dir", str(args.model_dir), "--rows", str(args.rows), "--epochs", str(args.epochs),
         "--batch-size", str(args.batch_size), "--max-seq-length", str(args.max_seq_length),
-        "--accumulation", str(args.accumulation), "--lora-dropout", str(args.lora_dropout),
+        "--accumulation", str(args.accumulation), "--lora-dropout", str(args.lora_dropout), "--precision", args.precision,
     ]
     if args.gradient_checkpointing:
         command.append("--gradient-checkpointing")
@@ -282,21 +288,152 @@ def best(results: list[dict[str, Any]]) -> dict[str, Any]:
     return max(results, key=lambda r: r["tokens_per_second"] or 0)
 
 
+REAL_MODEL = "smollm2-135m-instruct"
+FP32_REFERENCE = "precision_fp32"
+
+
+def model_dir_for(name: str, init: str) -> Path:
+    """small-llama (random or pre-trained weights, see ensure_model) or a local: model, built on first use."""
+    if name == "small-llama":
+        return ensure_model(init)
+    from training.local_models import build_local_model
+
+    return build_local_model(name, models_dir=ROOT / "var" / "models", data_dir=ROOT / "data")
+
+
+def matmul_peaks(seconds: float = 1.0, n: int = 2048) -> dict[str, float]:
+    """This machine's n x n matmul GFLOP/s in float32 and bfloat16 (all torch threads), measured in this run."""
+    import torch
+
+    peaks = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        reps, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            a @ b
+            reps += 1
+        peaks[name] = round(2 * n**3 * reps / (time.perf_counter() - started) / 1e9, 1)
+    return peaks
+
+
+def flops_per_token(model_dir: Path) -> int:
+    """Matmul FLOPs per trained token for LoRA: 4 x the decoder's linear weights (forward 2N, input gradients 2N;
+    frozen weights get no weight gradient). The lm_head (answer positions only), attention and LoRA are left out: a lower bound."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir)))
+    head = model.get_output_embeddings()
+    return 4 * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+
+
+def bench_model(args: argparse.Namespace, env: dict[str, str], *, cuda: bool, peaks: dict[str, float] | None) -> dict[str, Any]:
+    """Every variant on args.model_dir, interleaved rounds, the knobs; the report of one model."""
+    started = time.monotonic()
+    print(f"bench 1, training: model {args.model_dir.name}, {args.rows or 'all'} rows x {args.epochs} epoch(s), batch {args.batch_size}, "
+          f"max_seq_length {args.max_seq_length}, LoRA r={LORA['r']} alpha={LORA['alpha']} dropout={args.lora_dropout} all-linear, "
+          f"precision {args.precision}, {'cuda' if cuda else 'cpu'}, {args.rounds} interleaved round(s)", flush=True)
+
+    rounds: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
+    for number in range(args.rounds):
+        for variant in VARIANTS:
+            result = run_child(variant, args, env)
+            rounds[variant].append(result)
+            print(f"  round {number + 1} {variant:8s} {result['tokens_per_second']:>9} tok/s  {result['seconds_total']:>8}s  "
+                  f"peak rss {result['peak_rss_mib']} MiB  peak gpu {result['peak_gpu_mib']} MiB  ({result['dtype']})", flush=True)
+    ours, trainer, minimal = (best(rounds[v]) for v in VARIANTS)
+    memory_key = "peak_gpu_mib" if cuda else "peak_rss_mib"
+    report: dict[str, Any] = {
+        "device": ours["device"], "gpu": ours["gpu"], "dtype": ours["dtype"], "model": args.model_dir.name, "init": args.init,
+        "precision": args.precision,
+        "rows": args.rows or "all", "epochs": args.epochs, "batch_size": args.batch_size, "max_seq_length": args.max_seq_length,
+        "lora": dict(LORA, dropout=args.lora_dropout), "steps": ours["steps"],
+        "real_tokens": {"ours": ours["real_tokens"], "trainer": trainer["real_tokens"], "minimal": minimal["real_tokens"]},
+        "tokens_per_second": {"ours": ours["tokens_per_second"], "trainer": trainer["tokens_per_second"], "minimal": minimal["tokens_per_second"]},
+        "seconds_total": {"ours": ours["seconds_total"], "trainer": trainer["seconds_total"], "minimal": minimal["seconds_total"]},
+        "peak_memory_mib": {"kind": "gpu max_memory_allocated" if cuda else "process peak RSS (VmHWM)",
+                            "ours": ours[memory_key], "trainer": trainer[memory_key], "minimal": minimal[memory_key]},
+        "ratio_vs_trainer": ratio(ours["tokens_per_second"], trainer["tokens_per_second"]),
+        "ratio_vs_minimal_loop": ratio(minimal["seconds_per_step"], ours["seconds_per_step"]),
+        "rounds": rounds,
+    }
+    report["memory_ok"] = (ours[memory_key] or 0) <= (trainer[memory_key] or 0)
+    report["targets"] = {
+        "ratio_vs_trainer": verdict(report["ratio_vs_trainer"], 1.5) + ("" if report["memory_ok"] else ", but peak memory is higher"),
+        "ratio_vs_minimal_loop": verdict(report["ratio_vs_minimal_loop"], 0.9),
+    }
+    if peaks and ours["tokens_per_second"]:
+        per_token = flops_per_token(args.model_dir)
+        achieved = ours["tokens_per_second"] * per_token / 1e9
+        report["hardware"] = {"matmul_peak_gflops": peaks, "flops_per_token_lower_bound": per_token, "ours_gflops": round(achieved, 1),
+                              "fraction_of_bf16_peak": round(achieved / peaks["bfloat16"], 3),
+                              "fraction_of_fp32_peak": round(achieved / peaks["float32"], 3)}
+
+    knobs = {}
+    if args.knobs:
+        knobs.update({
+            "gradient_checkpointing": {"gradient_checkpointing": True},
+            "accumulation_2_x_half_batch": {"accumulation": 2, "batch_size": max(1, args.batch_size // 2)},
+            "lora_dropout_0": {"lora_dropout": 0.0},
+        })
+    if ours["dtype"] == "bfloat16" and not cuda:  # the float32 it replaced, and how far its losses move
+        knobs[FP32_REFERENCE] = {"precision": "fp32"}
+    if knobs:
+        report["knobs"] = {}
+        for name, overrides in knobs.items():
+            results = [run_child("ours", args, env, **overrides) for _ in range(args.rounds)]
+            result = best(results)
+            entry = {"tokens_per_second": result["tokens_per_second"], "peak_memory_mib": result[memory_key],
+                     "vs_default_speed": ratio(result["tokens_per_second"], ours["tokens_per_second"]),
+                     "vs_default_memory": ratio(result[memory_key], ours[memory_key])}
+            if name == FP32_REFERENCE:
+                pairs = list(zip(ours["losses"], result["losses"], strict=True))
+                entry["bf16_speedup"] = ratio(ours["tokens_per_second"], result["tokens_per_second"])
+                entry["largest_relative_loss_difference"] = round(max(abs(a - b) / abs(b) for a, b in pairs), 5) if pairs else None
+                entry["losses"] = {"bfloat16": ours["losses"], "float32": result["losses"]}
+            report["knobs"][name] = entry
+            print(f"  knob {name:28s} {result['tokens_per_second']:>9} tok/s  peak {result[memory_key]} MiB", flush=True)
+    report["bench_seconds"] = round(time.monotonic() - started, 1)
+
+    memory_label = "peak GPU MiB" if cuda else "peak RSS MiB"
+    print_table(f"training throughput, {args.model_dir.name} (non-padding tokens/s, steady state, {ours['dtype']})", [
+        ["ours (finetune.py)", ours["real_tokens"], ours["tokens_per_second"], ours["seconds_total"], ours[memory_key], "1.00"],
+        ["Trainer, pad to max_length", trainer["real_tokens"], trainer["tokens_per_second"], trainer["seconds_total"], trainer[memory_key],
+         report["ratio_vs_trainer"]],
+        ["minimal loop, our batches", minimal["real_tokens"], minimal["tokens_per_second"], minimal["seconds_total"], minimal[memory_key],
+         ratio(ours["tokens_per_second"], minimal["tokens_per_second"])],
+    ], ["variant", "real tokens", "tokens/s", "wall s", memory_label, "ours / this"])
+    print(f"  ours vs Trainer: {report['ratio_vs_trainer']}x tokens/s, peak memory {ours[memory_key]} vs {trainer[memory_key]} MiB "
+          f"-> {report['targets']['ratio_vs_trainer']}")
+    print(f"  ours vs minimal loop (time per step, minimal / ours): {report['ratio_vs_minimal_loop']} -> {report['targets']['ratio_vs_minimal_loop']}")
+    if hw := report.get("hardware"):
+        print(f"  ours: >= {hw['ours_gflops']} GFLOP/s = {hw['fraction_of_bf16_peak']:.1%} of this machine's bf16 matmul peak "
+              f"({peaks['bfloat16']} GFLOP/s; float32 peak {peaks['float32']})")
+    if ref := report.get("knobs", {}).get(FP32_REFERENCE):
+        print(f"  bf16 vs float32 (ours): {ref['bf16_speedup']}x tokens/s, losses within {ref['largest_relative_loss_difference']:.2%} (relative)")
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser = argparse.ArgumentParser(description="LoRA training throughput: ours vs Trainer vs a minimal loop")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--models", default=f"small-llama,{REAL_MODEL}",
+                        help=f"comma-separated: small-llama (see --init) and/or local models such as {REAL_MODEL}")
     parser.add_argument("--init", choices=["random", "pretrained"], default="random",
                         help="small-llama weights: random init (default; throughput does not depend on them) or the pre-trained build")
-    parser.add_argument("--model-dir", type=Path, default=None, help="a model folder instead of small-llama")
-    parser.add_argument("--rows", type=int, default=None, help="train rows per epoch (default 48 on CPU, all 592 on CUDA)")
+    parser.add_argument("--model-dir", type=Path, default=None, help="one model folder instead of --models")
+    parser.add_argument("--rows", type=int, default=None, help="train rows per epoch (default on CPU 48, 32 for the real model; all 592 on CUDA)")
     parser.add_argument("--epochs", type=int, default=None, help="default 1 on CPU, 3 on CUDA")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-seq-length", type=int, default=512)
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="as training.precision (training/precision.py)")
     parser.add_argument("--accumulation", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--lora-dropout", type=float, default=LORA["dropout"])
     parser.add_argument("--gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=2, help="each variant runs this many times, interleaved; the best round counts")
-    parser.add_argument("--knobs", action="store_true", help="also measure gradient checkpointing, accumulation and lora dropout 0")
+    parser.add_argument("--knobs", action="store_true", help="also measure gradient checkpointing, accumulation and lora dropout 0 (first model)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--child-json", type=Path, help=argparse.SUPPRESS)
@@ -317,68 +454,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     cuda = args.device != "cpu" and torch.cuda.is_available()
     if args.device == "cuda" and not cuda:
         raise SystemExit("--device cuda: no CUDA device here")
-    args.rows = args.rows if args.rows is not None else (0 if cuda else 48)
-    args.epochs = args.epochs or (3 if cuda else 1)
-    args.model_dir = args.model_dir or ensure_model(args.init)
     started = time.monotonic()
-    print(f"bench 1, training: model {args.model_dir.name}, {args.rows or 'all'} rows x {args.epochs} epoch(s), batch {args.batch_size}, "
-          f"max_seq_length {args.max_seq_length}, LoRA r={LORA['r']} alpha={LORA['alpha']} dropout={args.lora_dropout} all-linear, "
-          f"{'cuda' if cuda else 'cpu'}, {args.rounds} interleaved round(s)", flush=True)
-
-    rounds: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
-    for number in range(args.rounds):
-        for variant in VARIANTS:
-            result = run_child(variant, args, env)
-            rounds[variant].append(result)
-            print(f"  round {number + 1} {variant:8s} {result['tokens_per_second']:>9} tok/s  {result['seconds_total']:>8}s  "
-                  f"peak rss {result['peak_rss_mib']} MiB  peak gpu {result['peak_gpu_mib']} MiB", flush=True)
-    ours, trainer, minimal = (best(rounds[v]) for v in VARIANTS)
-    memory_key = "peak_gpu_mib" if cuda else "peak_rss_mib"
-    report: dict[str, Any] = {
-        "device": ours["device"], "gpu": ours["gpu"], "dtype": ours["dtype"], "model": args.model_dir.name, "init": args.init,
-        "rows": args.rows or "all", "epochs": args.epochs, "batch_size": args.batch_size, "max_seq_length": args.max_seq_length,
-        "lora": dict(LORA, dropout=args.lora_dropout), "steps": ours["steps"],
-        "real_tokens": {"ours": ours["real_tokens"], "trainer": trainer["real_tokens"], "minimal": minimal["real_tokens"]},
-        "tokens_per_second": {"ours": ours["tokens_per_second"], "trainer": trainer["tokens_per_second"], "minimal": minimal["tokens_per_second"]},
-        "seconds_total": {"ours": ours["seconds_total"], "trainer": trainer["seconds_total"], "minimal": minimal["seconds_total"]},
-        "peak_memory_mib": {"kind": "gpu max_memory_allocated" if cuda else "process peak RSS (VmHWM)",
-                            "ours": ours[memory_key], "trainer": trainer[memory_key], "minimal": minimal[memory_key]},
-        "ratio_vs_trainer": ratio(ours["tokens_per_second"], trainer["tokens_per_second"]),
-        "ratio_vs_minimal_loop": ratio(minimal["seconds_per_step"], ours["seconds_per_step"]),
-        "rounds": rounds,
-    }
-    report["memory_ok"] = (ours[memory_key] or 0) <= (trainer[memory_key] or 0)
-    report["targets"] = {
-        "ratio_vs_trainer": verdict(report["ratio_vs_trainer"], 1.5) + ("" if report["memory_ok"] else ", but peak memory is higher"),
-        "ratio_vs_minimal_loop": verdict(report["ratio_vs_minimal_loop"], 0.9),
-    }
-
-    if args.knobs:
-        knobs = {}
-        for name, overrides in {
-            "gradient_checkpointing": {"gradient_checkpointing": True},
-            "accumulation_2_x_half_batch": {"accumulation": 2, "batch_size": max(1, args.batch_size // 2)},
-            "lora_dropout_0": {"lora_dropout": 0.0},
-        }.items():
-            result = best([run_child("ours", args, env, **overrides) for _ in range(args.rounds)])
-            knobs[name] = {"tokens_per_second": result["tokens_per_second"], "peak_memory_mib": result[memory_key],
-                           "vs_default_speed": ratio(result["tokens_per_second"], ours["tokens_per_second"]),
-                           "vs_default_memory": ratio(result[memory_key], ours[memory_key])}
-            print(f"  knob {name:28s} {result['tokens_per_second']:>9} tok/s  peak {result[memory_key]} MiB", flush=True)
-        report["knobs"] = knobs
-    report["bench_seconds"] = round(time.monotonic() - started, 1)
-
-    memory_label = "peak GPU MiB" if cuda else "peak RSS MiB"
-    print_table("training throughput (non-padding tokens/s, steady state)", [
-        ["ours (finetune.py)", ours["real_tokens"], ours["tokens_per_second"], ours["seconds_total"], ours[memory_key], "1.00"],
-        ["Trainer, pad to max_length", trainer["real_tokens"], trainer["tokens_per_second"], trainer["seconds_total"], trainer[memory_key],
-         report["ratio_vs_trainer"]],
-        ["minimal loop, our batches", minimal["real_tokens"], minimal["tokens_per_second"], minimal["seconds_total"], minimal[memory_key],
-         ratio(ours["tokens_per_second"], minimal["tokens_per_second"])],
-    ], ["variant", "real tokens", "tokens/s", "wall s", memory_label, "ours / this"])
-    print(f"  ours vs Trainer: {report['ratio_vs_trainer']}x tokens/s, peak memory {ours[memory_key]} vs {trainer[memory_key]} MiB "
-          f"-> {report['targets']['ratio_vs_trainer']}")
-    print(f"  ours vs minimal loop (time per step, minimal / ours): {report['ratio_vs_minimal_loop']} -> {report['targets']['ratio_vs_minimal_loop']}")
+    peaks = None if cuda else matmul_peaks()
+    if peaks:
+        print(f"bench 1: this machine's 2048x2048 matmul: float32 {peaks['float32']} GFLOP/s, bfloat16 {peaks['bfloat16']} GFLOP/s "
+              f"({torch.get_num_threads()} threads)", flush=True)
+    targets = [(args.model_dir.name, args.model_dir)] if args.model_dir else [(m, None) for m in args.models.split(",") if m]
+    models: dict[str, Any] = {}
+    for number, (name, folder) in enumerate(targets):
+        run_args = argparse.Namespace(**vars(args))
+        run_args.model_dir = folder or model_dir_for(name, args.init)
+        run_args.rows = args.rows if args.rows is not None else (0 if cuda else 32 if name == REAL_MODEL else 48)
+        run_args.epochs = args.epochs or (3 if cuda else 1)
+        run_args.knobs = args.knobs and number == 0
+        models[name] = bench_model(run_args, env, cuda=cuda, peaks=peaks)
+    first = next(iter(models.values()))
+    # The first model's figures stay at the top level (earlier records and readers); every model under "models".
+    report = {**first, "models": models, "bench_seconds": round(time.monotonic() - started, 1)}
     write_json(args.json, report)
     return report
 

@@ -37,22 +37,37 @@ BENCHMARKS = {
 def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """One line per headline figure: ours, the baseline, the ratio, the target's verdict."""
     rows = []
-    if t := results.get("training"):
-        mem = t["peak_memory_mib"]
-        rows.append({"benchmark": "1 training", "figure": f"non-padding tokens/s ({t['device']})", "ours": t["tokens_per_second"]["ours"],
-                     "baseline": f"Trainer {t['tokens_per_second']['trainer']}", "ratio": t["ratio_vs_trainer"],
-                     "target": t["targets"]["ratio_vs_trainer"]})
-        rows.append({"benchmark": "1 training", "figure": f"peak memory MiB ({mem['kind']})", "ours": mem["ours"],
-                     "baseline": f"Trainer {mem['trainer']}", "ratio": round(mem["ours"] / mem["trainer"], 2) if mem["trainer"] else None,
-                     "target": "MET (equal or lower)" if t["memory_ok"] else "NOT MET (higher)"})
-        rows.append({"benchmark": "1 training", "figure": "time per step vs minimal loop", "ours": t["tokens_per_second"]["ours"],
-                     "baseline": f"minimal loop {t['tokens_per_second']['minimal']}", "ratio": t["ratio_vs_minimal_loop"],
-                     "target": t["targets"]["ratio_vs_minimal_loop"]})
+    if training := results.get("training"):
+        for name, t in (training.get("models") or {training.get("model", "model"): training}).items():  # one set of rows per model
+            mem = t["peak_memory_mib"]
+            where = f"{name}, {t['device']} {t.get('dtype', '')}".rstrip()
+            rows.append({"benchmark": "1 training", "figure": f"non-padding tokens/s, {where}", "ours": t["tokens_per_second"]["ours"],
+                         "baseline": f"Trainer {t['tokens_per_second']['trainer']}", "ratio": t["ratio_vs_trainer"],
+                         "target": t["targets"]["ratio_vs_trainer"]})
+            rows.append({"benchmark": "1 training", "figure": f"peak memory MiB ({mem['kind']}), {name}", "ours": mem["ours"],
+                         "baseline": f"Trainer {mem['trainer']}", "ratio": round(mem["ours"] / mem["trainer"], 2) if mem["trainer"] else None,
+                         "target": "MET (equal or lower)" if t["memory_ok"] else "NOT MET (higher)"})
+            rows.append({"benchmark": "1 training", "figure": f"time per step vs minimal loop, {name}", "ours": t["tokens_per_second"]["ours"],
+                         "baseline": f"minimal loop {t['tokens_per_second']['minimal']}", "ratio": t["ratio_vs_minimal_loop"],
+                         "target": t["targets"]["ratio_vs_minimal_loop"]})
+            if hw := t.get("hardware"):
+                rows.append({"benchmark": "1 training", "figure": f"GFLOP/s (lower bound) vs bf16 matmul peak, {name}", "ours": hw["ours_gflops"],
+                             "baseline": f"bf16 peak {hw['matmul_peak_gflops']['bfloat16']}", "ratio": hw["fraction_of_bf16_peak"],
+                             "target": "(distance to the hardware limit)"})
+            if ref := (t.get("knobs") or {}).get("precision_fp32"):
+                rows.append({"benchmark": "1 training", "figure": f"bf16 autocast vs float32, {name}", "ours": t["tokens_per_second"]["ours"],
+                             "baseline": f"float32 {ref['tokens_per_second']}", "ratio": ref["bf16_speedup"],
+                             "target": f"losses within {ref['largest_relative_loss_difference']:.2%} of float32 (tolerance 2%)"})
     if g := results.get("generation"):
         for name, m in (g.get("models") or {g.get("model", "model"): g}).items():  # one row per model measured
             rows.append({"benchmark": "2 generation", "figure": f"answers/s, {name}, batch {m['batch_size']}", "ours": m["answers_per_second"]["ours"],
                          "baseline": f"one at a time {m['answers_per_second']['baseline_one_at_a_time']}", "ratio": m["ratio"],
                          "target": m["targets"]["ratio"] + (", answers identical" if m["identical_answers"] else "")})
+            if p := m.get("precision"):
+                rows.append({"benchmark": "2 generation", "figure": f"bf16 vs float32 batched, {name}", "ours": f"{p['fp32_seconds']} s fp32",
+                             "baseline": None, "ratio": p["bf16_speedup"],
+                             "target": f"answers identical to float32 {p['identical_to_fp32']}/{p['questions']}, ROUGE-L vs float32 "
+                                       f"mean {p['mean_rouge_l_vs_fp32']}"})
     if s := results.get("scoring"):
         rows.append({"benchmark": "3 scoring", "figure": f"samples/s, {s['samples']} x {len(s['metrics'])} metrics",
                      "ours": s["samples_per_second"]["ours"], "baseline": f"ragas.evaluate {s['samples_per_second']['ragas_directly']}",
