@@ -10,6 +10,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -114,3 +115,32 @@ def write_json(path: Path | None, report: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
+def matmul_peaks(seconds: float = 1.0, n: int = 2048) -> dict[str, float]:
+    """This machine's n x n matmul GFLOP/s in float32 and bfloat16 (all torch threads), measured in this run:
+    the hardware limit the benchmarks' figures are set against."""
+    import torch
+
+    peaks = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        reps, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            a @ b
+            reps += 1
+        peaks[name] = round(2 * n**3 * reps / (time.perf_counter() - started) / 1e9, 1)
+    return peaks
+
+
+def linear_weights(model_dir: Path) -> int:
+    """The decoder's matmul weights (every nn.Linear but the lm_head): 2x this is the forward FLOPs per token,
+    attention scores, the lm_head and norms left out, so FLOP rates built on it are lower bounds."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir)))
+    head = model.get_output_embeddings()
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)

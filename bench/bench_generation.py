@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import ROOT, print_table, ratio, read_jsonl, verdict, write_json  # noqa: E402
+from bench._common import ROOT, linear_weights, matmul_peaks, print_table, ratio, read_jsonl, verdict, write_json  # noqa: E402
 
 REAL_MODEL = "smollm2-135m-instruct"
 
@@ -107,7 +107,7 @@ def one_at_a_time(model, tokenizer, prompts: list[list[int]], *, max_new_tokens:
 
 
 def bench_model(model_name: str, *, batch_size: int, max_new_tokens: int, limit: int | None, spread: int | None,
-                rounds: int, precision: str = "auto") -> dict[str, Any]:
+                rounds: int, precision: str = "auto", peaks: dict[str, float] | None = None) -> dict[str, Any]:
     """One model's row: batched vs one at a time, in pairs of one batch each."""
     from evaluation.generation import generate_answers
 
@@ -163,6 +163,15 @@ def bench_model(model_name: str, *, batch_size: int, max_new_tokens: int, limit:
         "empty_answers": sum(1 for a in answers["ours"] if not a),
     }
     report["targets"] = {"ratio": verdict(report["ratio"], 3.0) + ("" if not different else f", but {len(different)} answers differ")}
+    if peaks:
+        # Real tokens through the decoder: every prompt token once, every answer token (re-encoded; its stop token
+        # not counted) once; 2 FLOPs per decoder weight each, attention and lm_head left out: a lower bound.
+        answer_tokens = sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers["ours"])
+        tokens = sum(len(p) for p in prompts) + answer_tokens
+        gflops = 2 * linear_weights(Path(model.name_or_path)) * tokens / timings["ours"] / 1e9
+        report["hardware"] = {"matmul_peak_gflops": peaks, "tokens": tokens, "ours_gflops": round(gflops, 2),
+                              "fraction_of_bf16_peak": round(gflops / peaks["bfloat16"], 4),
+                              "fraction_of_fp32_peak": round(gflops / peaks["float32"], 4)}
     if dtype == "bfloat16" and report["device"] == "cpu":
         model = None  # free it before the float32 copy loads
         report["precision"] = fp32_reference(model_name, prompts, answers["ours"], batch_size=batch_size, max_new_tokens=max_new_tokens,
@@ -173,6 +182,9 @@ def bench_model(model_name: str, *, batch_size: int, max_new_tokens: int, limit:
         ["one question at a time", round(base_rate, 2), round(timings["baseline"], 2), report["ratio"]],
     ], ["variant", "answers/s", "seconds", "ours / this"])
     print(f"  identical answers: {len(prompts) - len(different)}/{len(prompts)}; ratio {report['ratio']}x -> {report['targets']['ratio']}", flush=True)
+    if hw := report.get("hardware"):
+        print(f"  ours: >= {hw['ours_gflops']} GFLOP/s = {hw['fraction_of_bf16_peak']:.1%} of this machine's bf16 matmul peak "
+              f"({peaks['bfloat16']} GFLOP/s; {hw['fraction_of_fp32_peak']:.1%} of the float32 peak, {peaks['float32']})", flush=True)
     if p := report.get("precision"):
         print(f"  bf16 vs float32 (batched): {p['bf16_speedup']}x faster; answers identical to float32 {p['identical_to_fp32']}/{p['questions']}, "
               f"ROUGE-L F1 vs float32 mean {p['mean_rouge_l_vs_fp32']}, lowest {p['lowest_rouge_l_vs_fp32']}", flush=True)
@@ -201,12 +213,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.monotonic()
+    peaks = None if torch.cuda.is_available() else matmul_peaks()
+    if peaks:
+        print(f"bench 2: this machine's 2048x2048 matmul: float32 {peaks['float32']} GFLOP/s, bfloat16 {peaks['bfloat16']} GFLOP/s "
+              f"({torch.get_num_threads()} threads)", flush=True)
     names = [args.model] if args.model else [m for m in args.models.split(",") if m]
     models = {}
     for name in names:
         models[name] = bench_model(
             name, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
-            spread=(args.real_questions or None) if name == REAL_MODEL else None, rounds=args.rounds, precision=args.precision)
+            spread=(args.real_questions or None) if name == REAL_MODEL else None, rounds=args.rounds, precision=args.precision, peaks=peaks)
     headline = models.get(REAL_MODEL) or models[names[0]]
     report = {**headline, "models": models, "torch_threads": torch.get_num_threads(), "bench_seconds": round(time.monotonic() - started, 1)}
     write_json(args.json, report)

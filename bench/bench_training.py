@@ -37,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import ROOT, PeakRss, print_table, ratio, read_jsonl, verdict, write_json  # noqa: E402
+from bench._common import ROOT, PeakRss, linear_weights, matmul_peaks, print_table, ratio, read_jsonl, verdict, write_json  # noqa: E402
 
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"}
 LEARNING_RATE = 2e-4
@@ -301,34 +301,6 @@ def model_dir_for(name: str, init: str) -> Path:
     return build_local_model(name, models_dir=ROOT / "var" / "models", data_dir=ROOT / "data")
 
 
-def matmul_peaks(seconds: float = 1.0, n: int = 2048) -> dict[str, float]:
-    """This machine's n x n matmul GFLOP/s in float32 and bfloat16 (all torch threads), measured in this run."""
-    import torch
-
-    peaks = {}
-    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b
-        reps, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            a @ b
-            reps += 1
-        peaks[name] = round(2 * n**3 * reps / (time.perf_counter() - started) / 1e9, 1)
-    return peaks
-
-
-def flops_per_token(model_dir: Path) -> int:
-    """Matmul FLOPs per trained token for LoRA: 4 x the decoder's linear weights (forward 2N, input gradients 2N;
-    frozen weights get no weight gradient). The lm_head (answer positions only), attention and LoRA are left out: a lower bound."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir)))
-    head = model.get_output_embeddings()
-    return 4 * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
-
-
 def bench_model(args: argparse.Namespace, env: dict[str, str], *, cuda: bool, peaks: dict[str, float] | None) -> dict[str, Any]:
     """Every variant on args.model_dir, interleaved rounds, the knobs; the report of one model."""
     started = time.monotonic()
@@ -365,7 +337,7 @@ def bench_model(args: argparse.Namespace, env: dict[str, str], *, cuda: bool, pe
         "ratio_vs_minimal_loop": verdict(report["ratio_vs_minimal_loop"], 0.9),
     }
     if peaks and ours["tokens_per_second"]:
-        per_token = flops_per_token(args.model_dir)
+        per_token = 4 * linear_weights(args.model_dir)  # forward 2N + input gradients 2N (frozen weights: no weight gradient)
         achieved = ours["tokens_per_second"] * per_token / 1e9
         report["hardware"] = {"matmul_peak_gflops": peaks, "flops_per_token_lower_bound": per_token, "ours_gflops": round(achieved, 1),
                               "fraction_of_bf16_peak": round(achieved / peaks["bfloat16"], 3),

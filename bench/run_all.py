@@ -63,6 +63,10 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             rows.append({"benchmark": "2 generation", "figure": f"answers/s, {name}, batch {m['batch_size']}", "ours": m["answers_per_second"]["ours"],
                          "baseline": f"one at a time {m['answers_per_second']['baseline_one_at_a_time']}", "ratio": m["ratio"],
                          "target": m["targets"]["ratio"] + (", answers identical" if m["identical_answers"] else "")})
+            if hw := m.get("hardware"):
+                rows.append({"benchmark": "2 generation", "figure": f"GFLOP/s (lower bound) vs bf16 matmul peak, {name}", "ours": hw["ours_gflops"],
+                             "baseline": f"bf16 peak {hw['matmul_peak_gflops']['bfloat16']}", "ratio": hw["fraction_of_bf16_peak"],
+                             "target": "(distance to the hardware limit)"})
             if p := m.get("precision"):
                 rows.append({"benchmark": "2 generation", "figure": f"bf16 vs float32 batched, {name}", "ours": f"{p['fp32_seconds']} s fp32",
                              "baseline": None, "ratio": p["bf16_speedup"],
