@@ -413,7 +413,11 @@ def test_served_mode_stop_kills_a_running_job_after_stop_timeout_and_the_reaper_
     headers = {"Authorization": f"Token {Token.objects.create(user=user).key}"}
     long_run = {"name": "stopped-mid-training", "kind": "finetune", "model": {"base": "local:tiny-llama"},
                 "datasets": {"train": ["rag_qa_train"], "eval": ["ragas_eval"]},
-                "training": {"epochs": 100, "batch_size": 1, "max_seq_length": 128, "max_truncated_fraction": 1.0, "learning_rate": 1e-3, "seed": 3},
+                # One attempt: a checkpoint taken before the stop (the first epoch's validation, seconds on a fast
+                # CPU) would otherwise make the reaper resume the fine-tune rather than fail it; resuming is
+                # tests/reliability/test_faults_workers.py's.
+                "training": {"epochs": 100, "batch_size": 1, "max_seq_length": 128, "max_truncated_fraction": 1.0, "learning_rate": 1e-3, "seed": 3,
+                             "max_attempts": 1},
                 "evaluation": {"metrics": ["rouge_score"], "max_samples": 2, "max_new_tokens": 4, "compare_base": False}}
     run_id = requests.post(f"{topology.web}/api/runs/", json=long_run, headers=headers, timeout=30).json()["id"]
     wait_until(lambda: len(PipelineRun.objects.get(pk=run_id).train_history) >= 1, 300, "training to start")
