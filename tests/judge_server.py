@@ -16,6 +16,18 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+class LocalHTTPServer(ThreadingHTTPServer):
+    """A threaded HTTP server for the stand-in judges, with a listen backlog for ragas' concurrency.
+
+    socketserver's default backlog is 5: ragas opens up to 16 connections at once (its executor's
+    max_workers), and on a fast machine the ones past the backlog failed to connect
+    ("OpenAIConnectionError"), scored as "judge unreachable".
+    """
+
+    request_queue_size = 128
+    daemon_threads = True
+
+
 def _last_input(prompt: str) -> dict:
     marker = prompt.rfind("input: ")
     if marker < 0:
@@ -75,8 +87,7 @@ class JudgeServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = LocalHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @property

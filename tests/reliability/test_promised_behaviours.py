@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import psutil
@@ -25,7 +25,7 @@ from django.conf import settings
 from django.core.management import call_command
 
 from tests.conftest import ROOT, free_port, wait_for_port, worker_env
-from tests.judge_server import _last_input
+from tests.judge_server import LocalHTTPServer, _last_input
 from tests.served.test_served_mode import topology  # noqa: F401 - the fixture: scripts/served_mode.sh on this test's database and Redis
 
 from .fault_tools import Processes, kill_tree, wait_until
@@ -498,8 +498,7 @@ class RecordingJudge:
                 self.end_headers()
                 self.wfile.write(reply)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = LocalHTTPServer(("127.0.0.1", 0), Handler)
         self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
     def __enter__(self) -> RecordingJudge:
