@@ -131,23 +131,6 @@ def dashboard_related(run_ids: list[int]) -> dict[str, dict[int, list]]:
     return out
 
 
-def headline_scores(run: PipelineRun) -> list[dict[str, Any]]:
-    """Up to two metrics of the run's first eval dataset: main value, and the gain over base."""
-    results = list(run.results.all())  # prefetched by the caller
-    if not results:
-        return []
-    first_dataset = min(r.dataset.name if r.dataset else "" for r in results)
-    by_key = {(r.metric, r.variant): r.value for r in results if (r.dataset.name if r.dataset else "") == first_dataset}
-    wanted = [m for m in (run.config.get("evaluation") or {}).get("metrics", []) if any(k[0] == m for k in by_key)][:2]
-    main = run.main_variant
-    out = []
-    for metric in wanted:
-        value, base = by_key.get((metric, main)), by_key.get((metric, "base"))
-        delta = value - base if value is not None and base is not None and main != "base" else None
-        out.append({"metric": metric, "value": value, "delta": delta})
-    return out
-
-
 def run_for_page(user, pk: int, *, related: tuple[str, ...] = ("events", "train_datasets", "eval_datasets")) -> PipelineRun:
     """A run for its pages with `related` prefetched (the status fragment needs only its events, the results page none)
     and `has_results` (whether any result is recorded) in the same query."""

@@ -61,21 +61,6 @@ def mlflow_links(run):
 
 
 @register.simple_tag
-def headline(run):
-    return page_data.headline(run)
-
-
-@register.simple_tag
-def run_duration(run):
-    return page_data.run_duration(run)
-
-
-@register.filter
-def model_label(run) -> str:
-    return page_data.model_label(run)
-
-
-@register.simple_tag
 def train_dataset_rows(user) -> dict[str, int]:
     """{name: rows} of the train datasets a user may pick: the New run page counts optimizer steps with it."""
     from datasets_app.selectors import dataset_visible_to

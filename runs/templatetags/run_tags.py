@@ -1,7 +1,5 @@
 from django import template
 
-from runs.selectors import headline_scores
-
 register = template.Library()
 
 
@@ -30,8 +28,3 @@ def get(mapping, key):
 @register.filter
 def reasons_text(reasons: dict) -> str:
     return ", ".join(f"{reason} ×{count}" for reason, count in (reasons or {}).items())
-
-
-@register.simple_tag
-def headlines(run):
-    return headline_scores(run)
