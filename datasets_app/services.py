@@ -125,7 +125,7 @@ def dataset_delete(*, dataset: Dataset, user=None) -> None:
             more = _runs_using(dataset).count() - 5
             raise DatasetDeleteRefused(
                 f"dataset {dataset.name} cannot be deleted: runs use it ({named}{f' and {more} more' if more > 0 else ''}); "
-                "delete those runs first"
+                "delete those runs first (a finished run's page has a Delete button; DELETE /api/runs/{id}/)"
             )
     stored = dataset.file
     with transaction.atomic():

@@ -1,4 +1,4 @@
-"""The metric names of DESIGN.md, without importing ragas (cheap for validation and pages).
+"""The metric names (docs/ARCHITECTURE.md, "Contracts"), without importing ragas (cheap for validation and pages).
 
 evaluation.metrics maps each name to the ragas 0.4 metric of that meaning.
 """

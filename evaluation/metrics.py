@@ -1,4 +1,4 @@
-"""Each metric name of DESIGN.md -> the ragas 0.4 metric of that meaning.
+"""Each metric name of evaluation/metric_names.py -> the ragas 0.4 metric of that meaning.
 
 The legacy ragas metric classes (ragas.metrics._*) are used because they run
 under ragas.evaluate(); the newer ragas.metrics.collections classes do not (they
@@ -15,7 +15,7 @@ from .metric_names import ALL_METRICS, needs_judge
 
 
 def metric_classes() -> dict[str, Any]:
-    """The ragas 0.4 metric class of each metric name (DESIGN.md, Metric names)."""
+    """The ragas 0.4 metric class of each metric name (evaluation/metric_names.py)."""
     from ragas.metrics._answer_correctness import AnswerCorrectness
     from ragas.metrics._answer_relevance import AnswerRelevancy
     from ragas.metrics._answer_similarity import SemanticSimilarity

@@ -8,6 +8,7 @@ the application and return what they produced (the registry stores it).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,7 @@ class GenerateContext(Protocol):
     def log(self, line: str) -> None: ...
     def check_cancelled(self) -> None: ...
     def build_progress(self) -> Callable[[int, int], None]: ...
+    def record_figures(self, figures: dict[str, Any]) -> None: ...  # what this step measured (device, speed)
 
 
 class ScoreContext(Protocol):
@@ -117,6 +119,7 @@ def generate_step(ctx: GenerateContext) -> Generated:
     )
     jobs = [(s, v) for s in eval_sets for v in ctx.variants]
     produced: list[AnswerSet] = []
+    began = time.monotonic()
     for number, (eval_set, variant) in enumerate(jobs):
         ctx.check_cancelled()
         prompts = encode_eval_prompts(tokenizer, eval_set.rows, max_prompt_tokens=max_prompt, prompt_format=prompt_format)
@@ -134,6 +137,10 @@ def generate_step(ctx: GenerateContext) -> Generated:
             answers = generate_answers(model, tokenizer, prompts, **settings)
         produced.append(AnswerSet(dataset=eval_set.name, variant=variant, rows=eval_set.rows, answers=answers))
         ctx.log(f"generated {len(answers)} {variant} answers for {eval_set.name}")
+    seconds = time.monotonic() - began
+    answered = sum(len(a.answers) for a in produced)
+    ctx.record_figures({"device": device, "dtype": str(dtype).removeprefix("torch."), "answers": answered,
+                        "generation_seconds": round(seconds, 3), "answers_per_second": round(answered / seconds, 3) if seconds > 0 else None})
     return Generated(answer_sets=produced, prompt_example=prompt_example, base_model_info=local_model_info(base_path))
 
 

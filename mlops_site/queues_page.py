@@ -16,7 +16,7 @@ from django.views.decorators.cache import never_cache
 from django_rq import stats_views
 from django_rq.views import each_context
 
-from runs.models import ACTIVE_STATUSES, PipelineRun, RunStatus
+from runs.models import TERMINAL_STATUSES, Job, JobState, PipelineRun, RunStatus
 
 
 @never_cache
@@ -26,6 +26,7 @@ def queues_home(request: HttpRequest) -> HttpResponse:
         return stats_views.stats(request)
     return render(request, "admin/queues_in_process.html", {
         **each_context(request), "title": "Queues",
-        "active": PipelineRun.objects.filter(status__in=ACTIVE_STATUSES).order_by("started_at", "id")[:50],
+        "active": Job.objects.filter(state__in=[JobState.RUNNING, JobState.QUEUED]).exclude(run__status__in=TERMINAL_STATUSES)
+        .select_related("run").order_by("id")[:50],
         "waiting": PipelineRun.objects.filter(status=RunStatus.PENDING).count(),
     })

@@ -133,8 +133,14 @@ DATABASES = {
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
-    # Inline jobs write from a second thread while pages read: wait, don't fail.
-    DATABASES["default"].setdefault("OPTIONS", {})["timeout"] = 30
+    # Inline jobs write from other threads while pages read and write: readers never wait for the writer (WAL),
+    # a writer waits its turn (busy timeout) and takes the write lock when its transaction begins (IMMEDIATE), so a
+    # transaction that reads then writes is never refused half-way with "database is locked".
+    DATABASES["default"].setdefault("OPTIONS", {}).update({
+        "timeout": 30,
+        "transaction_mode": "IMMEDIATE",
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    })
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -262,7 +268,7 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
     "COMPONENT_SPLIT_REQUEST": True,
-    # Swagger UI is served from the app (no CDN): see the offline rule in DESIGN.md.
+    # Swagger UI is served from the app (no CDN): see the offline rule in docs/ARCHITECTURE.md.
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
@@ -312,7 +318,7 @@ LOGGING = {
     },
 }
 
-# Offline rule: nothing may phone home (see DESIGN.md).
+# Offline rule: nothing may phone home (docs/ARCHITECTURE.md, "The offline rule").
 os.environ.setdefault("RAGAS_DO_NOT_TRACK", "true")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")

@@ -12,8 +12,8 @@ from mlops_site.admin_mixins import ReadOnlyAdminMixin, ServiceAddFormMixin
 from mlops_site.limits import StructureLimitError, check_structure
 
 from .config import MAX_CONFIG_BYTES, ConfigError, validate_config
-from .models import TERMINAL_STATUSES, PipelineRun, RunEvent, RunResult, SampleResult
-from .services import InvalidTransition, dataset_name_types, run_cancel, run_create
+from .models import TERMINAL_STATUSES, Job, PipelineRun, RunEvent, RunResult, SampleResult
+from .services import InvalidTransition, RunNotDeletable, dataset_name_types, run_cancel, run_create
 
 
 class RunEventInline(ReadOnlyAdminMixin, admin.TabularInline):
@@ -21,6 +21,15 @@ class RunEventInline(ReadOnlyAdminMixin, admin.TabularInline):
     extra = 0
     can_delete = False
     readonly_fields = ["from_status", "to_status", "message", "at"]
+
+
+class JobInline(ReadOnlyAdminMixin, admin.TabularInline):
+    model = Job
+    extra = 0
+    can_delete = False
+    fk_name = "run"
+    fields = readonly_fields = ["step", "key", "queue", "state", "attempts", "worker", "heartbeat_at", "checkpoint_step",
+                                "figures", "error", "child", "started_at", "finished_at"]
 
 
 class RunResultInline(ReadOnlyAdminMixin, admin.TabularInline):
@@ -67,11 +76,11 @@ class PipelineRunAdmin(ServiceAddFormMixin, admin.ModelAdmin):
     date_hierarchy = "created_at"
     list_select_related = ["owner"]
     actions = ["cancel_runs"]
-    inlines = [RunEventInline, RunResultInline]
+    inlines = [RunEventInline, JobInline, RunResultInline]
     readonly_fields = [
-        "name", "kind", "status", "stage", "progress", "pretty_config", "base_model", "train_datasets", "eval_datasets",
+        "name", "kind", "status", "stage", "progress", "pretty_config", "base_model", "parent", "train_datasets", "eval_datasets",
         "error", "logs", "mlflow_experiment_id", "mlflow_run_id", "registered_model_name", "registered_model_version",
-        "reproducibility", "heartbeat_at", "created_at", "started_at", "finished_at", "owner",
+        "reproducibility", "data_check", "created_at", "started_at", "finished_at", "owner",
     ]
     exclude = ["config", "train_history"]
 
@@ -91,6 +100,27 @@ class PipelineRunAdmin(ServiceAddFormMixin, admin.ModelAdmin):
     def save_related(self, request, form, formsets, change) -> None:
         if change:
             super().save_related(request, form, formsets, change)
+
+    def delete_model(self, request: HttpRequest, obj: PipelineRun) -> None:
+        """Through the one deletion service (files, checkpoints, MLflow run), never a bare database cascade."""
+        from .deletion import run_delete
+
+        try:
+            run_delete(run_id=obj.pk, by=request.user)
+        except RunNotDeletable as exc:
+            self.message_user(request, f"Not deleted: {exc}", messages.ERROR)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[PipelineRun]) -> None:
+        from .deletion import run_delete
+
+        refused = []
+        for run in queryset:
+            try:
+                run_delete(run_id=run.pk, by=request.user)
+            except (RunNotDeletable, PipelineRun.DoesNotExist) as exc:
+                refused.append(f"#{run.pk}: {exc}")
+        if refused:
+            self.message_user(request, "Not deleted: " + "; ".join(refused), messages.ERROR)
 
     @admin.display(description="config")
     def pretty_config(self, obj: PipelineRun) -> str:

@@ -1,4 +1,4 @@
-"""The runs API of DESIGN.md. Views parse input, call a service, serialize output."""
+"""The runs API (docs/ARCHITECTURE.md, "Contracts"). Views parse input, call a service, serialize output."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from rest_framework.views import APIView
 
 from .api_schema import RunConfigInputSerializer
 from .exports import results_csv
-from .models import PipelineRun, PromotionDecision, RunResult, RunStatus, SampleResult, ScoreComparison, Variant
+from .models import Job, PipelineRun, PromotionDecision, RunResult, RunStatus, SampleResult, ScoreComparison, Variant
 from .playground import MAX_CONTEXT_CHARS, MAX_CONTEXTS, MAX_QUESTION_CHARS
 from .selectors import run_visible_to
 from .services import (
@@ -41,8 +41,19 @@ class RunListSerializer(serializers.ModelSerializer):
         model = PipelineRun
         fields = [
             "id", "name", "kind", "status", "stage", "progress", "base_model", "error",
-            "mlflow_run_id", "registered_model", "created_at", "started_at", "finished_at",
+            "mlflow_run_id", "registered_model", "created_at", "started_at", "finished_at", "parent",
         ]
+
+
+class JobOutputSerializer(serializers.ModelSerializer):
+    """One job of the run's graph: its step (and key), queue, state, attempts, worker, timing and what it measured."""
+
+    child = serializers.PrimaryKeyRelatedField(read_only=True, allow_null=True, help_text="The child run this job waits for (a sweep's trial).")
+
+    class Meta:
+        model = Job
+        fields = ["id", "step", "key", "queue", "state", "attempts", "worker", "progress", "stage", "heartbeat_at", "checkpoint_step",
+                  "output", "figures", "error", "child", "created_at", "started_at", "finished_at"]
 
 
 class ComparisonOutputSerializer(serializers.ModelSerializer):
@@ -70,13 +81,45 @@ class RunDetailSerializer(RunListSerializer):
     comparisons = ComparisonOutputSerializer(many=True, read_only=True)
     promotion = serializers.SerializerMethodField()
     owner = serializers.CharField(source="owner.username", read_only=True)
+    jobs = JobOutputSerializer(many=True, read_only=True)
+    children = serializers.SerializerMethodField()
+    heartbeat_at = serializers.SerializerMethodField()
+    attempts = serializers.SerializerMethodField()
+    checkpoint_step = serializers.SerializerMethodField()
+    best_step = serializers.SerializerMethodField()
 
     class Meta(RunListSerializer.Meta):
         fields = [
             *RunListSerializer.Meta.fields, "config", "logs", "mlflow_experiment_id",
             "registered_model_name", "registered_model_version", "reproducibility", "heartbeat_at", "owner", "results",
-            "comparisons", "promotion", "attempts", "checkpoint_step", "best_step", "data_check",
+            "comparisons", "promotion", "attempts", "checkpoint_step", "best_step", "data_check", "jobs", "children",
         ]
+
+    @extend_schema_field(serializers.ListField(child=serializers.IntegerField()))
+    def get_children(self, run: PipelineRun) -> list[int]:
+        """The child runs (a sweep's trials), oldest first."""
+        return sorted(child.pk for child in run.children.all())
+
+    @extend_schema_field(serializers.DateTimeField(allow_null=True))
+    def get_heartbeat_at(self, run: PipelineRun):
+        """The latest sign of life of any of the run's jobs."""
+        beats = [j.heartbeat_at for j in run.jobs.all() if j.heartbeat_at is not None]
+        return serializers.DateTimeField().to_representation(max(beats)) if beats else None
+
+    @extend_schema_field(serializers.IntegerField(allow_null=True))
+    def get_attempts(self, run: PipelineRun) -> int | None:
+        """Attempts of the run's most retried job (a fine-tune resumed after a lost worker: 2); null before any started."""
+        return max((j.attempts for j in run.jobs.all()), default=0) or None
+
+    @extend_schema_field(serializers.IntegerField(allow_null=True))
+    def get_checkpoint_step(self, run: PipelineRun) -> int | None:
+        """The step of the last checkpoint a resumed fine-tune can start from."""
+        return max((j.checkpoint_step for j in run.jobs.all() if j.checkpoint_step is not None), default=None)
+
+    @extend_schema_field(serializers.IntegerField(allow_null=True))
+    def get_best_step(self, run: PipelineRun) -> int | None:
+        """The step whose adapter the fine-tune kept (null: the last step's, or not a fine-tune)."""
+        return next(((j.output or {}).get("best_step") for j in run.jobs.all() if "best_step" in (j.output or {})), None)
 
     @extend_schema_field(PromotionOutputSerializer(allow_null=True))
     def get_promotion(self, run: PipelineRun) -> dict | None:
@@ -96,6 +139,8 @@ def _detail_queryset(user) -> QuerySet[PipelineRun]:
         Prefetch("results", queryset=RunResult.objects.select_related("dataset")),
         Prefetch("comparisons", queryset=ScoreComparison.objects.select_related("dataset")),
         Prefetch("promotion_decisions", queryset=PromotionDecision.objects.select_related("by").order_by("at", "id")),
+        Prefetch("jobs", queryset=Job.objects.order_by("id")),
+        Prefetch("children", queryset=PipelineRun.objects.only("pk", "parent_id")),
     )
 
 
@@ -151,11 +196,24 @@ class RunCheckApi(APIView):
             return Response({"detail": str(exc)}, status=status.HTTP_503_SERVICE_UNAVAILABLE)
 
 
-class RunDetailApi(generics.RetrieveAPIView):
+class RunDetailApi(generics.RetrieveDestroyAPIView):
     serializer_class = RunDetailSerializer
 
     def get_queryset(self) -> QuerySet[PipelineRun]:
         return _detail_queryset(self.request.user)
+
+    @extend_schema(
+        responses={204: None, 403: OpenApiTypes.OBJECT, 409: OpenApiTypes.OBJECT},
+        description="Delete a finished run (its owner, or staff): its rows, files and checkpoints, its MLflow run and the "
+                    "registered versions made from it. 409 while the run is active (cancel it first) or when its version "
+                    "holds the `champion` alias (demote it first); the message says which.",
+    )
+    def delete(self, request: Request, pk: int) -> Response:
+        from .deletion import run_delete
+
+        run = get_object_or_404(run_visible_to(request.user), pk=pk)
+        run_delete(run_id=run.pk, by=request.user)
+        return Response(status=status.HTTP_204_NO_CONTENT)
 
 
 class _RunActionApi(APIView):

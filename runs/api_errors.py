@@ -16,7 +16,7 @@ from datasets_app.services import DatasetImportError
 from mlops_site.limits import StructureLimitError, check_structure
 
 from .config import ConfigError
-from .services import InvalidTransition
+from .services import InvalidTransition, RunNotDeletable
 
 
 def _flatten(detail: Any, prefix: str = "") -> list[dict[str, str]]:
@@ -69,6 +69,8 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         return Response({"detail": f"{exc.field}: {exc.message}", "errors": errors}, status=400)
     if isinstance(exc, InvalidTransition):
         return Response({"detail": str(exc), "from": exc.from_status, "to": exc.to_status}, status=409)
+    if isinstance(exc, RunNotDeletable):
+        return Response({"detail": str(exc)}, status=409)
     response = drf_exception_handler(exc, context)
     if response is not None and isinstance(response.data, (dict, list)) and "detail" not in response.data:
         errors = _flatten(response.data)
@@ -99,7 +101,7 @@ ERROR_DESCRIPTIONS = {
     "401": "Not authenticated.",
     "403": "Not authenticated, or not allowed.",
     "404": "No such object (or it belongs to another user), or a page past the end of a list.",
-    "409": "The run's status does not allow this transition.",
+    "409": "The run's status does not allow this (a transition, a deletion): `detail` says why.",
 }
 TRANSITION_PATHS = ("/status/", "/cancel/", "/retry/")
 
@@ -117,7 +119,7 @@ def document_error_responses(result: dict, generator, request, public) -> dict:
             paginated = any(p.get("name") == "page" for p in operation.get("parameters", []))
             if "{id}" in path or paginated:  # a missing object, or a page past the end
                 codes.append("404")
-            if path.endswith(TRANSITION_PATHS):
+            if path.endswith(TRANSITION_PATHS) or (method == "delete" and path.startswith("/api/runs/")):
                 codes.append("409")
             for code in codes:
                 responses.setdefault(code, {"description": ERROR_DESCRIPTIONS[code], "content": {"application/json": {"schema": reference}}})

@@ -1,4 +1,4 @@
-"""The run config schema of DESIGN.md, validated once at the boundary.
+"""The run config schema, validated once at the boundary.
 
 Used by the API, the YAML loader (`manage.py run_pipeline`), the admin and the
 forms. Errors name the field by its dotted path (`training.lora.r`).
@@ -273,6 +273,12 @@ class PromotionConfig(Strict):
 
 
 class RunConfig(Strict):
+    """The whole config schema, every kind's sections (the New run form and the OpenAPI schema read it).
+
+    A config is validated with its kind's model (runs/kinds/<kind>.py), a subclass
+    of this one that adds the rules of that kind.
+    """
+
     name: Printable = Field(min_length=1, max_length=200)
     kind: Literal["finetune", "eval_only"]
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -280,40 +286,6 @@ class RunConfig(Strict):
     training: TrainingConfig | None = None
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     promotion: PromotionConfig | None = None
-
-    @model_validator(mode="after")
-    def _kind_rules(self) -> RunConfig:
-        if self.kind == "finetune":
-            if not self.datasets.train:
-                raise ValueError("datasets.train: a finetune run needs at least one train dataset")
-            if self.training is None:
-                self.training = TrainingConfig()
-            validation = self.training.validation_dataset
-            if validation is not None and validation in self.datasets.train:
-                raise ValueError(f"training.validation_dataset: {validation!r} is also in datasets.train; validation rows must be held out")
-            if self.evaluation.answers != "generate":
-                raise ValueError("evaluation.answers: a finetune run scores generated answers; use 'generate'")
-            self._promotion_rules()
-        else:
-            if self.promotion is not None:
-                raise ValueError("promotion: applies to kind finetune only (it gates the fine-tuned model); remove it for eval_only")
-            if self.training is not None:
-                raise ValueError("training: applies to kind finetune only; remove it for eval_only")
-            if self.datasets.train:
-                raise ValueError("datasets.train: applies to kind finetune only; remove it for eval_only")
-        return self
-
-    def _promotion_rules(self) -> None:
-        if self.promotion is None:
-            self.promotion = PromotionConfig()
-        if self.promotion.metric is None:
-            self.promotion.metric = self.evaluation.metrics[0]
-        elif self.promotion.metric not in self.evaluation.metrics:
-            raise ValueError(f"promotion.metric: {self.promotion.metric!r} is not one of evaluation.metrics ({', '.join(self.evaluation.metrics)})")
-        if self.promotion.datasets != "all":
-            outside = [d for d in self.promotion.datasets if d not in self.datasets.eval]
-            if outside:
-                raise ValueError(f"promotion.datasets: {', '.join(outside)} not in datasets.eval")
 
 
 class ConfigError(Exception):
@@ -358,8 +330,10 @@ def validate_config(data: Any, *, known_datasets: dict[str, str] | None = None) 
     """
     if not isinstance(data, dict):
         raise ConfigError([{"field": "", "message": f"config must be a mapping, got {type(data).__name__}"}])
+    from .kinds import config_model
+
     try:
-        config = RunConfig.model_validate(data)
+        config = config_model(data.get("kind")).model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_pydantic_errors(exc)) from None
     if known_datasets is not None:

@@ -76,8 +76,10 @@ def check_validated(config: dict[str, Any], *, on_training_device: bool) -> dict
     """The report for a validated config (here, in this process)."""
     from training.steps import data_check
 
-    if config["kind"] != "finetune":
-        return {"ok": True, "problems": [], "skipped": "an eval-only run trains nothing: there is no training data to check"}
+    from .kinds import kind_named
+
+    if "data_check" not in kind_named(config["kind"]).sections:
+        return {"ok": True, "problems": [], "skipped": f"a {config['kind']} run trains nothing: there is no training data to check"}
     return data_check(ConfigData(config), on_training_device=on_training_device)
 
 

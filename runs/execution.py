@@ -1,8 +1,8 @@
-"""Job plumbing the step registry (runs/pipeline.py) wraps every step body in.
+"""Job plumbing the engine (runs/pipeline.py) wraps every job's body in.
 
-A live job keeps its heartbeat fresh from a side thread, its log lines are
-timestamped into the run's logs, and best-effort writes survive a dropped
-database connection.
+A live job keeps its heartbeat fresh from a side thread (which also measures
+the job's peak memory), its log lines are timestamped into the run's logs, and
+best-effort writes survive a dropped database connection.
 
 A lost database connection (server restarted, backend terminated) is closed
 before the failure is recorded, so recording it reconnects; the heartbeat
@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Iterator
 
 from django.conf import settings
@@ -22,13 +23,14 @@ from django.db import connection
 from django.utils import timezone
 
 from .models import RunStatus
-from .services import InvalidTransition, run_append_logs, run_heartbeat, run_transition
+from .services import InvalidTransition, job_heartbeat, run_append_logs, run_transition
 
 log = logging.getLogger(__name__)
 
 
-class RunCancelled(Exception):
-    """The run left its active status (cancelled) while a job was working on it."""
+class JobAbandoned(Exception):
+    """The job's work is not wanted any more: its run ended (cancelled, failed) or the reaper gave the job to
+    another attempt while this one worked."""
 
 
 class RunLog:
@@ -88,33 +90,71 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
-@contextlib.contextmanager
-def heartbeat(run_id: int, every: float | None = None) -> Iterator[None]:
-    """Refresh heartbeat_at from a side thread while the block runs.
+class Pulse:
+    """The running job's side thread: the heartbeat every HEARTBEAT_SECONDS, and the process's resident memory
+    sampled a few times a second, so the job's own peak (not the process's lifetime maximum) is known."""
 
-    A SIGKILLed work-horse takes the thread with it, so the heartbeat goes stale
-    and the reaper fails the run. A lost database connection does not stop the
-    thread: it reconnects at the next beat.
-    """
-    interval = every if every is not None else settings.HEARTBEAT_SECONDS
-    stop = threading.Event()
+    SAMPLE_SECONDS = 0.25
 
-    def beat() -> None:
+    def __init__(self, job_id: int, attempt: int, every: float | None = None) -> None:
+        self.job_id, self.attempt = job_id, attempt
+        self.interval = every if every is not None else settings.HEARTBEAT_SECONDS
+        self.peak_rss_bytes: int | None = None
+        self.start_rss_bytes: int | None = None
+        self.lost = False  # this attempt no longer holds the job
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"pulse-job-{job_id}", daemon=True)
+
+    def _sample(self) -> None:
+        rss = _rss_bytes()
+        if rss is not None and (self.peak_rss_bytes is None or rss > self.peak_rss_bytes):
+            self.peak_rss_bytes = rss
+
+    def _beat(self) -> None:
+        with tolerate_db_errors(f"job {self.job_id}: heartbeat"):
+            if not job_heartbeat(job_id=self.job_id, attempt=self.attempt):
+                self.lost = True
+
+    def _run(self) -> None:
         try:
-            while not stop.wait(interval):
-                with tolerate_db_errors(f"run {run_id}: heartbeat"):
-                    run_heartbeat(run_id=run_id)
+            last_beat = time.monotonic()
+            while not self._stop.wait(min(self.SAMPLE_SECONDS, self.interval)):
+                self._sample()
+                if time.monotonic() - last_beat >= self.interval:
+                    last_beat = time.monotonic()
+                    self._beat()
         finally:
             _close_quietly()
 
-    thread = threading.Thread(target=beat, name=f"heartbeat-{run_id}", daemon=True)
-    run_heartbeat(run_id=run_id)
-    thread.start()
+    def figures(self) -> dict[str, int]:
+        """The process's peak resident memory while the job ran, and how much of it the job added."""
+        if self.peak_rss_bytes is None:
+            return {}
+        out = {"peak_rss_bytes": self.peak_rss_bytes}
+        if self.start_rss_bytes is not None:
+            out["rss_growth_bytes"] = max(0, self.peak_rss_bytes - self.start_rss_bytes)
+        return out
+
+    def __enter__(self) -> Pulse:
+        self.start_rss_bytes = _rss_bytes()
+        self._sample()
+        self._beat()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._sample()
+
+
+def _rss_bytes() -> int | None:
     try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=5)
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except Exception:  # psutil missing or the platform does not say: no figure rather than a wrong one
+        return None
 
 
 def failure_reason(job: str, exc: BaseException) -> str:

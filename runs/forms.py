@@ -89,9 +89,15 @@ OPTIONAL_SECTIONS = ("evaluation.judge", "training", "promotion")
 # Text fields for "a word or a list of names" config values, with the word.
 LIST_OR_WORD = {"target_modules": "all-linear", "promotion_datasets": "all"}
 CHOICE_LABELS = {
-    "kind": [("finetune", "Fine-tune + evaluate"), ("eval_only", "Evaluate only")],
+    "kind": None,  # the kinds' own labels (runs/kinds/)
     "answers": [("generate", "Generate answers with the model"), ("dataset", "Score the answers stored in the eval set")],
 }
+
+
+def _kind_choices() -> list[tuple[str, str]]:
+    from .kinds import kind_choices
+
+    return kind_choices()
 
 
 def schema_field(path: str) -> FieldInfo:
@@ -164,7 +170,7 @@ def build_field(spec: FormField) -> forms.Field:
         return forms.CharField(max_length=2000, **common)
     choices = _literal_choices(annotation)
     if choices:
-        labelled = CHOICE_LABELS.get(spec.name, [(c, c) for c in choices])
+        labelled = CHOICE_LABELS.get(spec.name) or (_kind_choices() if spec.name == "kind" else [(c, c) for c in choices])
         widget = forms.RadioSelect if spec.name in CHOICE_LABELS else forms.Select
         return forms.ChoiceField(choices=labelled, widget=widget, **common)
     if annotation is bool:
@@ -266,11 +272,24 @@ def to_config(data: dict[str, Any]) -> dict[str, Any]:
     judge = (config.get("evaluation") or {}).get("judge") or {}
     if not (judge.get("base_url") or judge.get("model")):
         config.get("evaluation", {}).pop("judge", None)
-    if config.get("kind") != "finetune":
-        config.pop("training", None)
-        config.pop("promotion", None)
-        config.get("datasets", {}).pop("train", None)
+    _drop_sections_of_other_kinds(config)
     return config
+
+
+def _drop_sections_of_other_kinds(config: dict[str, Any]) -> None:
+    """The form shows every kind's fields: a section the chosen kind does not use is left out of its config."""
+    from .kinds import KINDS
+
+    spec = KINDS.get(config.get("kind", ""))
+    if spec is None:
+        return
+    for section in ("training", "promotion", "datasets.train"):
+        if not spec.config_applies(section, config):
+            *parents, leaf = section.split(".")
+            node = config
+            for part in parents:
+                node = node.get(part, {})
+            node.pop(leaf, None)
 
 
 def _set(config: dict[str, Any], path: str, value: Any) -> None:

@@ -2,13 +2,16 @@
 
 from django.conf import settings
 
-from .reaper import reap_stale_runs, requeue_lost_jobs
+from .promotion import apply_pending_decisions
+from .reaper import reap_stale_jobs, requeue_lost_jobs
 
 
 def reap_job() -> list[int]:
-    """Send again the queued jobs Redis lost, then fail runs whose heartbeat went stale.
+    """Send again the queued jobs Redis lost, apply the lost workers' policies, give MLflow pending decisions.
 
-    Returns the ids of the runs it failed (kept as the job's result).
+    Returns the ids of the runs it acted on (kept as the job's result).
     """
     requeue_lost_jobs()
-    return [run_id for run_id, _ in reap_stale_runs(stale_seconds=settings.REAPER_STALE_SECONDS)]
+    acted = [run_id for run_id, _ in reap_stale_jobs(stale_seconds=settings.REAPER_STALE_SECONDS)]
+    apply_pending_decisions()
+    return acted

@@ -20,8 +20,22 @@ RETRYABLE_STATUSES = frozenset({RunStatus.FAILED, RunStatus.CANCELLED})
 
 
 class RunKind(models.TextChoices):
+    """The kinds' names (the database column's choices). What a kind is and does: runs/kinds/."""
+
     FINETUNE = "finetune", "finetune"
     EVAL_ONLY = "eval_only", "eval_only"
+
+
+class JobState(models.TextChoices):
+    WAITING = "waiting", "waiting"  # for a child run (a sweep's trial), not for a worker
+    QUEUED = "queued", "queued"
+    RUNNING = "running", "running"
+    DONE = "done", "done"
+    FAILED = "failed", "failed"
+    CANCELLED = "cancelled", "cancelled"
+
+
+UNFINISHED_JOB_STATES = frozenset({JobState.WAITING, JobState.QUEUED, JobState.RUNNING})
 
 
 class Variant(models.TextChoices):
@@ -36,13 +50,6 @@ VARIANT_ORDER = (Variant.FINETUNED, Variant.BASE, Variant.DATASET)
 
 def ordered_variants(variants) -> list[str]:
     return sorted(set(variants), key=VARIANT_ORDER.index)
-
-
-def main_variant(*, kind: str, answers: str = "generate") -> str:
-    """The variant a run is about: the fine-tuned model, the stored answers, or the base model."""
-    if kind == RunKind.FINETUNE:
-        return Variant.FINETUNED
-    return Variant.DATASET if answers == "dataset" else Variant.BASE
 
 
 class PipelineRun(models.Model):
@@ -66,16 +73,8 @@ class PipelineRun(models.Model):
     reproducibility = models.JSONField(default=dict, blank=True)
     # Per-step training metrics for the live loss curve: [{"step", "loss", "learning_rate", "epoch"}].
     train_history = models.JSONField(default=list, blank=True)
-    # The pipeline job this run waits for or runs, as "<job>:queued" or "<job>:running"
-    # (job: finetune, generate, score). Jobs claim it with a compare-and-swap.
-    current_job = models.CharField(max_length=32, blank=True)
-    heartbeat_at = models.DateTimeField(null=True, blank=True, db_index=True)
-    # Fine-tune attempts so far: a worker lost mid-training sends the step again (training.max_attempts).
-    attempts = models.PositiveSmallIntegerField(default=1)
-    # The step of the last checkpoint a new attempt can resume from (null: none yet).
-    checkpoint_step = models.PositiveIntegerField(null=True, blank=True)
-    # The step whose adapter was kept (best validation loss); null: the last step's.
-    best_step = models.PositiveIntegerField(null=True, blank=True)
+    # The sweep this run is a trial of (null: a run of its own).
+    parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.CASCADE, related_name="children")
     # The data check of the config (training/data_check.py), made when the run was created.
     data_check = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
@@ -85,7 +84,7 @@ class PipelineRun(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
-        indexes = [models.Index(fields=["owner", "-created_at"]), models.Index(fields=["status", "heartbeat_at"])]
+        indexes = [models.Index(fields=["owner", "-created_at"])]
 
     def __str__(self) -> str:
         return f"#{self.pk} {self.name} ({self.status})"
@@ -99,14 +98,71 @@ class PipelineRun(models.Model):
         return self.status in RETRYABLE_STATUSES
 
     @property
+    def spec(self):
+        """What this run's kind is and does (runs/kinds/)."""
+        from .kinds import kind_of
+
+        return kind_of(self)
+
+    @property
     def main_variant(self) -> str:
-        return main_variant(kind=self.kind, answers=(self.config.get("evaluation") or {}).get("answers", "generate"))
+        return self.spec.main_variant(self.config)
+
+    @property
+    def shows(self) -> dict[str, bool]:
+        """The page sections that apply to this run's kind ({% if run.shows.training %})."""
+        return self.spec.shows()
 
     @property
     def registered_model(self) -> str:
         if not self.registered_model_name:
             return ""
         return f"{self.registered_model_name}/{self.registered_model_version}"
+
+
+class Job(models.Model):
+    """One job of a run's graph (runs/kinds/): a step, and a key when the step has several (a checkpoint, a trial).
+
+    Changed only through runs/services.py: claimed with a compare-and-swap on
+    (state, attempts), so a job delivered twice runs once and a lost worker's
+    late writes are refused once the reaper has sent the job again.
+    """
+
+    run = models.ForeignKey(PipelineRun, on_delete=models.CASCADE, related_name="jobs")
+    step = models.CharField(max_length=32)
+    key = models.CharField(max_length=64, blank=True, default="")
+    queue = models.CharField(max_length=16, blank=True)
+    state = models.CharField(max_length=10, choices=JobState.choices, default=JobState.QUEUED, db_index=True)
+    # Claims so far: the attempt a worker holds; a write of an older attempt is refused.
+    attempts = models.PositiveSmallIntegerField(default=0)
+    # The last sign of life of the running attempt; while queued, since when it waits.
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    worker = models.CharField(max_length=200, blank=True, help_text="host:pid of the attempt that holds or held it.")
+    payload = models.JSONField(default=dict, blank=True, help_text="What the job works on (a checkpoint, a trial's parameters).")
+    progress = models.FloatField(default=0.0, help_text="0-1 within the step.")
+    stage = models.CharField(max_length=200, blank=True)
+    # The step of the last checkpoint a new attempt can resume from (a fine-tune).
+    checkpoint_step = models.PositiveIntegerField(null=True, blank=True)
+    output = models.JSONField(default=dict, blank=True, help_text="What the job produced, by reference (the adapter's step, a version).")
+    # Measured by the step that ran: device, dtype, tokens/s, peak memory, seconds... (never parsed from a log line).
+    figures = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+    child = models.ForeignKey(PipelineRun, null=True, blank=True, on_delete=models.SET_NULL, related_name="parent_jobs")
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [models.UniqueConstraint(fields=["run", "step", "key"], name="unique_job_per_run_step_key")]
+        indexes = [models.Index(fields=["state", "heartbeat_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.label} of run {self.run_id} ({self.state})"
+
+    @property
+    def label(self) -> str:
+        return f"{self.step}:{self.key}" if self.key else self.step
 
 
 class RunEvent(models.Model):
@@ -218,6 +274,8 @@ class PromotionDecision(models.Model):
     automatic = models.BooleanField(default=True)
     by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     at = models.DateTimeField(auto_now_add=True)
+    # When MLflow got the decision's alias and version tags: recorded first, applied after commit (null: not yet).
+    applied_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["at", "id"]

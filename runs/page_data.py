@@ -1,10 +1,11 @@
 """What the run pages show, computed from the rows: plain data for templates and charts.
 
 Reads only (the writes live in runs/services.py). The live run page reads what a
-run records today: its RunEvents, `train_history` entries ({"step", "loss",
-"learning_rate", "epoch"}, plus "val_loss", "tokens", "elapsed_seconds",
-"device" or "peak_memory_bytes" where the trainer adds them), the stage text and
-the log lines. What is not recorded is named, never made up.
+run records: its RunEvents, its jobs (state, progress, and the figures each step
+measured: device, dtype, tokens/s, peak memory, seconds), and `train_history`
+entries ({"step", "loss", "learning_rate", "epoch"}, plus "val_loss", "tokens",
+"elapsed_seconds", "device" where the trainer adds them). No log line is parsed.
+What is not recorded is named, never made up.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from django.utils.text import Truncator
 from .config import flatten_config
 from .models import (
     TERMINAL_STATUSES,
+    Job,
+    JobState,
     PipelineRun,
-    RunKind,
     RunResult,
     RunStatus,
     SampleResult,
@@ -42,13 +44,6 @@ VARIANT_LABELS = {"finetuned": "fine-tuned", "base": "base model", "dataset": "s
 # the model, plays no part. A difference between base and fine-tuned is always zero.
 MODEL_INDEPENDENT_METRICS = frozenset({"non_llm_context_precision", "non_llm_context_recall", "context_precision", "context_recall"})
 
-STAGE_STEP_RE = re.compile(r"\bstep (\d+)/(\d+)")
-# The trainer's closing log line: "trained 6 steps on cpu (float32) in 54.9s: final loss 5.3081, 234 tokens/s, ..."
-TRAINED_RE = re.compile(
-    r"trained (?P<steps>\d+) steps on (?P<device>[\w:.-]+) \((?P<dtype>[^)]*)\) in (?P<seconds>[\d.]+)s\b.*?(?P<tps>[\d.]+) tokens/s"
-)
-PEAK_MEMORY_RE = re.compile(r"peak (?:GPU |device )?memory:? (?P<value>[\d.]+) ?(?P<unit>[KMGT]i?B)", re.IGNORECASE)
-UNITS = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 WORD_RE = re.compile(r"[A-Za-z0-9]+")
 # Words too common to count as "the answer found the ground truth's words".
 STOP_WORDS = frozenset(
@@ -84,31 +79,43 @@ def _event_at(run: PipelineRun, status: str) -> datetime | None:
     return next((e.at for e in run.events.all() if e.to_status == status), None)
 
 
+def _training_job(run: PipelineRun, jobs: list[Job]) -> Job | None:
+    """The job that trains (a step the run is `training` during, not a fan-out of one), if the kind has one."""
+    graph = run.spec.graph_of(run)
+    for job in jobs:
+        if graph.has(job.step) and graph.step(job.step).status == RunStatus.TRAINING and not graph.step(job.step).spawned:
+            return job
+    return None
+
+
+def _peak_memory(job: Job | None) -> int | None:
+    figures = (job.figures or {}) if job else {}
+    return figures.get("peak_memory_bytes") or figures.get("peak_rss_bytes")
+
+
 def run_live_stats(run: PipelineRun, *, now: datetime | None = None) -> dict[str, Any]:
-    """Elapsed time, speed, ETA, device and peak memory, from what the run has recorded so far.
+    """Elapsed time, speed, ETA, device and peak memory, from what the run's jobs have recorded so far.
 
     `not_recorded` names each figure the run does not record (yet), so the page can say so.
     """
     now = now or timezone.now()
+    jobs = list(run.jobs.all())
+    training = _training_job(run, jobs)
+    figures = (training.figures or {}) if training else {}
     history = [h for h in (run.train_history or []) if isinstance(h, dict) and h.get("step") is not None]
     last = history[-1] if history else {}
     stats: dict[str, Any] = {
         "elapsed_seconds": _seconds(run.started_at, run.finished_at or now),
-        "steps": int(last["step"]) if last else None, "total_steps": None, "steps_per_second": None, "tokens_per_second": None,
-        "speed_basis": "", "eta_seconds": None, "eta_basis": "", "device": last.get("device") or "", "dtype": "",
-        "peak_memory_bytes": last.get("peak_memory_bytes"), "not_recorded": [],
+        "steps": int(last["step"]) if last else None, "total_steps": figures.get("total_steps"), "steps_per_second": None,
+        "tokens_per_second": None, "speed_basis": "", "eta_seconds": None, "eta_basis": "",
+        "device": figures.get("device") or last.get("device") or "", "dtype": figures.get("dtype") or "",
+        "peak_memory_bytes": _peak_memory(training), "peak_memory_basis": "", "not_recorded": [],
     }
-    stage_steps = STAGE_STEP_RE.search(run.stage or "") if run.status == RunStatus.TRAINING else None
-    if stage_steps:
-        stats["steps"] = max(stats["steps"] or 0, int(stage_steps[1]))
-        stats["total_steps"] = int(stage_steps[2])
-
-    trained = TRAINED_RE.search(run.logs or "")
-    if trained:  # training finished: the trainer measured its own loop
-        seconds = float(trained["seconds"])
-        stats.update(steps=int(trained["steps"]), total_steps=int(trained["steps"]), device=trained["device"], dtype=trained["dtype"],
-                     tokens_per_second=float(trained["tps"]), speed_basis="measured by the trainer over its training loop")
-        stats["steps_per_second"] = stats["steps"] / seconds if seconds > 0 else None
+    if training is not None and training.state == JobState.DONE and figures.get("tokens_per_second"):
+        # training finished: the trainer measured its own loop
+        stats.update(steps=figures.get("steps", stats["steps"]), total_steps=figures.get("steps"), tokens_per_second=figures["tokens_per_second"],
+                     speed_basis="measured by the trainer over its training loop")
+        stats["steps_per_second"] = 1 / figures["step_seconds"] if figures.get("step_seconds") else None
     elif len(history) >= 2 and history[0].get("elapsed_seconds") is not None and last.get("elapsed_seconds") is not None:
         span = float(last["elapsed_seconds"]) - float(history[0]["elapsed_seconds"])
         if span > 0:
@@ -116,14 +123,6 @@ def run_live_stats(run: PipelineRun, *, now: datetime | None = None) -> dict[str
             if last.get("tokens") is not None and history[0].get("tokens") is not None:
                 stats["tokens_per_second"] = (last["tokens"] - history[0]["tokens"]) / span
             stats["speed_basis"] = "between the first and the latest step"
-    elif stats["steps"] and run.status == RunStatus.TRAINING:
-        began = _event_at(run, RunStatus.TRAINING)
-        span = _seconds(began, now)
-        if span:
-            stats["steps_per_second"] = stats["steps"] / span
-            if last.get("tokens") is not None:
-                stats["tokens_per_second"] = last["tokens"] / span
-            stats["speed_basis"] = "average since training began (model loading included)"
 
     if not run.is_terminal:
         remaining_steps = (stats["total_steps"] - stats["steps"]) if stats["total_steps"] and stats["steps"] is not None else None
@@ -134,18 +133,37 @@ def run_live_stats(run: PipelineRun, *, now: datetime | None = None) -> dict[str
             stats["eta_seconds"] = stats["elapsed_seconds"] * (100 - run.progress) / run.progress
             stats["eta_basis"] = "end of the run, a rough guess from the progress so far"
 
-    if stats["peak_memory_bytes"] is None:
-        peak = PEAK_MEMORY_RE.search(run.logs or "")
-        if peak:
-            stats["peak_memory_bytes"] = int(float(peak["value"]) * UNITS[peak["unit"][0].upper()])
-    if run.kind == RunKind.FINETUNE:
+    if stats["peak_memory_bytes"] is not None:
+        stats["peak_memory_basis"] = ("the GPU's peak allocation while training" if figures.get("peak_memory_bytes")
+                                      else "the worker's peak resident memory while the training job ran")
+    if run.shows.get("training"):
         if not stats["device"]:
-            stats["not_recorded"].append("device (the trainer logs it when training ends)")
+            stats["not_recorded"].append("device (recorded with the first training step)")
         if stats["tokens_per_second"] is None:
-            stats["not_recorded"].append("tokens/s (the trainer logs it when training ends)")
+            stats["not_recorded"].append("tokens/s (from the second training step)")
         if stats["peak_memory_bytes"] is None:
-            stats["not_recorded"].append("peak memory (the trainer does not record it)")
+            stats["not_recorded"].append("peak memory (measured when the training job ends)")
     return stats
+
+
+def run_job_rows(run: PipelineRun, *, now: datetime | None = None) -> list[dict[str, Any]]:
+    """The run's jobs for its page: each step (and key) with its state, progress, attempts, worker, time and figures."""
+    now = now or timezone.now()
+    graph = run.spec.graph_of(run)
+    rows = []
+    for job in run.jobs.all():
+        figures = job.figures or {}
+        end = job.finished_at or (now if job.state == JobState.RUNNING else None)
+        rows.append({
+            "label": job.label, "step_label": graph.step(job.step).label if graph.has(job.step) else job.step, "state": job.state,
+            "progress": round(100 * (1.0 if job.state == JobState.DONE else job.progress or 0.0)), "stage": job.stage,
+            "attempts": job.attempts, "worker": job.worker, "queue": job.queue or "—", "seconds": _seconds(job.started_at, end),
+            "device": figures.get("device", ""), "dtype": figures.get("dtype", ""), "peak_memory_bytes": _peak_memory(job),
+            "speed": (f"{figures['tokens_per_second']:.0f} tokens/s" if figures.get("tokens_per_second")
+                      else f"{figures['answers_per_second']:.2f} answers/s" if figures.get("answers_per_second") else ""),
+            "error": job.error, "child": job.child_id,
+        })
+    return rows
 
 
 def mlflow_ui_links(run: PipelineRun) -> dict[str, str]:
@@ -359,14 +377,9 @@ def _shown(value: Any) -> str:
 
 
 def _applies(field: str, run: PipelineRun) -> bool:
-    """Whether a config field plays a part in the run: an eval-only run trains and promotes nothing,
-    and a run that scores stored answers generates nothing."""
-    section = field.split(".", 1)[0]
-    if run.kind != RunKind.FINETUNE and (section in ("training", "promotion") or field == "datasets.train"):
-        return False
-    stored = (run.config.get("evaluation") or {}).get("answers") == "dataset"
-    generation = section == "model" or field.startswith(("evaluation.generation", "evaluation.max_new_tokens", "evaluation.compare_base"))
-    return not (stored and generation)
+    """Whether a config field plays a part in the run (its kind says: an eval-only run trains and promotes nothing,
+    and a run that scores stored answers generates nothing)."""
+    return run.spec.config_applies(field, run.config)
 
 
 def config_differences(runs: list[PipelineRun]) -> list[dict[str, Any]]:
@@ -576,6 +589,4 @@ def run_duration(run: PipelineRun, *, now: datetime | None = None) -> float | No
 
 def model_label(run: PipelineRun) -> str:
     """What produced the answers: the base model's name, or "stored answers" for an eval-only run that scores a file's answers."""
-    if run.kind == RunKind.EVAL_ONLY and (run.config.get("evaluation") or {}).get("answers") == "dataset":
-        return "stored answers"
-    return run.base_model
+    return run.spec.model_label(run.config, run.base_model)

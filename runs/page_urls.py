@@ -10,6 +10,7 @@ urlpatterns = [
     path("runs/<int:pk>/status/", views.run_status, name="run-status"),
     path("runs/<int:pk>/cancel/", views.run_cancel_view, name="run-cancel"),
     path("runs/<int:pk>/retry/", views.run_retry_view, name="run-retry"),
+    path("runs/<int:pk>/delete/", views.run_delete_view, name="run-delete"),
     path("runs/<int:pk>/promotion/", views.run_promotion_view, name="run-promotion"),
     path("runs/<int:pk>/results/", views.run_results, name="run-results"),
     path("runs/<int:pk>/playground/", views.run_playground, name="run-playground"),

@@ -1,21 +1,26 @@
-"""The step registry: the one place a run's chain of steps is declared and driven.
+"""The engine: runs the jobs of a run's graph (runs/kinds/), one job function for every step.
 
-    finetune:                 finetune (gpu) -> generate (gpu) -> score (cpu) -> compare (cpu)
-    eval_only, generate:      generate (gpu) -> score (cpu)
-    eval_only, dataset:       score (cpu)
+`run_job(job_id)` is the RQ job (or is called inline) for any job of any kind:
 
-A step is data: its name, its queue, the run's status while it runs, the body
-that does the work (an engine function in training/ or evaluation/), the
-function that stores what the body returned, and its share of the progress bar.
-`run_step(run_id, step)` runs any step: claim it (compare-and-swap on
-`current_job`), move the run's status in, keep a heartbeat, call the body,
-then store its output and move the run on (`run_advance`: the next step, or
-`completed`) in one transaction. MLflow is finished here and only here.
+1. claim the job (compare-and-swap queued -> running; a job delivered twice runs
+   once) and bring the run's status in line with its jobs (pending -> training);
+2. keep a heartbeat (and measure the job's peak memory) while the body works;
+3. publish the body's work product to MLflow (artifacts, metrics), outside any
+   transaction;
+4. in one transaction, with the run's row locked: store the output (`store`),
+   mark the job done, create the jobs that can start now (fan-in: every job they
+   wait for has ended) and move the run's status (`Graph.status_of`); the new
+   jobs are sent after commit.
 
-Served mode: each step is an RQ job `run_step(run_id, step)` on the step's
-queue, sent after the transaction that queued it commits. The embedded
-default (no REDIS_URL) has no queues: `drive_inline` runs the queued steps one
-after another in this process, in the foreground (`run_pipeline`) or in a
+A running job may add keyed jobs of a step spawned by it (fan-out: one scoring
+job per checkpoint), sent at once (`add_job`). When a run ends (any terminal
+status, whoever ends it), `after_run_ended` takes its queued jobs off the queues,
+finishes its MLflow run, deletes registered versions the database does not
+record, cancels its children and tells a parent's waiting job.
+
+Served mode: each job is the RQ job `run_job(job_id)` on its step's queue. The
+embedded default (no REDIS_URL) has no queues: `drive_inline` runs a run's
+queued jobs in this process, in the foreground (`run_pipeline`) or in a
 background thread (a web request).
 """
 
@@ -23,160 +28,278 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
 import threading
+import time
 import traceback
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 from django.conf import settings
 from django.db import Error as DatabaseError
 from django.db import close_old_connections, connection, transaction
 
-from evaluation.steps import compare_step, generate_step, score_step
-from training.steps import finetune_step
-
 from . import queues, tracking
 from .config import check_model_reference
-from .execution import RunCancelled, RunLog, drop_broken_connection, failure_reason, heartbeat, run_fail
-from .models import TERMINAL_STATUSES, PipelineRun, RunKind, RunStatus
-from .services import run_advance, run_claim_step, run_transition, run_update_progress
-from .step_io import StepContext, start_tracking, store_answers, store_comparisons, store_finetune, store_scores
+from .execution import JobAbandoned, Pulse, RunLog, drop_broken_connection, failure_reason, run_fail
+from .kinds import kind_of
+from .kinds.base import Graph, JobView, Step
+from .models import TERMINAL_STATUSES, Job, JobState, PipelineRun, RunStatus
+from .selectors import job_views
+from .services import (
+    job_add,
+    job_claim,
+    job_end_waiting,
+    job_fail,
+    job_finish,
+    run_cancel,
+    run_transition,
+    run_update_progress,
+)
+from .step_io import StepContext, start_tracking
 
 log = logging.getLogger(__name__)
-GPU, CPU = "gpu", "cpu"
-TRAINING, EVALUATING = RunStatus.TRAINING, RunStatus.EVALUATING
 
 
-@dataclass(frozen=True)
-class Step:
-    name: str
-    queue: str
-    status: str  # the run's status while this step runs
-    body: Callable[[StepContext], Any]
-    store: Callable[[StepContext, Any], None]
-    progress: tuple[int, int]  # the share of the run's progress bar, in percent
-    label: str
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
-FINETUNE = (
-    Step("finetune", GPU, TRAINING, finetune_step, store_finetune, (1, 70), "fine-tuning"),
-    Step("generate", GPU, EVALUATING, generate_step, store_answers, (72, 88), "answer generation"),
-    Step("score", CPU, EVALUATING, score_step, store_scores, (88, 98), "scoring"),
-    Step("compare", CPU, EVALUATING, compare_step, store_comparisons, (98, 99), "the comparison with the base model and the promotion gate"),
-)
-EVAL_GENERATE = (
-    Step("generate", GPU, EVALUATING, generate_step, store_answers, (2, 50), "answer generation"),
-    Step("score", CPU, EVALUATING, score_step, store_scores, (50, 99), "scoring"),
-)
-EVAL_STORED_ANSWERS = (
-    Step("score", CPU, EVALUATING, score_step, store_scores, (2, 99), "scoring"),
-)
-QUEUES = {step.name: step.queue for chain in (FINETUNE, EVAL_GENERATE, EVAL_STORED_ANSWERS) for step in chain}
-
-
-def chain_for(*, kind: str, answers: str) -> tuple[Step, ...]:
-    if kind == RunKind.FINETUNE:
-        return FINETUNE
-    return EVAL_GENERATE if answers == "generate" else EVAL_STORED_ANSWERS
-
-
-def chain_of(run: PipelineRun) -> tuple[Step, ...]:
-    return chain_for(kind=run.kind, answers=run.config["evaluation"]["answers"])
-
-
-def run_step(run_id: int, step_name: str) -> None:
-    """The job function of every step (the RQ job `run_step(run_id, step)`, or called inline)."""
-    if not run_claim_step(run_id=run_id, step=step_name):
-        log.info("run %s: %s step not claimed (already taken, or the run ended); skipping", run_id, step_name)
+def run_job(job_id: int) -> None:
+    """The job function of every step (the RQ job `run_job(job_id)`, or called inline)."""
+    attempt = job_claim(job_id=job_id, worker=worker_name())
+    if attempt is None:
+        log.info("job %s not claimed (already taken, or ended, or its run ended); skipping", job_id)
         return
+    job = Job.objects.select_related("run").get(pk=job_id)
+    run = job.run
     ctx: StepContext | None = None
     try:
-        run = PipelineRun.objects.get(pk=run_id)
-        chain = chain_of(run)
-        position = [s.name for s in chain].index(step_name)
-        step, following = chain[position], chain[position + 1] if position + 1 < len(chain) else None
-        if run.status != step.status and not run_transition(run_id=run_id, to=step.status, expected=run.status, message=f"{step.name} started"):
-            raise RunCancelled(f"run {run_id} changed status before {step.name} started")
+        graph = kind_of(run).graph_of(run)
+        step = graph.step(job.step)
+        _sync(run.pk, graph, message=f"{job.label} started")
         run.refresh_from_db()
         # The worker applies the same rule as validation: known local: builds, paths only under MLOPS_MODEL_PATHS.
         check_model_reference(run.base_model)
-        ctx = StepContext(run, step)
-        with heartbeat(run_id):
+        ctx = StepContext(run, job, step, graph)
+        started = time.monotonic()
+        with Pulse(job_id, attempt) as pulse:
             start_tracking(ctx)
-            output = step.body(ctx)
+            output = step.body(ctx) if step.body else None
             ctx.check_cancelled(now=True)
-            _store_and_advance(ctx, step, following, output)
-    except RunCancelled as exc:
-        _log(run_id, f"{step_name} stopped: {exc}")
-        _finish_mlflow(run_id, "KILLED")
+            if pulse.lost:
+                raise JobAbandoned(f"job {job.label} of run {run.pk} was given to another attempt")
+        ctx.record_figures({"seconds": round(time.monotonic() - started, 3), **pulse.figures(),
+                            **(step.figures(output) if step.figures and output is not None else {})})
+        if step.publish:
+            step.publish(ctx, output)
+        _finish(ctx, step, output)
+    except JobAbandoned as exc:
+        _log(run.pk, f"{job.label} stopped: {exc}")
+        _after_abandon(run.pk)
     except BaseException as exc:
         if isinstance(exc, DatabaseError):
             drop_broken_connection()  # else recording the failure fails the same way
-        _log(run_id, f"{step_name} failed:\n{traceback.format_exc()}")
-        run_fail(run_id=run_id, reason=failure_reason(step_name, exc))
-        _finish_mlflow(run_id, "FAILED")
+        _log(run.pk, f"{job.label} failed:\n{traceback.format_exc()}")
+        reason = failure_reason(job.label, exc)
+        job_fail(job_id=job_id, attempt=attempt, error=reason)
+        step_of = _step_or_none(run, job.step)
+        if step_of is not None and step_of.tolerate_failure:
+            _sync(run.pk, kind_of(run).graph_of(run), message=f"{job.label} failed")
+        else:
+            run_fail(run_id=run.pk, reason=reason)
         raise
     finally:
         if ctx is not None:
             ctx.close()
 
 
-def _store_and_advance(ctx: StepContext, step: Step, following: Step | None, output: Any) -> None:
-    """The step's output stored and the run moved on, together or not at all (a cancel in between keeps neither)."""
+def _step_or_none(run: PipelineRun, name: str) -> Step | None:
+    graph = kind_of(run).graph_of(run)
+    return graph.step(name) if graph.has(name) else None
+
+
+def _finish(ctx: StepContext, step: Step, output: Any) -> None:
+    """The output stored, the job done, the next jobs created and the status moved: together or not at all."""
     with transaction.atomic():
-        step.store(ctx, output)
-        if following is None:
-            # MLflow first: whoever sees the run `completed` also finds its MLflow run finished.
-            tracking.mlflow_finish(ctx.run.mlflow_run_id, "FINISHED")
-        next_status = following.status if following else RunStatus.COMPLETED
-        if not run_advance(run_id=ctx.run_id, step=step.name, next_step=following.name if following else None, next_status=next_status):
-            raise RunCancelled(f"run {ctx.run_id} ended while {step.name} was storing its output")
-        if following is not None:
-            run_update_progress(run_id=ctx.run_id, progress=step.progress[1], stage=f"queued for {following.label}")
-            transaction.on_commit(lambda: _send(ctx.run_id, following))
+        run = _locked(ctx.run_id)
+        if run.status in TERMINAL_STATUSES:
+            raise JobAbandoned(f"run {ctx.run_id} is {run.status}")
+        if step.store:
+            step.store(ctx, output)
+        elif isinstance(output, dict):
+            ctx.output = output
+        if not job_finish(job_id=ctx.job_id, attempt=ctx.attempt, output=ctx.output):
+            raise JobAbandoned(f"job {ctx.job.label} of run {ctx.run_id} was given to another attempt")
+        _advance(run, ctx.graph, message=f"{ctx.job.label} finished")
 
 
-def _send(run_id: int, step: Step) -> None:
+def _locked(run_id: int) -> PipelineRun:
+    """The run's row, locked until the transaction ends: its jobs' fan-in and status change one writer at a time."""
+    return PipelineRun.objects.select_for_update().only("pk", "kind", "status", "mlflow_run_id", "config", "parent").get(pk=run_id)
+
+
+def _advance(run: PipelineRun, graph: Graph, *, message: str) -> None:
+    """Inside the caller's transaction, with the run locked: create the jobs that can start, derive the status."""
+    views = job_views(run.pk)
+    for ready in graph.ready(views):
+        job = job_add(run_id=run.pk, step=ready.name, queue=ready.queue)
+        if job is not None:
+            views.append(JobView(step=job.step, key=job.key, state=job.state, started=False))
+            transaction.on_commit(lambda job=job: dispatch(job_id=job.pk, queue=job.queue, run_id=run.pk))
+    status = graph.status_of(views, run.status)
+    if status != run.status:
+        if status == RunStatus.COMPLETED and run.mlflow_run_id:
+            # A status mark, not a registration: whoever sees the run completed also finds its MLflow run finished.
+            tracking.mlflow_finish(run.mlflow_run_id, "FINISHED")
+        run_transition(run_id=run.pk, to=status, expected=run.status, message=message)
+    elif status not in TERMINAL_STATUSES:
+        ready_names = [j.step for j in views if j.state == JobState.QUEUED]
+        if ready_names:
+            run_update_progress(run_id=run.pk, stage=f"queued for {', '.join(graph.step(n).label for n in dict.fromkeys(ready_names))}")
+
+
+def _sync(run_id: int, graph: Graph, *, message: str) -> None:
+    with transaction.atomic():
+        _advance(_locked(run_id), graph, message=message)
+
+
+def add_job(*, run_id: int, graph: Graph, step: str, key: str, payload: dict[str, Any] | None = None) -> bool:
+    """Fan-out from a running job: a keyed job of a spawned step, sent after commit; False when it exists already."""
+    spec = graph.step(step)
+    if not spec.spawned:
+        raise ValueError(f"step {step} is not declared spawned_by another step: its job is created by the graph")
+    with transaction.atomic():
+        run = _locked(run_id)
+        if run.status in TERMINAL_STATUSES:
+            return False
+        job = job_add(run_id=run_id, step=step, key=key, queue=spec.queue, payload=payload)
+        if job is not None:
+            transaction.on_commit(lambda: dispatch(job_id=job.pk, queue=job.queue, run_id=run_id))
+    return job is not None
+
+
+def add_child_run(*, run_id: int, graph: Graph, step: str, key: str, config: dict[str, Any], payload: dict[str, Any] | None = None) -> int:
+    """Fan-out to a child run (a sweep's trial): the child is created (validated like any run, owned by the
+    parent's owner) with a job of the parent's `step` that waits for it; returns the child's id."""
+    from .services import run_create
+
+    spec = graph.step(step)
+    if not spec.spawned:
+        raise ValueError(f"step {step} is not declared spawned_by another step")
+    with transaction.atomic():
+        parent = PipelineRun.objects.select_for_update().only("pk", "owner", "status").get(pk=run_id)
+        if parent.status in TERMINAL_STATUSES:
+            raise JobAbandoned(f"run {run_id} is {parent.status}")
+        child = run_create(config=config, owner=parent.owner, parent_id=run_id)
+        job_add(run_id=run_id, step=step, key=key, queue=spec.queue, payload=payload, child_id=child.pk)
+    return child.pk
+
+
+def dispatch(*, job_id: int, queue: str, run_id: int) -> None:
+    """A queued job to its worker: the RQ queue, or (embedded default) this process's driver of the run."""
     if not settings.JOBS_INLINE:
-        queues.send_job(func=run_step, queue=step.queue, run_id=run_id, step=step.name)
+        queues.send_job(func=run_job, queue=queue, job_id=job_id)
+    else:
+        _ensure_driver(run_id)
 
 
 def start(*, run_id: int) -> None:
-    """After the run's creation commits: its first step is already marked queued; send it (or run it inline)."""
-    step_name = PipelineRun.objects.values_list("current_job", flat=True).get(pk=run_id).partition(":")[0]
+    """After the run's creation commits: send its first jobs (or run them inline).
+
+    Inside `inline_foreground()` a run created by the caller itself is left to
+    the caller's `drive_inline`; a child run created by a job gets a driver of its own.
+    """
     if not settings.JOBS_INLINE:
-        queues.send_job(func=run_step, queue=QUEUES[step_name], run_id=run_id, step=step_name)
+        for job_id, queue in Job.objects.filter(run_id=run_id, state=JobState.QUEUED).values_list("pk", "queue"):
+            queues.send_job(func=run_job, queue=queue, job_id=job_id)
     elif not getattr(_local, "foreground", False):
-        threading.Thread(target=_drive_in_thread, args=(run_id,), name=f"run-{run_id}", daemon=True).start()
+        _ensure_driver(run_id)
 
 
-def remove_queued_steps(*, run_id: int) -> None:
-    """A cancelled run's waiting jobs come off the queues (a running one stops at its next check)."""
-    queues.remove_queued_jobs(run_id=run_id, steps=QUEUES.items())
+def resend_lost_job(*, job_id: int, queue: str) -> str | None:
+    """The reaper's hand: send again a queued job that RQ lost (see queues.resend_lost_job)."""
+    return queues.resend_lost_job(func=run_job, queue=queue, job_id=job_id)
 
 
-def resend_lost_step(*, run_id: int, step_name: str) -> str | None:
-    """The reaper's hand: send again a queued step that RQ lost (see queues.resend_lost_job)."""
-    return queues.resend_lost_job(func=run_step, queue=QUEUES[step_name], run_id=run_id, step=step_name)
-
-
-def resend_after_lost_worker(*, run_id: int, step_name: str) -> None:
-    """The reaper's hand for a step whose worker died and that goes on (a fine-tune resuming from its checkpoint)."""
+def resend_after_lost_worker(*, job_id: int, queue: str, run_id: int) -> None:
+    """The reaper's hand for a job whose worker died and that goes on (a fine-tune resuming, a scoring retried)."""
     if settings.JOBS_INLINE:
-        start(run_id=run_id)  # a thread of this process (the embedded server, whose pages reap)
+        _ensure_driver(run_id)  # a thread of this process (the embedded server, whose pages reap)
     else:
-        queues.replace_dead_job(func=run_step, queue=QUEUES[step_name], run_id=run_id, step=step_name)
+        queues.replace_dead_job(func=run_job, queue=queue, job_id=job_id)
 
 
-def _finish_mlflow(run_id: int, status: str) -> None:
-    """Best effort: the pipeline run's state is already recorded in the database."""
+# --- when a run ends
+
+
+def after_run_ended(*, run_id: int, status: str, queued: list[tuple[int, str]]) -> None:
+    """After a terminal transition commits (whoever made it): the queues, MLflow, the registry, children, parent.
+
+    Each part is best effort and idempotent: the run's state is already recorded.
+    """
+    queues.remove_queued_jobs(jobs=queued)
+    run = PipelineRun.objects.only("pk", "mlflow_run_id", "parent_id", "status").filter(pk=run_id).first()
+    if run is None:
+        return
+    if run.mlflow_run_id and status != RunStatus.COMPLETED:
+        _best_effort(run_id, "mark its MLflow run", lambda: tracking.mlflow_finish(run.mlflow_run_id, "KILLED" if status == RunStatus.CANCELLED else "FAILED"))
+    if status != RunStatus.COMPLETED:
+        _after_abandon(run_id)
+        for child_id in PipelineRun.objects.filter(parent_id=run_id).exclude(status__in=TERMINAL_STATUSES).values_list("pk", flat=True):
+            _best_effort(run_id, f"cancel child run {child_id}", lambda child_id=child_id: _cancel_quietly(child_id, f"its parent run #{run_id} ended {status}"))
+    if run.parent_id is not None:
+        _best_effort(run_id, "tell its parent", lambda: child_ended(child_id=run_id))
+
+
+def _after_abandon(run_id: int) -> None:
+    """A job's output was dropped, or the run ended: no registered version the database does not record."""
+    from .promotion import forget_unrecorded_versions
+
+    status = PipelineRun.objects.values_list("status", flat=True).filter(pk=run_id).first()
+    if status in (RunStatus.FAILED, RunStatus.CANCELLED):
+        _best_effort(run_id, "delete unrecorded registered versions", lambda: forget_unrecorded_versions(run_id))
+
+
+def _cancel_quietly(run_id: int, message: str) -> None:
+    from .services import InvalidTransition
+
     try:
-        mlflow_run_id = PipelineRun.objects.values_list("mlflow_run_id", flat=True).get(pk=run_id)
-        if mlflow_run_id:
-            tracking.mlflow_finish(mlflow_run_id, status)
+        run_cancel(run_id=run_id, message=message)
+    except InvalidTransition:
+        pass  # it ended meanwhile
+
+
+def child_ended(*, child_id: int) -> None:
+    """A child run ended: the parent's job that waited for it ends too (done if the child completed), and the
+    parent's graph moves on. The parent step's `tolerate_failure` says whether a failed child fails the parent."""
+    child = PipelineRun.objects.only("pk", "status", "error", "parent_id").get(pk=child_id)
+    waiting = Job.objects.filter(child_id=child_id, state=JobState.WAITING).select_related("run").first()
+    if waiting is None:
+        return
+    parent = waiting.run
+    graph = kind_of(parent).graph_of(parent)
+    succeeded = child.status == RunStatus.COMPLETED
+    with transaction.atomic():
+        locked = _locked(parent.pk)
+        if locked.status in TERMINAL_STATUSES:
+            return
+        if not job_end_waiting(job_id=waiting.pk, succeeded=succeeded, output={"child": child_id, "status": child.status},
+                               error="" if succeeded else f"child run #{child_id} ended {child.status}: {child.error}"):
+            return
+        step = graph.step(waiting.step)
+        if not succeeded and not step.tolerate_failure:
+            run_fail(run_id=parent.pk, reason=f"{waiting.label} failed: child run #{child_id} ended {child.status}")
+            return
+        _advance(locked, graph, message=f"{waiting.label} ended ({child.status})")
+
+
+def _best_effort(run_id: int, what: str, call) -> None:
+    try:
+        call()
     except Exception:
-        log.warning("run %s: could not mark its MLflow run %s", run_id, status, exc_info=True)
+        log.warning("run %s: could not %s", run_id, what, exc_info=True)
 
 
 def _log(run_id: int, line: str) -> None:
@@ -187,7 +310,7 @@ def _log(run_id: int, line: str) -> None:
         drop_broken_connection()
 
 
-# --- the embedded default: no queues, steps run in this process
+# --- the embedded default: no queues, jobs run in this process
 
 _local = threading.local()
 
@@ -203,20 +326,49 @@ def inline_foreground() -> Iterator[None]:
         _local.foreground = previous
 
 
+# Runs a thread of this process drives now; a job queued for one of them is left to that driver.
+_driven: set[int] = set()
+_driven_lock = threading.Lock()
+WAIT_FOR_CHILDREN_SECONDS = 0.5
+
+
 def drive_inline(run_id: int) -> None:
-    """Run the run's queued steps in this process until none is left (embedded default)."""
-    while True:
-        current_job, status = PipelineRun.objects.values_list("current_job", "status").get(pk=run_id)
-        step_name, _, state = current_job.partition(":")
-        if state != "queued" or status in TERMINAL_STATUSES:
+    """Run the run's queued jobs in this process, oldest first, until the run ends or nothing is left to do
+    (embedded default). While its jobs wait for child runs (driven by threads of their own), it waits too."""
+    with _driven_lock:
+        if run_id in _driven:
+            log.info("run %s is driven by another thread of this process already", run_id)
             return
-        run_step(run_id, step_name)
+        _driven.add(run_id)
+    try:
+        while True:
+            status = PipelineRun.objects.values_list("status", flat=True).get(pk=run_id)
+            with _driven_lock:
+                job_id = Job.objects.filter(run_id=run_id, state=JobState.QUEUED).order_by("id").values_list("pk", flat=True).first()
+                waiting = job_id is None and Job.objects.filter(run_id=run_id, state=JobState.WAITING).exists()
+                if status in TERMINAL_STATUSES or (job_id is None and not waiting):
+                    _driven.discard(run_id)  # under the lock: a job dispatched from now on starts a new driver
+                    return
+            if job_id is None:
+                time.sleep(WAIT_FOR_CHILDREN_SECONDS)
+                continue
+            run_job(job_id)
+    finally:
+        with _driven_lock:
+            _driven.discard(run_id)
+
+
+def _ensure_driver(run_id: int) -> None:
+    with _driven_lock:
+        if run_id in _driven:
+            return
+    threading.Thread(target=_drive_in_thread, args=(run_id,), name=f"run-{run_id}", daemon=True).start()
 
 
 def _drive_in_thread(run_id: int) -> None:
     try:
         drive_inline(run_id)
-    except Exception:  # The step already recorded the failure on the run.
+    except Exception:  # The job already recorded the failure on the run.
         log.exception("inline run %s failed", run_id)
     finally:
         connection.close()

@@ -21,7 +21,7 @@ from typing import Any
 from django import forms
 from django.conf import settings
 
-from .models import PipelineRun, RunKind, RunStatus, SampleResult, Variant
+from .models import PipelineRun, RunStatus, SampleResult, Variant
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class JobState:
 
 
 def playground_check(run: PipelineRun) -> None:
-    if run.kind != RunKind.FINETUNE:
+    if not run.shows.get("playground"):
         raise PlaygroundUnavailable(f"run {run.pk} is {run.kind}: only a fine-tune has a fine-tuned model to ask")
     if run.status != RunStatus.COMPLETED:
         raise PlaygroundUnavailable(f"run {run.pk} is {run.status}: the playground opens once the fine-tune has completed")
@@ -73,12 +73,10 @@ def playground_answer(*, run: PipelineRun, question: str, contexts: list[str]) -
     from evaluation.playground import answer_both
     from training.local_models import resolve_model_path
 
-    from .pipeline import chain_of
-    from .step_io import StepContext
+    from .step_io import run_adapter_dir
 
     playground_check(run)
-    generate = next(step for step in chain_of(run) if step.name == "generate")
-    adapter_dir = StepContext(run, generate).adapter_dir()
+    adapter_dir = run_adapter_dir(run)
     [answers] = answer_both(resolve_model_path(run.base_model), adapter_dir, [{"question": question, "contexts": contexts}], generation_settings(run))
     return answers
 

@@ -1,15 +1,14 @@
-"""RQ transport: put a run's step on its queue, take it off, send it again if Redis lost it.
+"""RQ transport: put a job on its queue, take it off, send it again if Redis lost it.
 
-Which step goes to which queue is declared in runs/pipeline.py; this module only
-carries work. The database is the truth: `PipelineRun.current_job` says which
-step the run waits for ("generate:queued") or runs ("generate:running"); RQ
-job ids derive from the run (`generate-12`), enqueued with unique=True, and the
-claim (a compare-and-swap in runs/services.py) keeps a job delivered twice from
-running twice.
+Which step goes to which queue is declared by the kinds (runs/kinds/); this
+module only carries work. The database is the truth: a Job row says whether it
+is queued or running; its RQ job id derives from the row (`job-12`), enqueued
+with unique=True, and the claim (a compare-and-swap in runs/services.py) keeps a
+job delivered twice from running twice.
 
 Redis may lose a job (restarted without persistence) or be unreachable when a
-job is sent: the run then still says "<step>:queued" and nothing would ever run
-it. Sending never fails a request or a job because of Redis; the reaper's
+job is sent: the row then still says queued and nothing would ever run it.
+Sending never fails a request or a job because of Redis; the reaper's
 `requeue_lost_jobs` sends such jobs again (`resend_lost_job`).
 """
 
@@ -20,7 +19,7 @@ from collections.abc import Callable, Iterable
 
 from django.conf import settings
 
-from .models import TERMINAL_STATUSES, PipelineRun
+from .models import TERMINAL_STATUSES, Job, JobState
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +33,14 @@ class JobKeepsFailing(Exception):
     """A run's job failed in RQ before it could claim the run, MAX_RESENDS times."""
 
 
-def job_id(step: str, run_id: int) -> str:
-    return f"{step}-{run_id}"
+def rq_job_id(job_id: int) -> str:
+    return f"job-{job_id}"
 
 
-def send_job(*, func: Callable[..., None], queue: str, run_id: int, step: str, resends: int = 0) -> bool:
-    """Put `func(run_id, step)` on `queue`; False when Redis could not take it.
+def send_job(*, func: Callable[..., None], queue: str, job_id: int, resends: int = 0) -> bool:
+    """Put `func(job_id)` on `queue`; False when Redis could not take it.
 
-    The database already says "<step>:queued", so an unreachable Redis must not
+    The database already says the job is queued, so an unreachable Redis must not
     fail the request or the job that sends it: the reaper sends it again.
     """
     import django_rq
@@ -50,34 +49,36 @@ def send_job(*, func: Callable[..., None], queue: str, run_id: int, step: str, r
 
     try:
         django_rq.get_queue(queue).enqueue_call(
-            func, args=(run_id, step), job_id=job_id(step, run_id), unique=True,
+            func, args=(job_id,), job_id=rq_job_id(job_id), unique=True,
             timeout=settings.RQ_QUEUES[queue]["DEFAULT_TIMEOUT"], result_ttl=86400, failure_ttl=7 * 86400,
             meta={"resends": resends},
         )
     except DuplicateJobError:
-        log.info("run %s: %s job already queued; a second enqueue is harmless", run_id, step)
+        log.info("job %s already queued; a second enqueue is harmless", job_id)
     except RedisError as exc:
         log.warning(
-            "run %s: could not send the %s job to the %s queue (%s: %s); it stays queued in the database "
-            "and the reaper sends it again", run_id, step, queue, type(exc).__name__, exc,
+            "could not send job %s to the %s queue (%s: %s); it stays queued in the database "
+            "and the reaper sends it again", job_id, queue, type(exc).__name__, exc,
         )
         return False
     return True
 
 
-def remove_queued_jobs(*, run_id: int, steps: Iterable[tuple[str, str]]) -> None:
-    """Drop a cancelled run's waiting jobs, given (step, queue) pairs; running ones stop by themselves."""
+def remove_queued_jobs(*, jobs: Iterable[tuple[int, str]]) -> None:
+    """Drop an ended run's waiting jobs, given (job id, queue) pairs; running ones stop by themselves."""
     if settings.JOBS_INLINE:
         return
     import django_rq
     from redis.exceptions import RedisError
     from rq.exceptions import NoSuchJobError
-    from rq.job import Job
+    from rq.job import Job as RqJob
 
-    for step, queue in steps:
+    for job_id, queue in jobs:
+        if not queue:
+            continue
         try:
             try:
-                rq_job = Job.fetch(job_id(step, run_id), connection=django_rq.get_queue(queue).connection)
+                rq_job = RqJob.fetch(rq_job_id(job_id), connection=django_rq.get_queue(queue).connection)
             except NoSuchJobError:
                 continue
             if rq_job.get_status(refresh=True) in ("queued", "deferred", "scheduled"):
@@ -85,11 +86,11 @@ def remove_queued_jobs(*, run_id: int, steps: Iterable[tuple[str, str]]) -> None
                 rq_job.delete()
         except RedisError as exc:
             # The run is cancelled in the database: a job left behind does not claim it.
-            log.warning("run %s: could not remove the queued %s job (%s: %s)", run_id, step, type(exc).__name__, exc)
+            log.warning("could not remove queued job %s (%s: %s)", job_id, type(exc).__name__, exc)
             return
 
 
-def resend_lost_job(*, func: Callable[..., None], queue: str, run_id: int, step: str) -> str | None:
+def resend_lost_job(*, func: Callable[..., None], queue: str, job_id: int) -> str | None:
     """Send a job again that the run waits for but RQ no longer holds; returns why, or None.
 
     RQ no longer holds it when Redis has no such job (Redis restarted, or was
@@ -100,17 +101,18 @@ def resend_lost_job(*, func: Callable[..., None], queue: str, run_id: int, step:
     """
     import django_rq
     from rq.exceptions import NoSuchJobError
-    from rq.job import Job
+    from rq.job import Job as RqJob
 
     try:
-        rq_job = Job.fetch(job_id(step, run_id), connection=django_rq.get_queue(queue).connection)
+        rq_job = RqJob.fetch(rq_job_id(job_id), connection=django_rq.get_queue(queue).connection)
     except NoSuchJobError:
         rq_job = None
     status = None if rq_job is None else rq_job.get_status(refresh=False)
     state = getattr(status, "value", status)  # JobStatus is a str enum
-    if state in RQ_WAITING_STATES or not _still_waiting_for(run_id, step):
+    if state in RQ_WAITING_STATES or not _still_waiting(job_id):
         return None  # a worker has it, or took it since the reaper looked
     resends = 0
+    step = _label(job_id)
     if rq_job is None:
         reason = f"the {step} job was not in Redis (Redis restarted, or was unreachable when the job was sent)"
     else:
@@ -120,12 +122,15 @@ def resend_lost_job(*, func: Callable[..., None], queue: str, run_id: int, step:
         if resends > MAX_RESENDS:
             raise JobKeepsFailing(f"{reason}, {MAX_RESENDS + 1} times; not sending it again")
         rq_job.delete()  # its id is taken until then (jobs are enqueued unique)
-    if not send_job(func=func, queue=queue, run_id=run_id, step=step, resends=resends):
+    from .services import job_touch_queued
+
+    job_touch_queued(job_id=job_id)
+    if not send_job(func=func, queue=queue, job_id=job_id, resends=resends):
         return None
     return f"{reason}: sent it again to the {queue} queue"
 
 
-def replace_dead_job(*, func: Callable[..., None], queue: str, run_id: int, step: str) -> bool:
+def replace_dead_job(*, func: Callable[..., None], queue: str, job_id: int) -> bool:
     """Send a step again whose worker died (the reaper saw its heartbeat stop); False when Redis could not take it.
 
     The dead job's RQ entry goes first, whatever its state, so its unique id is
@@ -135,20 +140,25 @@ def replace_dead_job(*, func: Callable[..., None], queue: str, run_id: int, step
     import django_rq
     from redis.exceptions import RedisError
     from rq.exceptions import NoSuchJobError
-    from rq.job import Job
+    from rq.job import Job as RqJob
 
     try:
-        Job.fetch(job_id(step, run_id), connection=django_rq.get_queue(queue).connection).delete()
+        RqJob.fetch(rq_job_id(job_id), connection=django_rq.get_queue(queue).connection).delete()
     except NoSuchJobError:
         pass
     except RedisError as exc:
-        log.warning("run %s: could not remove the dead %s job (%s: %s); the reaper sends it later", run_id, step, type(exc).__name__, exc)
+        log.warning("could not remove dead job %s (%s: %s); the reaper sends it later", job_id, type(exc).__name__, exc)
         return False
-    return send_job(func=func, queue=queue, run_id=run_id, step=step)
+    return send_job(func=func, queue=queue, job_id=job_id)
 
 
-def _still_waiting_for(run_id: int, step: str) -> bool:
-    return PipelineRun.objects.filter(pk=run_id, current_job=f"{step}:queued").exclude(status__in=TERMINAL_STATUSES).exists()
+def _still_waiting(job_id: int) -> bool:
+    return Job.objects.filter(pk=job_id, state=JobState.QUEUED).exclude(run__status__in=TERMINAL_STATUSES).exists()
+
+
+def _label(job_id: int) -> str:
+    row = Job.objects.filter(pk=job_id).values_list("step", "key").first()
+    return "" if row is None else (f"{row[0]}:{row[1]}" if row[1] else row[0])
 
 
 def _rq_failure(rq_job) -> str:

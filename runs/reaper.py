@@ -1,16 +1,18 @@
-"""The reaper: runs whose worker is gone are failed with a reason, and runs whose
-queued job Redis lost get it sent again.
+"""The reaper: jobs whose worker is gone get their step's policy, and jobs Redis lost are sent again.
 
-Two passes, run together by `reap_job` (the scheduler) and `manage.py reap_runs`:
+Passes, run together by `reap_job` (the scheduler) and `manage.py reap_runs`:
 
-- `requeue_lost_jobs`: a run that waits for a job ("<job>:queued") longer than a
-  grace period, while RQ does not hold that job (Redis restarted without
-  persistence, or was unreachable when the job was sent), gets it again. The
-  claim compare-and-swap makes a job that was not lost after all run once.
-- `reap_stale_runs`: a run whose running job stopped its heartbeat (a SIGKILLed
-  work-horse or worker never reports) ends `failed` with a reason saying so;
-  except a fine-tune with a checkpoint and attempts left (training.max_attempts):
-  it is sent again and resumes from its last checkpoint.
+- `requeue_lost_jobs`: a job queued longer than a grace period while RQ does
+  not hold it (Redis restarted without persistence, or was unreachable when the
+  job was sent) is sent again. The claim's compare-and-swap makes a job that
+  was not lost after all run once.
+- `reap_stale_jobs`: a running job whose heartbeat stopped (a SIGKILLed
+  work-horse or worker never reports) gets its step's lost-job policy
+  (runs/kinds/base.py): a fine-tune with a checkpoint and attempts left resumes,
+  a scoring or registry job is sent again, anything else fails the run with a
+  reason saying so.
+- `apply_pending_decisions`: promotion decisions recorded but not yet given to
+  MLflow (runs/promotion.py).
 """
 
 from __future__ import annotations
@@ -20,117 +22,100 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Q, QuerySet
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from .execution import RunLog, run_fail
-from .models import ACTIVE_STATUSES, TERMINAL_STATUSES, PipelineRun
-from .services import run_requeue_lost_finetune
+from .kinds import kind_of
+from .kinds.base import JobFacts
+from .models import TERMINAL_STATUSES, Job, JobState
+from .services import job_requeue_lost
 
 log = logging.getLogger(__name__)
 
-# How long a run may wait for a queued job before the reaper asks RQ about it:
+# How long a job may wait in a queue before the reaper asks RQ about it:
 # longer than sending takes (the job is marked queued before it is sent, after commit).
 REQUEUE_GRACE_SECONDS = 30
 
 
-def stale_runs(*, stale_seconds: int) -> QuerySet[PipelineRun]:
+def stale_jobs(*, stale_seconds: int) -> QuerySet[Job]:
+    """Running jobs of unfinished runs whose heartbeat stopped.
+
+    Inline (the embedded default) a queued job is run at once by the thread that
+    queued it: if it went stale, that thread is gone, so it counts too. In served
+    mode waiting in a queue is not a lost worker (requeue_lost_jobs sees to it).
+    """
     cutoff = timezone.now() - timedelta(seconds=stale_seconds)
-    runs = PipelineRun.objects.filter(status__in=ACTIVE_STATUSES).filter(Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True))
-    if not settings.JOBS_INLINE:
-        # Waiting in a queue is not a lost worker: nothing beats until a worker takes
-        # the job, and a job Redis lost is sent again by requeue_lost_jobs. (Inline,
-        # a queued job is run at once by the thread that queued it: if it went stale
-        # that thread is gone.)
-        runs = runs.exclude(current_job__endswith=":queued")
-    return runs
+    states = [JobState.RUNNING, JobState.QUEUED] if settings.JOBS_INLINE else [JobState.RUNNING]
+    return (Job.objects.filter(state__in=states, heartbeat_at__lt=cutoff).exclude(run__status__in=TERMINAL_STATUSES)
+            .select_related("run").order_by("id"))
 
 
-def reap_stale_runs(*, stale_seconds: int) -> list[tuple[int, str]]:
+def reap_stale_jobs(*, stale_seconds: int) -> list[tuple[int, str]]:
+    """Each lost job's policy applied; returns (run id, what was done)."""
     reaped = []
     now = timezone.now()
-    for run in stale_runs(stale_seconds=stale_seconds):
-        silence = f"for {int((now - run.heartbeat_at).total_seconds())}s" if run.heartbeat_at else "ever"
+    for job in stale_jobs(stale_seconds=stale_seconds):
+        run = job.run
+        silence = int((now - job.heartbeat_at).total_seconds())
         reason = (
-            f"worker lost: no heartbeat {silence} (limit {stale_seconds}s) while {run.status}"
-            f"{f' ({run.current_job})' if run.current_job else ''}; the worker process was probably killed"
+            f"worker lost: no heartbeat for {silence}s (limit {stale_seconds}s) while {run.status} "
+            f"({job.label}:{job.state}); the worker process was probably killed"
         )
-        resumed = resume_lost_finetune(run, reason=reason)
-        if resumed:
-            reaped.append((run.pk, resumed))
+        graph = kind_of(run).graph_of(run)
+        policy = graph.step(job.step).on_lost if graph.has(job.step) else None
+        facts = JobFacts(step=job.step, key=job.key, attempts=job.attempts, checkpoint_step=job.checkpoint_step)
+        decision = policy.decide(job=facts, config=run.config, reason=reason) if policy else None
+        if decision is not None and decision.retry and job.state == JobState.RUNNING:
+            if job_requeue_lost(job_id=job.pk, attempt=job.attempts, message=decision.message):
+                RunLog(run.pk)(decision.message)
+                transaction.on_commit(lambda job=job: _send_again(job))
+                reaped.append((run.pk, decision.message))
             continue
-        if run.current_job == "finetune:running" and run.attempts > 1:
-            reason += f"; {run.attempts} attempts of training.max_attempts {_max_attempts(run)} used"
-        elif run.current_job == "finetune:running" and run.checkpoint_step is None and _max_attempts(run) > 1:
-            reason += "; no checkpoint to resume from yet"
-        if run_fail(run_id=run.pk, reason=reason):
-            RunLog(run.pk)(reason)
-            reaped.append((run.pk, reason))
+        message = decision.message if decision is not None else reason
+        if run_fail(run_id=run.pk, reason=message):
+            RunLog(run.pk)(message)
+            reaped.append((run.pk, message))
     return reaped
 
 
-def _max_attempts(run: PipelineRun) -> int:
-    return int((run.config.get("training") or {}).get("max_attempts", 1))
-
-
-def resume_lost_finetune(run: PipelineRun, *, reason: str) -> str:
-    """A fine-tune whose worker died, with a checkpoint and attempts left, is sent again; returns what was done ("" if not).
-
-    The run goes back to "finetune:queued" (a service, compare-and-swap) and the
-    step registry sends the step again in place of the dead job
-    (`pipeline.resend_after_lost_worker`): the claim and body are the usual
-    ones, and the body resumes from the checkpoint.
-    """
+def _send_again(job: Job) -> None:
     from .pipeline import resend_after_lost_worker
 
-    if run.current_job != "finetune:running" or run.checkpoint_step is None or run.attempts >= _max_attempts(run):
-        return ""
-    attempt = run.attempts + 1
-    message = (
-        f"{reason}; resuming from step {run.checkpoint_step} after the worker was lost "
-        f"(attempt {attempt} of {_max_attempts(run)})"
-    )
-    if not run_requeue_lost_finetune(run_id=run.pk, message=message):
-        return ""
-    RunLog(run.pk)(message)
-    transaction.on_commit(lambda: resend_after_lost_worker(run_id=run.pk, step_name="finetune"))
-    return message
+    resend_after_lost_worker(job_id=job.pk, queue=job.queue, run_id=job.run_id)
 
 
-def waiting_runs(*, grace_seconds: int) -> QuerySet[PipelineRun]:
-    """Unfinished runs waiting for a queued job since before the grace period."""
+def waiting_jobs(*, grace_seconds: int) -> QuerySet[Job]:
+    """Queued jobs of unfinished runs, waiting since before the grace period."""
     cutoff = timezone.now() - timedelta(seconds=grace_seconds)
-    return (
-        PipelineRun.objects.exclude(status__in=TERMINAL_STATUSES)
-        .filter(current_job__endswith=":queued")
-        # heartbeat_at is set when a job queues the next one; a new run has only created_at.
-        .filter(Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True, created_at__lt=cutoff))
-    )
+    return Job.objects.filter(state=JobState.QUEUED, heartbeat_at__lt=cutoff).exclude(run__status__in=TERMINAL_STATUSES).order_by("id")
 
 
 def requeue_lost_jobs(*, grace_seconds: int = REQUEUE_GRACE_SECONDS) -> list[tuple[int, str]]:
-    """Send again the queued jobs that RQ lost; returns (run id, what was done) per run.
+    """Send again the queued jobs that RQ lost; returns (run id, what was done) per job.
 
     Nothing to do inline (there is no queue to lose a job). While Redis is
-    unreachable the pass stops and the next one tries again: the runs wait.
+    unreachable the pass stops and the next one tries again: the jobs wait.
     """
     from redis.exceptions import RedisError
 
-    from .pipeline import resend_lost_step
+    from .pipeline import resend_lost_job
     from .queues import JobKeepsFailing
+    from .services import job_fail
 
     if settings.JOBS_INLINE:
         return []
     done = []
-    for run_id, current_job in waiting_runs(grace_seconds=grace_seconds).values_list("pk", "current_job"):
-        job = current_job.partition(":")[0]
+    for job_id, run_id, step, key, queue in waiting_jobs(grace_seconds=grace_seconds).values_list("pk", "run_id", "step", "key", "queue"):
+        label = f"{step}:{key}" if key else step
         try:
-            outcome = resend_lost_step(run_id=run_id, step_name=job)
+            outcome = resend_lost_job(job_id=job_id, queue=queue)
         except RedisError as exc:
             log.warning("requeue: Redis unreachable (%s: %s); lost jobs are sent on a later pass", type(exc).__name__, exc)
             break
         except JobKeepsFailing as exc:
-            reason = f"{job} job lost: {exc}"
+            reason = f"{label} job lost: {exc}"
+            job_fail(job_id=job_id, attempt=None, error=reason)
             if run_fail(run_id=run_id, reason=reason):
                 RunLog(run_id)(reason)
                 done.append((run_id, reason))
@@ -155,4 +140,4 @@ def reap_if_embedded(*, every: float = 30.0) -> None:
     now = time.monotonic()
     if settings.JOBS_INLINE and now - _last_embedded_reap[0] >= every:
         _last_embedded_reap[0] = now
-        reap_stale_runs(stale_seconds=settings.REAPER_STALE_SECONDS)
+        reap_stale_jobs(stale_seconds=settings.REAPER_STALE_SECONDS)

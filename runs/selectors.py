@@ -1,13 +1,26 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.db.models import Exists, OuterRef, QuerySet, Value
 from django.shortcuts import get_object_or_404
 
-from .models import PipelineRun, PromotionDecision, RunResult, SampleResult, ScoreComparison, ordered_variants
+from .models import (
+    TERMINAL_STATUSES,
+    Job,
+    JobState,
+    PipelineRun,
+    PromotionDecision,
+    RunResult,
+    SampleResult,
+    ScoreComparison,
+    ordered_variants,
+)
+
+if TYPE_CHECKING:
+    from .kinds.base import JobView
 
 
 def run_visible_to(user) -> QuerySet[PipelineRun]:
@@ -21,19 +34,18 @@ def run_status(run_id: int) -> str:
 
 
 def last_training_throughput(*, base_model: str, device: str | None, before_run: int | None = None, scan: int = 20) -> dict[str, Any] | None:
-    """Training tokens/s of the latest completed fine-tune of this base model (on `device` when given), from its loss curve.
+    """Training tokens/s of the latest completed fine-tune of this base model (on `device` when given), from its fine-tune job's measured figures.
 
     {"tokens_per_second", "run_id", "device"} or None; looks at the latest `scan` such runs (one query).
     """
-    qs = PipelineRun.objects.filter(kind="finetune", status="completed", base_model=base_model)
+    jobs = Job.objects.filter(step="finetune", state=JobState.DONE, run__status="completed", run__base_model=base_model)
     if before_run is not None:
-        qs = qs.exclude(pk=before_run)
-    for pk, history in qs.order_by("-finished_at").values_list("pk", "train_history")[:scan]:
-        last = (history or [{}])[-1] if isinstance(history, list) else {}
-        seconds, tokens = last.get("elapsed_seconds"), last.get("tokens")
-        if not seconds or not tokens or (device and last.get("device") != device):
+        jobs = jobs.exclude(run_id=before_run)
+    for run_id, figures in jobs.order_by("-finished_at").values_list("run_id", "figures")[:scan]:
+        speed = (figures or {}).get("tokens_per_second")
+        if not speed or (device and figures.get("device") != device):
             continue
-        return {"tokens_per_second": float(tokens) / float(seconds), "run_id": pk, "device": last.get("device") or "unknown"}
+        return {"tokens_per_second": float(speed), "run_id": run_id, "device": figures.get("device") or "unknown"}
     return None
 
 
@@ -131,7 +143,7 @@ def dashboard_related(run_ids: list[int]) -> dict[str, dict[int, list]]:
     return out
 
 
-def run_for_page(user, pk: int, *, related: tuple[str, ...] = ("events", "train_datasets", "eval_datasets")) -> PipelineRun:
+def run_for_page(user, pk: int, *, related: tuple[str, ...] = ("events", "jobs", "train_datasets", "eval_datasets")) -> PipelineRun:
     """A run for its pages with `related` prefetched (the status fragment needs only its events, the results page none)
     and `has_results` (whether any result is recorded) in the same query."""
     qs = run_visible_to(user).annotate(has_results=Exists(RunResult.objects.filter(run=OuterRef("pk"))))
@@ -187,3 +199,40 @@ def run_samples_table(run: PipelineRun, *, dataset: str | None, sort: str | None
         ordered.sort(key=key)
     datasets = sorted(SampleResult.objects.filter(run=run).values_list("dataset__name", flat=True).distinct())
     return {"rows": ordered, "variants": variants, "metrics": metrics, "datasets": datasets}
+
+
+# --- jobs
+
+
+def job_views(run_id: int) -> list[JobView]:
+    """The run's jobs as its graph sees them (runs/kinds/base.py)."""
+    from .kinds.base import JobView
+
+    return [JobView(step=step, key=key, state=state, started=attempts > 0)
+            for step, key, state, attempts in Job.objects.filter(run_id=run_id).order_by("id").values_list("step", "key", "state", "attempts")]
+
+
+def run_step_fractions(run_id: int) -> dict[str, float]:
+    """{step: progress 0-1} of a run's jobs (a step with several keyed jobs: their mean)."""
+    by_step: dict[str, list[float]] = {}
+    for step, state, progress in Job.objects.filter(run_id=run_id).values_list("step", "state", "progress"):
+        by_step.setdefault(step, []).append(1.0 if state == JobState.DONE else float(progress or 0.0))
+    return {step: sum(values) / len(values) for step, values in by_step.items()}
+
+
+def job_still_held(job_id: int, attempt: int) -> str:
+    """"" while this attempt holds the running job and its run goes on; else why not."""
+    row = Job.objects.filter(pk=job_id).values_list("state", "attempts", "run__status").first()
+    if row is None:
+        return f"job {job_id} was deleted"
+    state, attempts, status = row
+    if status in TERMINAL_STATUSES:
+        return f"run is {status}"
+    if state != JobState.RUNNING or attempts != attempt:
+        return f"attempt {attempt} no longer holds the job (now {state}, attempt {attempts})"
+    return ""
+
+
+def run_jobs(run: PipelineRun) -> list[Job]:
+    """The run's jobs in the order they were created (prefetched ones when the caller prefetched `jobs`)."""
+    return list(run.jobs.all())

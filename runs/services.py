@@ -1,10 +1,12 @@
 """Every write to a run goes through here: the API, pages, admin, commands and jobs.
 
-run_transition is the status machine of DESIGN.md: a compare-and-swap UPDATE so
-two workers cannot both win, and one RunEvent per accepted transition. The step
-registry (runs/pipeline.py) moves runs through their steps with run_queue_step,
-run_claim_step and run_advance; what a step produced is stored with the
-run_record_* and run_set_* services.
+run_transition is the status machine: a compare-and-swap UPDATE so two workers
+cannot both win, and one RunEvent per accepted transition. A run's jobs (the
+Job rows of its graph, runs/kinds/) are written by the job_* services: added,
+claimed with a compare-and-swap on (state, attempts), kept alive, finished,
+failed or sent again; the engine (runs/pipeline.py) calls them and derives the
+run's status from its jobs. What a step produced is stored with the run_record_*
+and run_set_* services.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from django.db import models, transaction
-from django.db.models.functions import Concat
+from django.db.models import F
+from django.db.models.functions import Coalesce, Concat
 from django.utils import timezone
 
 from datasets_app.selectors import dataset_visible_to, datasets_by_names
@@ -25,10 +28,12 @@ from .config import validate_config
 from .models import (
     RETRYABLE_STATUSES,
     TERMINAL_STATUSES,
+    UNFINISHED_JOB_STATES,
+    Job,
+    JobState,
     PipelineRun,
     PromotionDecision,
     RunEvent,
-    RunKind,
     RunResult,
     RunStatus,
     SampleResult,
@@ -38,17 +43,6 @@ from .models import (
 log = logging.getLogger(__name__)
 
 S = RunStatus
-TRANSITIONS: dict[str, dict[str, frozenset[str]]] = {
-    RunKind.FINETUNE: {
-        S.PENDING: frozenset({S.TRAINING, S.FAILED, S.CANCELLED}),
-        S.TRAINING: frozenset({S.EVALUATING, S.FAILED, S.CANCELLED}),
-        S.EVALUATING: frozenset({S.COMPLETED, S.FAILED, S.CANCELLED}),
-    },
-    RunKind.EVAL_ONLY: {
-        S.PENDING: frozenset({S.EVALUATING, S.FAILED, S.CANCELLED}),
-        S.EVALUATING: frozenset({S.COMPLETED, S.FAILED, S.CANCELLED}),
-    },
-}
 MAX_LOG_CHARS = 2_000_000
 
 
@@ -69,7 +63,11 @@ class RunNotRetryable(InvalidTransition):
 
 
 def allowed_transitions(*, kind: str, status: str) -> frozenset[str]:
-    return TRANSITIONS.get(kind, {}).get(status, frozenset())
+    """The status machine of the run's kind (runs/kinds/: each kind declares its path)."""
+    from .kinds import KINDS
+
+    spec = KINDS.get(kind)
+    return spec.transitions().get(status, frozenset()) if spec else frozenset()
 
 
 def dataset_name_types(user) -> dict[str, str]:
@@ -77,12 +75,13 @@ def dataset_name_types(user) -> dict[str, str]:
     return dict(dataset_visible_to(user).values_list("name", "kind"))
 
 
-def run_create(*, config: dict[str, Any], owner) -> PipelineRun:
-    """Validate a config, store a pending run and send its first step after commit."""
+def run_create(*, config: dict[str, Any], owner, parent_id: int | None = None) -> PipelineRun:
+    """Validate a config, store a pending run with the first jobs of its graph, and send them after commit."""
     from . import pipeline
+    from .kinds import kind_named
 
     validated = validate_config(config, known_datasets=dataset_name_types(owner))
-    first = pipeline.chain_for(kind=validated["kind"], answers=validated["evaluation"]["answers"])[0]
+    graph = kind_named(validated["kind"]).graph(validated, has_parent=parent_id is not None)
     with transaction.atomic():
         run = PipelineRun.objects.create(
             name=validated["name"],
@@ -90,13 +89,15 @@ def run_create(*, config: dict[str, Any], owner) -> PipelineRun:
             config=validated,
             base_model=validated["model"]["base"],
             owner=owner,
+            parent_id=parent_id,
             stage="queued",
-            current_job=f"{first.name}:queued",
         )
         by_name = datasets_by_names(validated["datasets"]["train"] + validated["datasets"]["eval"])
         run.train_datasets.set([by_name[n] for n in validated["datasets"]["train"]])
         run.eval_datasets.set([by_name[n] for n in validated["datasets"]["eval"]])
         RunEvent.objects.create(run=run, from_status=S.PENDING, to_status=S.PENDING, message="created")
+        for step in graph.ready([]):
+            job_add(run_id=run.pk, step=step.name, queue=step.queue)
         transaction.on_commit(lambda: pipeline.start(run_id=run.pk))
     return run
 
@@ -140,7 +141,7 @@ def run_transition(
             return False
         raise InvalidTransition(run_id, current, to)
     now = timezone.now()
-    changes: dict[str, Any] = {"status": to, "heartbeat_at": now}
+    changes: dict[str, Any] = {"status": to}
     if to in TERMINAL_STATUSES:
         changes["finished_at"] = now
         changes["stage"] = to
@@ -156,8 +157,24 @@ def run_transition(
         if not updated:
             return False
         RunEvent.objects.create(run_id=run_id, from_status=current, to_status=to, message=message[:2000])
+        if to in TERMINAL_STATUSES:
+            _end_jobs(run_id=run_id, status=to, reason=message)
     log.info("run %s: %s -> %s %s", run_id, current, to, message)
     return True
+
+
+def _end_jobs(*, run_id: int, status: str, reason: str) -> None:
+    """A run that ended leaves no job waiting or running; what else ending means (queues, MLflow, a parent)
+    happens after commit (pipeline.after_run_ended)."""
+    from . import pipeline
+
+    now = timezone.now()
+    unfinished = Job.objects.filter(run_id=run_id, state__in=UNFINISHED_JOB_STATES)
+    queued = list(unfinished.filter(state=JobState.QUEUED).values_list("pk", "queue"))
+    if status == S.FAILED:
+        unfinished.filter(state=JobState.RUNNING).update(state=JobState.FAILED, finished_at=now, error=reason[:20000])
+    unfinished.update(state=JobState.CANCELLED, finished_at=now)
+    transaction.on_commit(lambda: pipeline.after_run_ended(run_id=run_id, status=status, queued=queued))
 
 
 def run_transition_or_raise(*, run_id: int, to: str, message: str = "") -> None:
@@ -180,14 +197,15 @@ def run_update_progress(
     *, run_id: int, progress: int | None = None, stage: str | None = None, train_history: list[dict[str, Any]] | None = None,
 ) -> None:
     """Live state of an unfinished run: progress (0-100), stage text, the training history so far."""
-    changes: dict[str, Any] = {"heartbeat_at": timezone.now()}
+    changes: dict[str, Any] = {}
     if progress is not None:
         changes["progress"] = max(0, min(100, int(progress)))
     if stage is not None:
         changes["stage"] = stage[:200]
     if train_history is not None:
         changes["train_history"] = train_history
-    PipelineRun.objects.filter(pk=run_id).exclude(status__in=TERMINAL_STATUSES).update(**changes)
+    if changes:
+        PipelineRun.objects.filter(pk=run_id).exclude(status__in=TERMINAL_STATUSES).update(**changes)
 
 
 def run_set_train_history(*, run_id: int, train_history: list[dict[str, Any]]) -> None:
@@ -195,56 +213,10 @@ def run_set_train_history(*, run_id: int, train_history: list[dict[str, Any]]) -
     PipelineRun.objects.filter(pk=run_id).update(train_history=train_history)
 
 
-def run_heartbeat(*, run_id: int) -> None:
-    PipelineRun.objects.filter(pk=run_id).update(heartbeat_at=timezone.now())
-
-
 def run_cancel(*, run_id: int, message: str = "cancelled by user") -> None:
-    """Cancel a run that has not finished; queued jobs are removed, a running
-    step stops at its next check (it sees the status)."""
-    from . import pipeline
-
+    """Cancel a run that has not finished: its jobs are cancelled (queued ones come off the queues after
+    commit), a running job stops at its next check; a sweep's children are cancelled with it."""
     run_transition_or_raise(run_id=run_id, to=S.CANCELLED, message=message)
-    transaction.on_commit(lambda: pipeline.remove_queued_steps(run_id=run_id))
-
-
-def run_queue_step(*, run_id: int, step: str) -> None:
-    """The run now waits for `step`; heartbeat_at doubles as "queued since" (the reaper's grace period)."""
-    PipelineRun.objects.filter(pk=run_id).update(current_job=f"{step}:queued", heartbeat_at=timezone.now())
-
-
-def run_claim_step(*, run_id: int, step: str) -> bool:
-    """queued -> running for this step; False when someone else has it or the run ended."""
-    claimed = (
-        PipelineRun.objects.filter(pk=run_id, current_job=f"{step}:queued")
-        .exclude(status__in=TERMINAL_STATUSES)
-        .update(current_job=f"{step}:running", heartbeat_at=timezone.now())
-    )
-    return bool(claimed)
-
-
-def run_advance(*, run_id: int, step: str, next_step: str | None, next_status: str) -> bool:
-    """After `step`: the run waits for `next_step` (in `next_status`), or is completed when there is none.
-
-    One transaction, one compare-and-swap on "<step>:running": False when the
-    run was cancelled (or failed by the reaper) while the step ran.
-    """
-    now = timezone.now()
-    running = {"pk": run_id, "current_job": f"{step}:running"}
-    with transaction.atomic():
-        current = PipelineRun.objects.select_for_update().only("status").filter(**running).first()
-        if current is None or current.status in TERMINAL_STATUSES:
-            return False
-        if next_step is None:
-            return run_transition(
-                run_id=run_id, to=S.COMPLETED, expected=current.status, message=f"{step} finished", also={"current_job": f"{step}:done"},
-            )
-        if current.status != next_status:
-            return run_transition(
-                run_id=run_id, to=next_status, expected=current.status, message=f"{step} finished",
-                also={"current_job": f"{next_step}:queued"},
-            )
-        return bool(PipelineRun.objects.filter(**running).update(current_job=f"{next_step}:queued", heartbeat_at=now))
 
 
 def _clean_value(value: float | None) -> float | None:
@@ -300,8 +272,9 @@ def run_set_registered_model(*, run_id: int, name: str, version: str) -> None:
     PipelineRun.objects.filter(pk=run_id).update(registered_model_name=name, registered_model_version=version)
 
 
-def run_set_mlflow_ids(*, run_id: int, experiment_id: str, mlflow_run_id: str) -> None:
-    PipelineRun.objects.filter(pk=run_id).update(mlflow_experiment_id=experiment_id, mlflow_run_id=mlflow_run_id)
+def run_set_mlflow_ids(*, run_id: int, experiment_id: str, mlflow_run_id: str) -> bool:
+    """The run's MLflow run, set once: False when another job of the run set one first (compare-and-swap)."""
+    return bool(PipelineRun.objects.filter(pk=run_id, mlflow_run_id="").update(mlflow_experiment_id=experiment_id, mlflow_run_id=mlflow_run_id))
 
 
 def run_record_comparisons(*, run_id: int, comparisons: Iterable[dict[str, Any]]) -> list[ScoreComparison]:
@@ -323,19 +296,6 @@ def run_record_promotion(
     )
 
 
-def run_set_checkpoint(*, run_id: int, step: int, train_history: list[dict[str, Any]] | None = None) -> None:
-    """A checkpoint of the running fine-tune was stored: a new attempt can resume from `step`."""
-    changes: dict[str, Any] = {"checkpoint_step": step, "heartbeat_at": timezone.now()}
-    if train_history is not None:
-        changes["train_history"] = train_history
-    PipelineRun.objects.filter(pk=run_id).exclude(status__in=TERMINAL_STATUSES).update(**changes)
-
-
-def run_set_best_step(*, run_id: int, step: int | None) -> None:
-    """The step whose adapter the run kept (best validation loss)."""
-    PipelineRun.objects.filter(pk=run_id).update(best_step=step)
-
-
 def run_set_data_check(*, run_id: int, report: dict[str, Any]) -> None:
     PipelineRun.objects.filter(pk=run_id).update(data_check=report)
 
@@ -346,22 +306,120 @@ def run_note(*, run_id: int, message: str) -> None:
     RunEvent.objects.create(run_id=run_id, from_status=status, to_status=status, message=message[:2000])
 
 
-def run_requeue_lost_finetune(*, run_id: int, message: str) -> bool:
-    """The fine-tune's worker was lost: "finetune:running" -> "finetune:queued", one attempt more, an event saying so.
 
-    A compare-and-swap on the running step and the attempt count: False when the
-    run moved on, ended, or another reaper got there first.
+
+# --- jobs: the rows of a run's graph (runs/kinds/), claimed with compare-and-swap
+
+
+def job_add(
+    *, run_id: int, step: str, queue: str, key: str = "", payload: dict[str, Any] | None = None, child_id: int | None = None,
+) -> Job | None:
+    """A new job of the run (queued, or waiting for `child_id`); None when that (step, key) exists already."""
+    job, created = Job.objects.get_or_create(
+        run_id=run_id, step=step, key=key,
+        defaults={"queue": queue, "payload": payload or {}, "child_id": child_id, "heartbeat_at": timezone.now(),
+                  "state": JobState.WAITING if child_id is not None else JobState.QUEUED},
+    )
+    return job if created else None
+
+
+def job_claim(*, job_id: int, worker: str) -> int | None:
+    """queued -> running for one more attempt; returns that attempt's number, or None when the job is not
+    queued (taken, ended) or its run ended. The attempt number is what later writes of this attempt present."""
+    now = timezone.now()
+    claimed = (
+        Job.objects.filter(pk=job_id, state=JobState.QUEUED)
+        .exclude(run__status__in=TERMINAL_STATUSES)
+        .update(state=JobState.RUNNING, attempts=F("attempts") + 1, worker=worker[:200], heartbeat_at=now,
+                started_at=Coalesce(F("started_at"), models.Value(now)), error="")
+    )
+    if not claimed:
+        return None
+    return Job.objects.values_list("attempts", flat=True).get(pk=job_id)
+
+
+def _held(job_id: int, attempt: int):
+    return Job.objects.filter(pk=job_id, state=JobState.RUNNING, attempts=attempt)
+
+
+def job_heartbeat(*, job_id: int, attempt: int) -> bool:
+    """False when this attempt no longer holds the job (the reaper sent it again, or the run ended)."""
+    return bool(_held(job_id, attempt).update(heartbeat_at=timezone.now()))
+
+
+def job_set_progress(*, job_id: int, attempt: int, fraction: float | None, stage: str) -> None:
+    changes: dict[str, Any] = {"heartbeat_at": timezone.now(), "stage": stage[:200]}
+    if fraction is not None:
+        changes["progress"] = max(0.0, min(1.0, float(fraction)))
+    _held(job_id, attempt).update(**changes)
+
+
+def job_set_checkpoint(*, job_id: int, attempt: int, step: int) -> None:
+    """A checkpoint of the running job was stored: a new attempt can resume from `step`."""
+    _held(job_id, attempt).update(checkpoint_step=step, heartbeat_at=timezone.now())
+
+
+def job_set_figures(*, job_id: int, figures: dict[str, Any]) -> None:
+    """Figures the job measured (device, dtype, speed, peak memory, seconds), kept whatever its outcome."""
+    with transaction.atomic():
+        current = Job.objects.select_for_update().values_list("figures", flat=True).get(pk=job_id)
+        Job.objects.filter(pk=job_id).update(figures={**(current or {}), **figures})
+
+
+def job_finish(*, job_id: int, attempt: int, output: dict[str, Any] | None = None) -> bool:
+    """running -> done for the attempt that holds it; False when it no longer does."""
+    return bool(_held(job_id, attempt).update(
+        state=JobState.DONE, progress=1.0, output=output or {}, finished_at=timezone.now(), heartbeat_at=timezone.now(),
+    ))
+
+
+def job_fail(*, job_id: int, attempt: int | None, error: str) -> bool:
+    """The job failed (its body raised): running -> failed, for this attempt (any attempt when None)."""
+    jobs = _held(job_id, attempt) if attempt is not None else Job.objects.filter(pk=job_id, state__in=UNFINISHED_JOB_STATES)
+    return bool(jobs.update(state=JobState.FAILED, error=error[:20000], finished_at=timezone.now()))
+
+
+def job_end_waiting(*, job_id: int, succeeded: bool, output: dict[str, Any], error: str = "") -> bool:
+    """A job that waited for its child run: done when the child completed, failed otherwise."""
+    return bool(Job.objects.filter(pk=job_id, state=JobState.WAITING).update(
+        state=JobState.DONE if succeeded else JobState.FAILED, output=output, error=error[:20000], progress=1.0,
+        finished_at=timezone.now(),
+    ))
+
+
+def job_requeue_lost(*, job_id: int, attempt: int, message: str) -> bool:
+    """The attempt's worker was lost: running -> queued (compare-and-swap on the attempt), an event saying so."""
+    with transaction.atomic():
+        job = Job.objects.select_related("run").filter(pk=job_id).first()
+        if job is None or job.run.status in TERMINAL_STATUSES:
+            return False
+        if not _held(job_id, attempt).update(state=JobState.QUEUED, heartbeat_at=timezone.now(), worker=""):
+            return False
+        RunEvent.objects.create(run_id=job.run_id, from_status=job.run.status, to_status=job.run.status, message=message[:2000])
+    return True
+
+
+def job_touch_queued(*, job_id: int) -> None:
+    """A queued job sent again: it waits from now (the reaper's grace period starts again)."""
+    Job.objects.filter(pk=job_id, state=JobState.QUEUED).update(heartbeat_at=timezone.now())
+
+
+# --- deleting a run
+
+
+class RunNotDeletable(Exception):
+    """A run that cannot be deleted now (HTTP 409), with the reason."""
+
+
+def run_delete_rows(*, run_id: int) -> None:
+    """The run's rows (events, jobs, results, samples, comparisons, decisions, children): one transaction.
+
+    runs/deletion.py calls it after removing the run's files and MLflow run; the checks come first there.
     """
     with transaction.atomic():
-        run = PipelineRun.objects.only("pk", "status", "attempts").filter(
-            pk=run_id, status=S.TRAINING, current_job="finetune:running",
-        ).first()
-        if run is None:
-            return False
-        updated = PipelineRun.objects.filter(pk=run_id, status=S.TRAINING, current_job="finetune:running", attempts=run.attempts).update(
-            current_job="finetune:queued", attempts=run.attempts + 1, heartbeat_at=timezone.now(),
-        )
-        if not updated:
-            return False
-        RunEvent.objects.create(run_id=run_id, from_status=S.TRAINING, to_status=S.TRAINING, message=message[:2000])
-    return True
+        PipelineRun.objects.filter(pk=run_id).delete()
+
+
+def run_mark_decisions_applied(*, decision_ids: list[int]) -> None:
+    """Promotion decisions whose alias and tags MLflow now has."""
+    PromotionDecision.objects.filter(pk__in=decision_ids, applied_at__isnull=True).update(applied_at=timezone.now())

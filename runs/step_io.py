@@ -2,9 +2,17 @@
 
 A body (training/steps.py, evaluation/steps.py) receives a `StepContext`: the
 validated config, its rows, and callbacks (progress, log, check_cancelled,
-record_step) implemented here through runs' services. It returns plain data;
-the `store_*` functions below put that in the database (through services) and
-in MLflow. The step registry (runs/pipeline.py) calls both.
+record_step, add_job) implemented here through runs' services, for one job of
+the run's graph. It returns plain data. Then, for each step of a kind's graph
+(runs/kinds/):
+
+- `publish_*` writes the work product to the run's MLflow run (artifacts,
+  metrics, tags), after the body and outside any database transaction;
+- `store_*` puts it in the database (through services), inside the transaction
+  that finishes the job; it makes no MLflow call. Registrations and aliases are
+  follow-up jobs of their own (runs/promotion.py).
+
+The engine (runs/pipeline.py) calls them in that order.
 """
 
 from __future__ import annotations
@@ -27,18 +35,20 @@ from training.local_models import describe_progress
 from training.steps import TrainedAdapter
 
 from . import tracking
-from .execution import RunCancelled, RunLog, tolerate_db_errors
+from .execution import JobAbandoned, RunLog, tolerate_db_errors
 from .exports import write_scored_samples_csv
-from .models import TERMINAL_STATUSES, PipelineRun, RunKind, Variant, ordered_variants
+from .models import Job, PipelineRun, Variant, ordered_variants
 from .reproducibility import reproducibility_record
-from .selectors import last_training_throughput, run_generated_samples, run_sample_scores, run_status
+from .selectors import job_still_held, last_training_throughput, run_generated_samples, run_sample_scores, run_step_fractions
 from .services import (
+    job_set_checkpoint,
+    job_set_figures,
+    job_set_progress,
     run_note,
     run_record_comparisons,
+    run_record_promotion,
     run_record_results,
     run_record_samples,
-    run_set_best_step,
-    run_set_checkpoint,
     run_set_data_check,
     run_set_mlflow_ids,
     run_set_registered_model,
@@ -49,9 +59,8 @@ from .services import (
 )
 
 if TYPE_CHECKING:
-    from evaluation.significance import PairedComparison
-
-    from .pipeline import Step
+    from .kinds.base import Graph, Step
+    from .promotion import Compared, Registered
 
 log = logging.getLogger(__name__)
 
@@ -73,25 +82,41 @@ def run_dir(run_id: int) -> Path:
     return runs_dir() / str(run_id)
 
 
-class StepContext:
-    """What a step body may know and do about its run (the engines' Protocols list it)."""
+def run_adapter_dir(run: PipelineRun) -> Path:
+    """The run's adapter on this machine: local, or downloaded from its MLflow run (another gpu worker trained it)."""
+    local = run_dir(run.pk) / "adapter"
+    if (local / "adapter_config.json").exists():
+        return local
+    return tracking.download_artifacts(run.mlflow_run_id, "adapter", run_dir(run.pk))
 
-    def __init__(self, run: PipelineRun, step: Step) -> None:
+
+class StepContext:
+    """What a step body may know and do about its run, for one job of the run's graph (the engines' Protocols list it)."""
+
+    def __init__(self, run: PipelineRun, job: Job, step: Step, graph: Graph) -> None:
         self.run = run
         self.run_id = run.pk
+        self.job = job
+        self.job_id = job.pk
+        self.key: str = job.key
+        self.payload: dict[str, Any] = job.payload or {}
         self.config: dict[str, Any] = run.config
         self.base_model: str = run.base_model
         self.work_dir: Path = run_dir(run.pk)
         self.step = step
-        self.variants: list[str] = generated_variants(run)
+        self.graph = graph
+        self.variants: list[str] = run.spec.generated_variants(run.config)
+        # The claim this worker holds: 1, or more when an earlier attempt's worker was lost.
+        self.attempt: int = job.attempts
+        self.output: dict[str, Any] = {}  # what the job produced, by reference (stored with the job when it finishes)
         self._log = RunLog(run.pk)
         self._last_live = 0.0
         self._last_check = 0.0
         self._last_log = 0.0
         # A resumed fine-tune continues the loss curve of its earlier attempts (cut back to its checkpoint by record_step).
-        self._history: list[dict[str, Any]] = list(run.train_history or []) if step.name == "finetune" and run.attempts > 1 else []
-        self.attempt: int = run.attempts
+        self._history: list[dict[str, Any]] = list(run.train_history or []) if step.name == "finetune" and self.attempt > 1 else []
         self._metrics = tracking.MetricBuffer(run.mlflow_run_id) if run.mlflow_run_id else None
+        self._total_recorded = False
 
     # --- inputs
     def train_rows(self) -> list[dict[str, Any]]:
@@ -140,7 +165,7 @@ class StepContext:
     def checkpoint_dir(self) -> Path:
         """This run's checkpoints on this machine; in served mode fetched from MLflow when another worker wrote them."""
         local = self.work_dir / "checkpoints"
-        if self.run.attempts > 1 and not (local / "last").exists() and _mlflow_served() and self.run.mlflow_run_id:
+        if self.attempt > 1 and not (local / "last").exists() and _mlflow_served() and self.run.mlflow_run_id:
             try:
                 tracking.download_artifacts(self.run.mlflow_run_id, "checkpoints", self.work_dir)
             except Exception:  # No checkpoint in MLflow: the attempt starts from the beginning.
@@ -153,14 +178,12 @@ class StepContext:
             tracking.log_artifacts(self.run.mlflow_run_id, directory, f"checkpoints/{kind}")
         if kind == "last":
             with tolerate_db_errors(f"run {self.run_id}: checkpoint"):
-                run_set_checkpoint(run_id=self.run_id, step=step, train_history=self._history)
+                run_set_train_history(run_id=self.run_id, train_history=self._history)
+                job_set_checkpoint(job_id=self.job_id, attempt=self.attempt, step=step)
 
     def adapter_dir(self) -> Path:
         """The run's adapter on this machine: local, or downloaded from MLflow (another gpu worker trained it)."""
-        local = self.work_dir / "adapter"
-        if (local / "adapter_config.json").exists():
-            return local
-        return tracking.download_artifacts(self.run.mlflow_run_id, "adapter", self.work_dir)
+        return run_adapter_dir(self.run)
 
     def paired_scores(self) -> dict[str, dict[str, tuple[list[float | None], list[float | None]]]]:
         """{eval dataset: {metric: (base scores, fine-tuned scores)}}, paired by row, where both variants were scored."""
@@ -196,26 +219,51 @@ class StepContext:
 
     # --- callbacks
     def progress(self, fraction: float | None, stage: str) -> None:
-        """Progress within this step (0-1, mapped onto the step's share of the run) and the stage text."""
-        start, end = self.step.progress
-        percent = None if fraction is None else start + int((end - start) * min(max(fraction, 0.0), 1.0))
+        """Progress within this job (0-1) and the stage text; the run's bar moves by the graph's step weights."""
         # A lost database connection must not stop the work: the next update carries it.
         with tolerate_db_errors(f"run {self.run_id}: progress"):
-            run_update_progress(run_id=self.run_id, progress=percent, stage=stage)
+            job_set_progress(job_id=self.job_id, attempt=self.attempt, fraction=fraction, stage=stage)
+            run_update_progress(run_id=self.run_id, progress=self._run_progress(fraction), stage=stage)
+
+    def _run_progress(self, fraction: float | None) -> int | None:
+        if fraction is None:
+            return None
+        fractions = run_step_fractions(self.run_id)  # every job's progress as stored; this job's newest value below
+        if not self.key:
+            fractions[self.step.name] = fraction
+        return self.graph.progress(fractions)
+
+    def record_figures(self, figures: dict[str, Any]) -> None:
+        """Figures this job measured (device, dtype, speed, peak memory, seconds): data the pages show, never a log line."""
+        with tolerate_db_errors(f"run {self.run_id}: figures"):
+            job_set_figures(job_id=self.job_id, figures={k: v for k, v in figures.items() if v is not None})
+
+    def add_job(self, step: str, key: str, payload: dict[str, Any] | None = None) -> bool:
+        """Fan-out: a keyed job of `step` (declared `spawned_by` this job's step), sent at once; False if it exists."""
+        from . import pipeline
+
+        return pipeline.add_job(run_id=self.run_id, graph=self.graph, step=step, key=key, payload=payload)
+
+    def add_child_run(self, step: str, key: str, config: dict[str, Any], payload: dict[str, Any] | None = None) -> int:
+        """Fan-out to a child run (a sweep's trial) that a job of `step` waits for; the child's id."""
+        from . import pipeline
+
+        return pipeline.add_child_run(run_id=self.run_id, graph=self.graph, step=step, key=key, config=config, payload=payload)
 
     def log(self, line: str) -> None:
         self._log(line)
 
     def check_cancelled(self, *, now: bool = False) -> None:
-        """Raise RunCancelled once the run has ended (cancelled, or failed by the reaper); cheap to call often."""
+        """Raise JobAbandoned once the run has ended (cancelled, or failed by the reaper) or this attempt no
+        longer holds the job (the reaper sent it again); cheap to call often."""
         moment = time.monotonic()
         if not now and moment - self._last_check < LIVE_UPDATE_SECONDS:
             return
         self._last_check = moment
         with tolerate_db_errors(f"run {self.run_id}: cancel check"):
-            status = run_status(self.run_id)
-            if status in TERMINAL_STATUSES:
-                raise RunCancelled(f"run {self.run_id} is {status}")
+            why = job_still_held(self.job_id, self.attempt)
+            if why:
+                raise JobAbandoned(why)
 
     def record_step(self, info: StepInfo) -> None:
         """One optimizer step: to MLflow (batched), the loss curve and the progress bar (at most once a second)."""
@@ -233,6 +281,9 @@ class StepContext:
             self._metrics.add(values, info.step)
         # A resumed attempt goes on from its checkpoint: what the lost attempt did after it is replaced.
         self._history = [e for e in self._history if e["step"] < info.step] + [entry]
+        if not self._total_recorded:
+            self._total_recorded = True
+            self.record_figures({"total_steps": info.total_steps, "device": info.device})
         moment = time.monotonic()
         if moment - self._last_log >= LOG_EVERY_SECONDS or info.step in (1, info.total_steps) or info.val_loss is not None:
             self._last_log = moment
@@ -244,12 +295,11 @@ class StepContext:
             )
         if moment - self._last_live >= LIVE_UPDATE_SECONDS or info.step == info.total_steps or info.val_loss is not None:
             self._last_live = moment
-            start, end = self.step.progress
+            fraction = info.step / info.total_steps
+            stage = f"training step {info.step}/{info.total_steps}, epoch {info.epoch:.2f}, loss {info.loss:.4f}"
             with tolerate_db_errors(f"run {self.run_id}: live training update"):
-                run_update_progress(
-                    run_id=self.run_id, progress=start + int((end - start) * info.step / info.total_steps), train_history=self._history,
-                    stage=f"training step {info.step}/{info.total_steps}, epoch {info.epoch:.2f}, loss {info.loss:.4f}",
-                )
+                job_set_progress(job_id=self.job_id, attempt=self.attempt, fraction=fraction, stage=stage)
+                run_update_progress(run_id=self.run_id, progress=self._run_progress(fraction), train_history=self._history, stage=stage)
 
     def build_progress(self) -> Callable[[int, int], None]:
         """Stage updates while a local: model is built on first use (it takes a while)."""
@@ -290,49 +340,49 @@ def _mlflow_served() -> bool:
     return str(settings.MLFLOW_TRACKING_URI).startswith(("http://", "https://", "databricks"))
 
 
-def generated_variants(run: PipelineRun) -> list[str]:
-    """The variants a run generates answers for, in the order of VARIANT_ORDER."""
-    if run.kind != RunKind.FINETUNE:
-        return [Variant.BASE]
-    return ordered_variants([Variant.FINETUNED] + ([Variant.BASE] if run.config["evaluation"]["compare_base"] else []))
-
-
 def _sample(row: dict[str, Any], answer: str, reference_contexts: list[str] | None) -> Sample:
     return Sample(question=row["question"], contexts=row["contexts"], ground_truth=row["ground_truth"], answer=answer,
                   reference_contexts=reference_contexts)
 
 
 def start_tracking(ctx: StepContext) -> None:
-    """Reproducibility record + MLflow run, once per pipeline run (whichever step comes first)."""
+    """Reproducibility record + MLflow run, once per pipeline run (whichever job comes first).
+
+    Jobs of one run may start at the same moment on different workers: the
+    MLflow run's id is set with a compare-and-swap, and a job that lost the race
+    deletes the MLflow run it made and uses the winner's.
+    """
     run = ctx.run
-    if run.mlflow_run_id:
-        return
-    record = reproducibility_record(run)
-    run_set_reproducibility(run_id=run.pk, record=record)
-    experiment_id, mlflow_run_id = tracking.mlflow_start(
-        run_id=run.pk, name=run.name, kind=run.kind, config=run.config,
-        tags={f"repro.{k}": v for k, v in tracking.flatten(record).items()},
-    )
-    run_set_mlflow_ids(run_id=run.pk, experiment_id=experiment_id, mlflow_run_id=mlflow_run_id)
-    run.mlflow_experiment_id, run.mlflow_run_id = experiment_id, mlflow_run_id
-    tracking.log_datasets(mlflow_run_id, [
-        {"name": d.name, "sha256": d.sha256, "rows": d.row_count, "context": context}
-        for context, datasets in (("training", run.train_datasets.order_by("name")), ("evaluation", run.eval_datasets.order_by("name")))
-        for d in datasets
-    ])
-    ctx._metrics = tracking.MetricBuffer(mlflow_run_id)
-    ctx.log(f"MLflow run {mlflow_run_id}")
+    if not run.mlflow_run_id:
+        record = reproducibility_record(run)
+        experiment_id, mlflow_run_id = tracking.mlflow_start(
+            run_id=run.pk, name=run.name, kind=run.kind, config=run.config,
+            tags={f"repro.{k}": v for k, v in tracking.flatten(record).items()},
+        )
+        if run_set_mlflow_ids(run_id=run.pk, experiment_id=experiment_id, mlflow_run_id=mlflow_run_id):
+            run_set_reproducibility(run_id=run.pk, record=record)
+            run.reproducibility = record
+            tracking.log_datasets(mlflow_run_id, [
+                {"name": d.name, "sha256": d.sha256, "rows": d.row_count, "context": context}
+                for context, datasets in (("training", run.train_datasets.order_by("name")), ("evaluation", run.eval_datasets.order_by("name")))
+                for d in datasets
+            ])
+            ctx.log(f"MLflow run {mlflow_run_id}")
+        else:
+            tracking.delete_run(mlflow_run_id)
+        run.refresh_from_db(fields=["mlflow_experiment_id", "mlflow_run_id", "reproducibility"])
+    if ctx._metrics is None:
+        ctx._metrics = tracking.MetricBuffer(run.mlflow_run_id)
 
 
-# --- where each step's output goes
+# --- where each step's output goes: publish_* to MLflow (before), store_* to the database (in the finishing transaction)
 
 
-def store_finetune(ctx: StepContext, trained: TrainedAdapter) -> None:
-    """The adapter and its training figures to MLflow, a new version of the registered model."""
+def publish_finetune(ctx: StepContext, trained: TrainedAdapter) -> None:
+    """The adapter and the training figures to the run's MLflow run (another gpu worker downloads the adapter)."""
     run, outcome = ctx.run, trained.outcome
-    ctx.progress(1.0, "logging adapter to MLflow")
-    _record_base_model_build(ctx, trained.base_model_info)
-    run_set_best_step(run_id=run.pk, step=outcome.best_step)
+    ctx.progress(1.0, "logging the adapter to MLflow")
+    _publish_base_model_build(ctx, trained.base_model_info)
     tracking.set_tags(run.mlflow_run_id, {
         "best_step": str(outcome.best_step if outcome.best_step is not None else outcome.steps),
         "adapter": "best validation loss" if outcome.best_step is not None else "last step (no validation)",
@@ -340,30 +390,61 @@ def store_finetune(ctx: StepContext, trained: TrainedAdapter) -> None:
     })
     if outcome.best_val_loss is not None:
         tracking.log_metrics(run.mlflow_run_id, {"val/best_loss": outcome.best_val_loss}, step=outcome.best_step or 0)
-    if outcome.stopped_early:
-        run_note(run_id=run.pk, message=outcome.stopped_early)
     tracking.log_metrics(run.mlflow_run_id, {
         "train/final_loss": outcome.final_loss, "train/tokens_per_second": outcome.tokens / max(outcome.seconds, 1e-9),
         "train/seconds": outcome.seconds, "train/trainable_parameters": outcome.trainable_parameters,
     }, step=outcome.steps)
-    # The bare adapter, for a gpu worker that did not train it (generation downloads it).
     tracking.log_artifacts(run.mlflow_run_id, outcome.adapter_dir, "adapter")
-    ctx.progress(1.0, "logging the fine-tuned model to MLflow (pyfunc) and registering it")
-    model_uri = tracking.log_answer_model(run, adapter_dir=outcome.adapter_dir, example_rows=_example_rows(ctx))
-    name = tracking.registered_model_name(base_model=run.base_model, train_datasets=run.config["datasets"]["train"])
-    version = tracking.register_model(name=name, model_uri=model_uri, mlflow_run_id=run.mlflow_run_id, description=f"{run.name} (run #{run.pk})")
-    run_set_registered_model(run_id=run.pk, name=name, version=version)
-    ctx.log(f"registered model {name} version {version} ({model_uri}): mlflow.pyfunc.load_model('models:/{name}/{version}') answers questions")
 
 
-def _example_rows(ctx: StepContext) -> list[dict[str, Any]]:
+def finetune_figures(trained: TrainedAdapter) -> dict[str, Any]:
+    outcome = trained.outcome
+    return {
+        "device": outcome.device, "dtype": outcome.dtype, "steps": outcome.steps, "seconds": round(outcome.seconds, 3),
+        "tokens": outcome.tokens, "tokens_per_second": round(outcome.tokens / max(outcome.seconds, 1e-9), 2),
+        "step_seconds": round(outcome.seconds / max(outcome.steps, 1), 4), "final_loss": outcome.final_loss,
+        "trainable_parameters": outcome.trainable_parameters, "total_parameters": outcome.total_parameters,
+        **({"peak_memory_bytes": outcome.peak_memory_bytes} if outcome.device.startswith("cuda") and outcome.peak_memory_bytes else {}),
+    }
+
+
+def store_finetune(ctx: StepContext, trained: TrainedAdapter) -> None:
+    """Which adapter the fine-tune kept (by reference: the run's MLflow artifact `adapter`), and why."""
+    outcome = trained.outcome
+    _store_base_model_build(ctx, trained.base_model_info)
+    if outcome.stopped_early:
+        run_note(run_id=ctx.run_id, message=outcome.stopped_early)
+    ctx.output = {
+        "adapter": "adapter", "steps": outcome.steps, "best_step": outcome.best_step, "best_val_loss": outcome.best_val_loss,
+        "kept": "best validation loss" if outcome.best_step is not None else "last step (no validation)",
+        **({"resumed_from": outcome.resumed_from} if outcome.resumed_from is not None else {}),
+    }
+
+
+def example_rows(ctx: StepContext) -> list[dict[str, Any]]:
     """The pyfunc model's input example: the first rows of the first eval set, as the model takes them."""
     rows = next((s.rows for s in ctx.eval_sets() if s.rows), [])
     return [{"question": r["question"], "contexts": list(r["contexts"])} for r in rows[:2]]
 
 
+def store_registration(ctx: StepContext, registered: Registered) -> None:
+    """The version the register job made (or found): recorded on the run."""
+    run_set_registered_model(run_id=ctx.run_id, name=registered.name, version=registered.version)
+    ctx.output = {"model": registered.name, "version": registered.version}
+    ctx.log(
+        f"registered model {registered.name} version {registered.version}: "
+        f"mlflow.pyfunc.load_model('models:/{registered.name}/{registered.version}') answers questions"
+    )
+
+
+def publish_answers(ctx: StepContext, generated: Generated) -> None:
+    _publish_base_model_build(ctx, generated.base_model_info)
+    if generated.prompt_example:
+        tracking.log_text(ctx.run.mlflow_run_id, generated.prompt_example, "prompt_example.txt")
+
+
 def store_answers(ctx: StepContext, generated: Generated) -> None:
-    """The answers as samples of the run; the prompt of the first eval row to the run and MLflow."""
+    """The answers as samples of the run; the prompt of the first eval row to the run."""
     datasets = _dataset_ids(ctx.run)
     for answer_set in generated.answer_sets:
         run_record_samples(run_id=ctx.run_id, samples=[
@@ -371,43 +452,60 @@ def store_answers(ctx: StepContext, generated: Generated) -> None:
              "contexts": r["contexts"], "ground_truth": r["ground_truth"], "answer": answer, "scores": {}, "reasons": {}}
             for i, (r, answer) in enumerate(zip(answer_set.rows, answer_set.answers, strict=True))
         ])
-    _record_base_model_build(ctx, generated.base_model_info)
+    _store_base_model_build(ctx, generated.base_model_info)
     if generated.prompt_example:
         run_update_reproducibility(run_id=ctx.run_id, extra={"prompt_example": generated.prompt_example})
-        tracking.log_text(ctx.run.mlflow_run_id, generated.prompt_example, "prompt_example.txt")
+    ctx.output = {"answers": {f"{a.dataset}/{a.variant}": len(a.answers) for a in generated.answer_sets}}
 
 
-def _record_base_model_build(ctx: StepContext, info: dict[str, Any]) -> None:
+def _build_record(info: dict[str, Any]) -> dict[str, Any]:
+    return {k: info[k] for k in ("name", "gguf_file", "gguf_sha256", "weights_sha256", "parameters", "spec") if k in info}
+
+
+def _store_base_model_build(ctx: StepContext, info: dict[str, Any]) -> None:
     """A local build's identity (SmolLM2: the sha256 of the GGUF it was converted from) in the reproducibility record."""
-    if not info:
-        return
-    keep = {k: info[k] for k in ("name", "gguf_file", "gguf_sha256", "weights_sha256", "parameters", "spec") if k in info}
-    run_update_reproducibility(run_id=ctx.run_id, extra={"base_model_build": keep})
-    tracking.set_tags(ctx.run.mlflow_run_id, {f"repro.base_model_build.{k}": v for k, v in tracking.flatten(keep).items()})
+    if info:
+        run_update_reproducibility(run_id=ctx.run_id, extra={"base_model_build": _build_record(info)})
 
 
-def store_scores(ctx: StepContext, scored_sets: list[ScoredSet]) -> None:
-    """Per-sample scores and aggregates to the run; metrics, differences and sample CSVs to MLflow."""
+def _publish_base_model_build(ctx: StepContext, info: dict[str, Any]) -> None:
+    if info:
+        tracking.set_tags(ctx.run.mlflow_run_id, {f"repro.base_model_build.{k}": v for k, v in tracking.flatten(_build_record(info)).items()})
+
+
+def _scored_rows(ctx: StepContext, scored_set: ScoredSet) -> list[dict[str, Any]]:
+    datasets = _dataset_ids(ctx.run)
+    return [
+        {"dataset_id": datasets[scored_set.dataset], "variant": scored_set.variant, "index": index, "question": s.question,
+         "contexts": s.contexts, "ground_truth": s.ground_truth, "answer": s.answer, "scores": scores, "reasons": reasons}
+        for index, s, scores, reasons in zip(scored_set.indices, scored_set.samples, scored_set.scored.scores, scored_set.scored.reasons, strict=True)
+    ]
+
+
+def publish_scores(ctx: StepContext, scored_sets: list[ScoredSet]) -> None:
+    """Metrics, fine-tuned - base differences and the per-sample CSVs to MLflow."""
     run = ctx.run
-    datasets = _dataset_ids(run)
     metrics = run.config["evaluation"]["metrics"]
     for scored_set in scored_sets:
-        samples = [
-            {"dataset_id": datasets[scored_set.dataset], "variant": scored_set.variant, "index": index, "question": s.question,
-             "contexts": s.contexts, "ground_truth": s.ground_truth, "answer": s.answer, "scores": scores, "reasons": reasons}
-            for index, s, scores, reasons in zip(scored_set.indices, scored_set.samples, scored_set.scored.scores, scored_set.scored.reasons, strict=True)
-        ]
-        run_record_samples(run_id=run.pk, samples=samples)
         aggregates = scored_set.scored.aggregate()
-        run_record_results(run_id=run.pk, results=[
-            {"dataset_id": datasets[scored_set.dataset], "variant": scored_set.variant, "metric": m, **agg} for m, agg in aggregates.items()
-        ])
         tracking.log_metrics(run.mlflow_run_id, {f"{scored_set.dataset}/{scored_set.variant}/{m}": a["value"] for m, a in aggregates.items()})
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"{scored_set.dataset}__{scored_set.variant}.csv"
-            write_scored_samples_csv(path, samples=samples, metrics=metrics)
+            write_scored_samples_csv(path, samples=_scored_rows(ctx, scored_set), metrics=metrics)
             tracking.log_artifact(run.mlflow_run_id, path, "samples")
     _log_differences(run, scored_sets)
+
+
+def store_scores(ctx: StepContext, scored_sets: list[ScoredSet]) -> None:
+    """Per-sample scores and aggregates to the run."""
+    datasets = _dataset_ids(ctx.run)
+    for scored_set in scored_sets:
+        run_record_samples(run_id=ctx.run_id, samples=_scored_rows(ctx, scored_set))
+        run_record_results(run_id=ctx.run_id, results=[
+            {"dataset_id": datasets[scored_set.dataset], "variant": scored_set.variant, "metric": m, **agg}
+            for m, agg in scored_set.scored.aggregate().items()
+        ])
+    ctx.output = {"scored": {f"{s.dataset}/{s.variant}": len(s.samples) for s in scored_sets}}
 
 
 def _log_differences(run: PipelineRun, scored_sets: list[ScoredSet]) -> None:
@@ -426,10 +524,16 @@ def _dataset_ids(run: PipelineRun) -> dict[str, int]:
     return {d.name: d.pk for d in run.eval_datasets.all()}
 
 
-def store_comparisons(ctx: StepContext, comparisons: dict[str, dict[str, PairedComparison]]) -> None:
-    """The comparisons to the run and to MLflow; then the promotion gate decides about the new registered version."""
-    from .promotion import decide_after_comparison
+def publish_comparisons(ctx: StepContext, compared: Compared) -> None:
+    tracking.log_metrics(ctx.run.mlflow_run_id, {
+        f"{dataset}/compare/{metric}/{field}": getattr(c, field)
+        for dataset, by_metric in compared.comparisons.items() for metric, c in by_metric.items()
+        for field in ("delta", "ci_low", "ci_high", "p_value")
+    })
 
+
+def store_comparisons(ctx: StepContext, compared: Compared) -> None:
+    """The comparisons to the run, and the promotion gate's decision (MLflow gets its alias from the promote job)."""
     run = ctx.run
     datasets = _dataset_ids(run)
     run_record_comparisons(run_id=run.pk, comparisons=[
@@ -438,12 +542,14 @@ def store_comparisons(ctx: StepContext, comparisons: dict[str, dict[str, PairedC
          "p_adjusted": c.p_adjusted, "verdict": str(c.verdict),
          "method": {"interval": f"paired bootstrap ({c.ci_method})", "test": "paired permutation test, Holm across metrics",
                     "resamples": c.resamples, "seed": c.seed, "confidence": c.confidence}}
-        for dataset, by_metric in comparisons.items() for metric, c in by_metric.items()
+        for dataset, by_metric in compared.comparisons.items() for metric, c in by_metric.items()
     ])
-    tracking.log_metrics(run.mlflow_run_id, {
-        f"{dataset}/compare/{metric}/{field}": getattr(c, field)
-        for dataset, by_metric in comparisons.items() for metric, c in by_metric.items() for field in ("delta", "ci_low", "ci_high", "p_value")
-    })
-    if run.registered_model_name and run.config.get("promotion"):
-        decision = decide_after_comparison(run=run, comparisons=comparisons)
-        ctx.log(f"registry: {run.registered_model} {decision.reason}")
+    decision = compared.decision
+    if decision is not None:
+        run_record_promotion(
+            run_id=run.pk, model_name=decision.model_name, model_version=decision.model_version, decision=decision.decision,
+            alias=decision.alias, reason=decision.reason, automatic=True, by=None,
+        )
+        ctx.log(f"registry: {decision.model_name}/{decision.model_version} {decision.reason}")
+    ctx.output = {"comparisons": sum(len(by_metric) for by_metric in compared.comparisons.values()),
+                  **({"decision": decision.decision} if decision else {})}

@@ -87,7 +87,26 @@ def log_datasets(mlflow_run_id: str, datasets: list[dict[str, Any]]) -> None:
         for d in datasets
     ]
     if inputs:
-        client().log_inputs(mlflow_run_id, datasets=inputs)
+        _retry_on_conflict(lambda: client().log_inputs(mlflow_run_id, datasets=inputs), what="logging the run's datasets")
+
+
+def _retry_on_conflict(call, *, what: str, attempts: int = 6):
+    """MLflow's dataset table is check-then-insert: runs logging the same dataset at the same moment collide on its
+    unique key (UNIQUE constraint / duplicate key; the server answers with the same message). The loser tries again
+    and finds the row the winner inserted."""
+    import random
+
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            return call()
+        except MlflowException as exc:
+            text = str(exc).lower()
+            if attempt == attempts - 1 or not any(s in text for s in ("unique constraint", "duplicate key", "already exists", "integrityerror")):
+                raise
+            time.sleep(0.05 * (attempt + 1) + random.random() * 0.1)  # noqa: S311 - jitter, not security
+    raise AssertionError(f"unreachable: {what}")
 
 
 class MetricBuffer:
@@ -173,6 +192,55 @@ def register_model(*, name: str, model_uri: str, mlflow_run_id: str, description
     if description:
         client().update_model_version(name, version, description=description)
     return version
+
+
+def versions_of_run(name: str, mlflow_run_id: str) -> list[str]:
+    """The versions of registered model `name` made from this MLflow run (oldest first); [] when the model does not exist."""
+    if not mlflow_run_id:
+        return []
+    found = client().search_model_versions(f"name='{name}' and run_id='{mlflow_run_id}'")
+    return sorted((str(v.version) for v in found), key=int)
+
+
+def delete_version(name: str, version: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client().delete_model_version(name, version)
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" not in str(exc) and "not found" not in str(exc).lower():
+            raise
+
+
+def delete_run(mlflow_run_id: str) -> None:
+    """The MLflow run deleted (its lifecycle stage) and its artifacts and logged models removed from the artifact store."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    mlflow_client = client()
+    try:
+        run = mlflow_client.get_run(mlflow_run_id)
+    except MlflowException:
+        return  # gone already
+    try:
+        models = mlflow_client.search_logged_models(experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id='{mlflow_run_id}'")
+    except MlflowException:
+        models = []
+    for model in models:
+        _delete_artifacts(get_artifact_repository, model.artifact_location)
+        mlflow_client.delete_logged_model(model.model_id)
+    _delete_artifacts(get_artifact_repository, run.info.artifact_uri)
+    if run.info.lifecycle_stage != "deleted":
+        mlflow_client.delete_run(mlflow_run_id)
+
+
+def _delete_artifacts(get_artifact_repository, uri: str | None) -> None:
+    if not uri:
+        return
+    try:
+        get_artifact_repository(uri).delete_artifacts()
+    except FileNotFoundError:
+        pass
 
 
 def mlflow_finish(mlflow_run_id: str, status: str) -> None:

@@ -18,7 +18,8 @@ from . import page_data, playground
 from .config import ConfigError
 from .exports import samples_csv
 from .forms import RunForm, YamlConfigForm, default_initial, initial_from_config
-from .models import PipelineRun, RunKind, RunStatus
+from .kinds import KINDS
+from .models import PipelineRun, RunStatus
 from .reaper import reap_if_embedded
 from .selectors import (
     dashboard_runs,
@@ -27,7 +28,7 @@ from .selectors import (
     run_promotion,
     run_visible_to,
 )
-from .services import InvalidTransition, run_cancel, run_create, run_retry
+from .services import InvalidTransition, RunNotDeletable, run_cancel, run_create, run_retry
 
 STOP_POLLING = 286
 
@@ -50,7 +51,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     page = Paginator(runs, 25).get_page(request.GET.get("page"))
     return render(request, "runs/dashboard.html", {
         "page": page, "rows": page_data.dashboard_rows(list(page.object_list)), "status": status, "kind": kind, "statuses": RunStatus.values,
-        "kinds": RunKind.values, "q": search, "sort": sort, "sorts": page_data.DASHBOARD_SORTS, "query": query.urlencode(),
+        "kinds": list(KINDS), "q": search, "sort": sort, "sorts": page_data.DASHBOARD_SORTS, "query": query.urlencode(),
     })
 
 
@@ -125,7 +126,7 @@ def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
 
 def _playground_box(run: PipelineRun, query, *, question: str = "", contexts: str = "") -> dict | None:
     """The playground's form for a completed fine-tune (None for any other run), prefilled from ?sample=<id>."""
-    if run.kind != RunKind.FINETUNE or run.status != RunStatus.COMPLETED:
+    if not run.shows.get("playground") or run.status != RunStatus.COMPLETED:
         return None
     rows = playground.prefill_rows(run)
     chosen = next((r for r in rows if str(r.pk) == query.get("sample", "")), None)
@@ -195,7 +196,7 @@ def run_playground_job(request: HttpRequest, pk: int, job_id: str) -> HttpRespon
 
 @login_required
 def run_status(request: HttpRequest, pk: int) -> HttpResponse:
-    run = run_for_page(request.user, pk, related=("events",))
+    run = run_for_page(request.user, pk, related=("events", "jobs"))
     return _poll_response(request, "runs/_run_status.html", {"run": run, "links": mlflow_links(run)}, run)
 
 
@@ -222,6 +223,22 @@ def run_retry_view(request: HttpRequest, pk: int) -> HttpResponse:
         return redirect("run-detail", pk=run.pk)
     messages.success(request, f"Run #{retried.pk} retries run #{run.pk}.")
     return redirect("run-detail", pk=retried.pk)
+
+
+@login_required
+@require_POST
+def run_delete_view(request: HttpRequest, pk: int) -> HttpResponse:
+    """The run page's Delete (after the browser's confirmation): the same service as DELETE /api/runs/{id}/."""
+    from .deletion import run_delete
+
+    run = get_object_or_404(run_visible_to(request.user), pk=pk)
+    try:
+        run_delete(run_id=run.pk, by=request.user)
+    except RunNotDeletable as exc:
+        messages.error(request, str(exc))
+        return redirect("run-detail", pk=run.pk)
+    messages.success(request, f"Run #{pk} {run.name} deleted, with its files, checkpoints and MLflow run.")
+    return redirect("dashboard")
 
 
 @login_required

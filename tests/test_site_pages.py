@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from runs.models import PipelineRun
+from runs.models import Job, PipelineRun
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.django_db
@@ -66,9 +66,11 @@ def test_the_api_docs_link_back_to_the_app(client, user):
 
 def test_the_queues_page_says_jobs_run_in_process_in_the_embedded_default(client, staff_user, user):
     run = PipelineRun.objects.create(name="busy", kind="finetune", status="training", config={}, base_model="m", owner=user, stage="step 3/9")
+    Job.objects.create(run=run, step="finetune", queue="gpu", state="running", attempts=1, stage="training step 3/9")
     client.force_login(staff_user)
     page = client.get("/admin/django-rq/").content.decode()
     assert "Jobs run in-process" in page and f"#{run.pk} busy" in page and "REDIS_URL" in page
+    assert "finetune" in page and "training step 3/9" in page
 
 
 def test_the_queues_page_is_rqs_dashboard_in_served_mode(client, staff_user, rq_settings):

@@ -51,6 +51,11 @@ def live_stats(run):
 
 
 @register.simple_tag
+def job_rows(run):
+    return page_data.run_job_rows(run)
+
+
+@register.simple_tag
 def timeline(run):
     return page_data.run_timeline(run)
 

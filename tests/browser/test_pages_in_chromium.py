@@ -306,8 +306,10 @@ def training_run(owner) -> PipelineRun:
                for s in range(1, 31)]
     history[19]["val_loss"] = 2.1  # the trainer's validation at the end of epoch 1
     run = make_run(owner, status="training", progress=40, stage="training step 30/60, epoch 1.50, loss 1.0312", train_history=history,
-                   started_at=now - timedelta(minutes=3), heartbeat_at=now, mlflow_run_id="0123456789abcdef0123456789abcdef",
-                   mlflow_experiment_id="1", logs="[12:00:00] fine-tuning local:tiny-llama on rag_qa_train (166 rows)\n[12:00:09] MLflow run 0123\n")
+                   started_at=now - timedelta(minutes=3), mlflow_run_id="0123456789abcdef0123456789abcdef",
+                   mlflow_experiment_id="1", logs="[12:00:00] fine-tuning local:tiny-llama on rag_qa_train (166 rows)\n[12:00:09] MLflow run 0123\n",
+                   jobs=({"step": "finetune", "state": "running", "attempts": 1, "heartbeat_at": now, "progress": 0.5,
+                          "stage": "training step 30/60", "figures": {"total_steps": 60}},))
     RunEvent.objects.filter(run=run).update(at=now - timedelta(minutes=4))
     event = RunEvent.objects.create(run=run, from_status="pending", to_status="training", message="finetune started")
     RunEvent.objects.filter(pk=event.pk).update(at=now - timedelta(minutes=3))

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from django.core.management import call_command
 
-from runs.models import PipelineRun, RunEvent, RunResult, SampleResult
+from runs.models import Job, PipelineRun, RunEvent, RunResult, SampleResult
 from tests.conftest import free_port, run_worker_burst, status_changes, token_client, wait_for_port
 from tests.runs.factories import eval_only_config, finetune_config
 
@@ -117,7 +117,11 @@ def test_runs_go_through_real_gpu_and_cpu_workers(rq_settings, redis_url, user):
     finetune_id = api.post("/api/runs/", SMALL_FINETUNE, format="json").json()["id"]
     eval_id = api.post("/api/runs/", eval_only_config(), format="json").json()["id"]
     gpu, cpu = django_rq.get_queue("gpu"), django_rq.get_queue("cpu")
-    assert gpu.job_ids == [f"finetune-{finetune_id}"] and cpu.job_ids == [f"score-{eval_id}"]
+
+    def rq_ids(run_id: int, *steps: str) -> set[str]:
+        return {f"job-{pk}" for pk in Job.objects.filter(run_id=run_id, step__in=steps).values_list("pk", flat=True)}
+
+    assert set(gpu.job_ids) == rq_ids(finetune_id, "finetune") and set(cpu.job_ids) == rq_ids(eval_id, "score")
 
     result = run_worker_burst("gpu", redis_url)  # fine-tune, then the generation it queued
     assert result.returncode == 0, result.stderr[-3000:]
@@ -129,20 +133,22 @@ def test_runs_go_through_real_gpu_and_cpu_workers(rq_settings, redis_url, user):
         run = PipelineRun.objects.get(pk=run_id)
         assert run.status == "completed", run.logs
         assert run.results.exists() and run.samples.exists()
-    assert set(FinishedJobRegistry(queue=gpu).get_job_ids()) == {f"finetune-{finetune_id}", f"generate-{finetune_id}"}
-    assert set(FinishedJobRegistry(queue=cpu).get_job_ids()) == {f"score-{finetune_id}", f"compare-{finetune_id}", f"score-{eval_id}"}
+    assert set(FinishedJobRegistry(queue=gpu).get_job_ids()) == rq_ids(finetune_id, "finetune", "generate")
+    assert set(FinishedJobRegistry(queue=cpu).get_job_ids()) == rq_ids(finetune_id, "register", "score", "compare", "promote") | rq_ids(eval_id, "score")
+    assert set(Job.objects.filter(run_id=finetune_id).values_list("state", flat=True)) == {"done"}
 
 
 def test_a_job_delivered_twice_runs_once(rq_settings, redis_url, user):
     import django_rq
 
-    from runs.pipeline import run_step
+    from runs.pipeline import run_job
     from runs.queues import send_job
 
     run_id = token_client(user).post("/api/runs/", eval_only_config(), format="json").json()["id"]
-    send_job(func=run_step, queue="cpu", run_id=run_id, step="score")  # a second enqueue of the same job id is refused by RQ
+    job_id = Job.objects.get(run_id=run_id).pk
+    send_job(func=run_job, queue="cpu", job_id=job_id)  # a second enqueue of the same job id is refused by RQ
     cpu = django_rq.get_queue("cpu")
-    cpu.enqueue_call(run_step, args=(run_id, "score"), job_id=f"redelivered-score-{run_id}")  # a redelivery
+    cpu.enqueue_call(run_job, args=(job_id,), job_id=f"redelivered-job-{job_id}")  # a redelivery
     assert len(cpu.job_ids) == 2
     result = run_worker_burst("cpu", redis_url)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -151,6 +157,7 @@ def test_a_job_delivered_twice_runs_once(rq_settings, redis_url, user):
     assert RunEvent.objects.filter(run=run, to_status="evaluating").count() == 1
     assert RunResult.objects.filter(run=run).count() == 2  # one per metric, never duplicated
     assert SampleResult.objects.filter(run=run).count() == 4
+    assert Job.objects.get(pk=job_id).attempts == 1
 
 
 def test_mlflow_server_in_served_mode_receives_everything(tmp_path, settings):

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from runs.models import PipelineRun
-from runs.reaper import reap_stale_runs
+from runs.reaper import reap_stale_jobs
 from tests.conftest import ROOT, status_changes, token_client, worker_env
 from tests.runs.factories import finetune_config
 
@@ -65,7 +65,7 @@ def test_a_sigkilled_work_horse_leaves_the_run_failed_through_the_reaper(gpu_wor
 
     assert PipelineRun.objects.get(pk=run_id).status == "training"  # nobody told the database
     time.sleep(3)
-    reaped = reap_stale_runs(stale_seconds=2)
+    reaped = reap_stale_jobs(stale_seconds=2)
     assert [run for run, _ in reaped] == [run_id]
     run = PipelineRun.objects.get(pk=run_id)
     assert run.status == "failed"
@@ -98,7 +98,7 @@ def test_cancel_removes_a_queued_job(rq_settings, user):
 
     api = token_client(user)
     run_id = api.post("/api/runs/", LONG_FINETUNE, format="json").json()["id"]
-    assert django_rq.get_queue("gpu").job_ids == [f"finetune-{run_id}"]
+    assert django_rq.get_queue("gpu").job_ids == [f"job-{PipelineRun.objects.get(pk=run_id).jobs.get().pk}"]
     api.post(f"/api/runs/{run_id}/cancel/")
     assert django_rq.get_queue("gpu").job_ids == []
     assert PipelineRun.objects.get(pk=run_id).status == "cancelled"

@@ -32,7 +32,7 @@ SAMPLES = [
 ]
 
 
-# DESIGN.md's metric names -> the ragas 0.4 class of that meaning, by ragas' own
+# The metric names -> the ragas 0.4 class of that meaning, by ragas' own
 # public name: written out here, not read from evaluation/metrics.py under test.
 RAGAS_CLASS_OF = {
     "semantic_similarity": "SemanticSimilarity",

@@ -14,7 +14,7 @@ from django.core.servers.basehttp import ThreadedWSGIServer, WSGIRequestHandler
 from django.core.wsgi import get_wsgi_application
 from rest_framework.authtoken.models import Token
 
-from runs.models import PipelineRun, RunEvent
+from runs.models import Job, PipelineRun, RunEvent
 from tests.conftest import status_changes
 from tests.runs.factories import eval_only_config, make_run
 
@@ -71,10 +71,11 @@ def test_fifty_concurrent_run_creations_are_all_stored_and_queued(http_server, r
     ids = {r.json()["id"] for r in responses}
     assert len(ids) == 50
     assert set(PipelineRun.objects.values_list("pk", flat=True)) == ids
-    assert set(PipelineRun.objects.values_list("status", "current_job").distinct()) == {("pending", "score:queued")}
+    assert set(PipelineRun.objects.values_list("status", flat=True).distinct()) == {"pending"}
+    assert set(Job.objects.values_list("step", "state").distinct()) == {("score", "queued")} and Job.objects.count() == 50
     assert RunEvent.objects.filter(message="created").count() == 50
     assert sorted(RunEvent.objects.values_list("run_id", flat=True)) == sorted(ids)
-    assert sorted(django_rq.get_queue("cpu").job_ids) == sorted(f"score-{i}" for i in ids)
+    assert sorted(django_rq.get_queue("cpu").job_ids) == sorted(f"job-{pk}" for pk in Job.objects.values_list("pk", flat=True))
     assert django_rq.get_queue("gpu").job_ids == []
 
 

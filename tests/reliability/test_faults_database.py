@@ -15,9 +15,9 @@ from django.db import connection
 from django.utils import timezone
 
 from evaluation.steps import score_step
-from runs.execution import heartbeat
-from runs.models import ACTIVE_STATUSES, PipelineRun
-from runs.pipeline import inline_foreground, run_step
+from runs.execution import Pulse
+from runs.models import ACTIVE_STATUSES, Job, PipelineRun
+from runs.pipeline import drive_inline, inline_foreground
 from runs.services import run_create
 from tests.conftest import status_changes, token_client
 from tests.runs.factories import eval_only_config, make_run, replace_step_body
@@ -85,7 +85,7 @@ def test_a_connection_terminated_during_a_job_fails_it_cleanly(user, monkeypatch
 
     replace_step_body(monkeypatch, "score", body)
     with pytest.raises(DatabaseError):  # re-raised, so RQ records the job as failed too
-        run_step(run.pk, "score")
+        drive_inline(run.pk)
     run.refresh_from_db()
     assert run.status == "failed"
     assert run.error.startswith("score failed: the database connection was lost or refused the query (OperationalError:"), run.error
@@ -97,15 +97,17 @@ def test_a_connection_terminated_during_a_job_fails_it_cleanly(user, monkeypatch
 
 @pytest.mark.ledger("fault", "database connection of the heartbeat thread terminated", "the thread reconnects: a heartbeat lands after the drop")
 def test_the_heartbeat_thread_survives_a_terminated_connection(user):
-    run = make_run(user, status="evaluating", heartbeat_at=timezone.now() - timedelta(hours=1))
+    run = make_run(user, status="evaluating", jobs=({"step": "generate", "state": "running", "attempts": 1,
+                                                     "heartbeat_at": timezone.now() - timedelta(hours=1)},))
+    job = run.jobs.get()
     mine = my_backend_pid()
-    with heartbeat(run.pk, every=0.2):
-        first = PipelineRun.objects.get(pk=run.pk).heartbeat_at
-        wait_until(lambda: PipelineRun.objects.get(pk=run.pk).heartbeat_at > first, 10, "the thread's first beat")
+    with Pulse(job.pk, 1, every=0.2):
+        first = Job.objects.get(pk=job.pk).heartbeat_at
+        wait_until(lambda: Job.objects.get(pk=job.pk).heartbeat_at > first, 10, "the thread's first beat")
         assert terminate_backends(sparing=[mine]) >= 1  # the thread's connection
         dropped_at = timezone.now()
         time.sleep(0.3)
-        wait_until(lambda: PipelineRun.objects.get(pk=run.pk).heartbeat_at > dropped_at + timedelta(seconds=0.3), 10, "a beat after the drop")
+        wait_until(lambda: Job.objects.get(pk=job.pk).heartbeat_at > dropped_at + timedelta(seconds=0.3), 10, "a beat after the drop")
 
 
 @pytest.mark.pipeline

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 from rq import Queue
-from rq.job import Job
+from rq.job import Job as RqJob
 
-from runs.models import ACTIVE_STATUSES, PipelineRun, RunEvent, RunResult, SampleResult
-from runs.pipeline import run_step
+from runs.models import ACTIVE_STATUSES, Job, PipelineRun, RunEvent, RunResult, SampleResult
+from runs.pipeline import run_job
 from runs.queues import MAX_RESENDS, send_job
 from runs.reaper import requeue_lost_jobs
 from tests.conftest import status_changes, token_client
@@ -55,7 +55,7 @@ def test_queued_jobs_lost_with_a_redis_restart_or_never_sent_are_sent_again(owne
     queued = api.post("/api/runs/", EVAL, format="json")
     assert queued.status_code == 201
     queued_id = queued.json()["id"]
-    assert queue.job_ids == [f"score-{queued_id}"]
+    assert queue.job_ids == [f"job-{Job.objects.get(run_id=queued_id).pk}"]
     owned_redis.restart()
     assert Queue("cpu", connection=redis_conn(owned_redis)).job_ids == []  # lost (and the suspension with it)
 
@@ -66,7 +66,7 @@ def test_queued_jobs_lost_with_a_redis_restart_or_never_sent_are_sent_again(owne
     owned_redis.start()
     for run_id in (queued_id, created_id):
         run = PipelineRun.objects.get(pk=run_id)
-        assert (run.status, run.current_job) == ("pending", "score:queued")
+        assert (run.status, list(run.jobs.values_list("step", "state"))) == ("pending", [("score", "queued")])
     assert Queue("cpu", connection=redis_conn(owned_redis)).job_ids == []
 
     processes.reaper(stale_seconds=60, requeue_grace=2)
@@ -97,7 +97,7 @@ def test_redis_down_while_a_job_runs_and_when_it_ends(owned_rq_settings, owned_r
     try:
         wait_until(lambda: len(PipelineRun.objects.get(pk=run_id).train_history) >= 1, 180, "training to start")
         owned_redis.stop()
-        wait_until(lambda: PipelineRun.objects.get(pk=run_id).current_job == "generate:queued", 120, "the fine-tune job to end")
+        wait_until(lambda: Job.objects.filter(run_id=run_id, step="generate", state="queued").exists(), 120, "the fine-tune job to end")
         assert PipelineRun.objects.get(pk=run_id).status == "evaluating"
         owned_redis.start()
 
@@ -127,17 +127,18 @@ def test_requeue_leaves_held_jobs_alone_and_gives_up_on_a_job_failing_before_its
     queue = Queue("cpu", connection=conn)
     assert requeue_lost_jobs(grace_seconds=0) == []
     assert requeue_lost_jobs(grace_seconds=0) == []
-    assert queue.job_ids == [f"score-{run_id}"]
+    rq_id = f"job-{Job.objects.get(run_id=run_id).pk}"
+    assert queue.job_ids == [rq_id]
 
     for attempt in range(1, MAX_RESENDS + 2):
-        job = Job.fetch(f"score-{run_id}", connection=conn)
+        job = RqJob.fetch(rq_id, connection=conn)
         queue.remove(job)
         job.set_status("failed")  # as if the work-horse died before its first query
         outcome = requeue_lost_jobs(grace_seconds=0)
         if attempt <= MAX_RESENDS:
             assert outcome == [(run_id, "the score job ended failed in RQ before it started: sent it again to the cpu queue")]
-            assert queue.job_ids == [f"score-{run_id}"]
-            assert Job.fetch(f"score-{run_id}", connection=conn).meta["resends"] == attempt
+            assert queue.job_ids == [rq_id]
+            assert RqJob.fetch(rq_id, connection=conn).meta["resends"] == attempt
     run = PipelineRun.objects.get(pk=run_id)
     assert run.status == "failed"
     assert run.error == f"score job lost: the score job ended failed in RQ before it started, {MAX_RESENDS + 1} times; not sending it again"
@@ -150,7 +151,7 @@ def test_with_redis_down_nothing_crashes_and_nothing_is_marked_lost(owned_rq_set
     run_id = api.post("/api/runs/", EVAL, format="json").json()["id"]
     other_id = api.post("/api/runs/", {**EVAL, "name": "to-cancel"}, format="json").json()["id"]
     owned_redis.stop()
-    assert send_job(func=run_step, queue="cpu", run_id=run_id, step="score") is False
+    assert send_job(func=run_job, queue="cpu", job_id=Job.objects.get(run_id=run_id).pk) is False
     assert requeue_lost_jobs(grace_seconds=0) == []
     response = api.post(f"/api/runs/{other_id}/cancel/")
     assert response.status_code == 200 and response.json()["status"] == "cancelled"

@@ -9,7 +9,7 @@ import time
 import psutil
 import pytest
 
-from runs.models import ACTIVE_STATUSES, PipelineRun
+from runs.models import ACTIVE_STATUSES, Job, PipelineRun
 from tests.conftest import status_changes, token_client
 
 from . import fault_tools
@@ -102,9 +102,13 @@ def adapter_weights(run_id: int) -> dict:
     return load_file(str(run_dir(run_id) / "adapter" / "adapter_model.safetensors"))
 
 
+def finetune_job(run_id: int) -> Job:
+    return Job.objects.get(run_id=run_id, step="finetune")
+
+
 def checkpointed_past(run_id: int, step: int) -> bool:
-    run = PipelineRun.objects.only("checkpoint_step", "current_job").get(pk=run_id)
-    return (run.checkpoint_step or 0) >= step and run.current_job == "finetune:running"
+    job = finetune_job(run_id)
+    return (job.checkpoint_step or 0) >= step and job.state == "running"
 
 
 def kill_after_checkpoint(processes, run_id: int, *, step: int, whole_worker: bool) -> int:
@@ -115,7 +119,7 @@ def kill_after_checkpoint(processes, run_id: int, *, step: int, whole_worker: bo
     sigkill(horse)
     if whole_worker:
         sigkill(psutil.Process(gpu.pid))
-    return PipelineRun.objects.get(pk=run_id).checkpoint_step
+    return finetune_job(run_id).checkpoint_step
 
 
 def test_a_sigkilled_fine_tune_resumes_from_its_checkpoint_and_ends_with_the_adapter_of_an_uninterrupted_run(
@@ -134,7 +138,7 @@ def test_a_sigkilled_fine_tune_resumes_from_its_checkpoint_and_ends_with_the_ada
         whole_id = api.post("/api/runs/", {**RESUMABLE, "name": "fault-resume-whole"}, format="json").json()["id"]
         wait_until(lambda: ended(whole_id), 300, "the uninterrupted run to end")
         whole = PipelineRun.objects.get(pk=whole_id)
-        assert whole.status == "completed" and whole.attempts == 1, whole.logs
+        assert whole.status == "completed" and finetune_job(whole_id).attempts == 1, whole.logs
 
         run_id = api.post("/api/runs/", RESUMABLE, format="json").json()["id"]
         at = kill_after_checkpoint(processes, run_id, step=3, whole_worker=True)
@@ -146,13 +150,13 @@ def test_a_sigkilled_fine_tune_resumes_from_its_checkpoint_and_ends_with_the_ada
         raise AssertionError(f"{exc}\n{processes.logs()}") from exc
     run = PipelineRun.objects.get(pk=run_id)
     assert run.status == "completed", run.logs
-    assert run.attempts == 2
+    assert finetune_job(run_id).attempts == 2
     messages = list(run.events.values_list("message", flat=True))
     assert any(f"resuming from step {at} after the worker was lost (attempt 2 of 2)" in m for m in messages), messages
     assert f"attempt 2: resumed from step {at} after the worker was lost" in run.logs
     assert [e["step"] for e in run.train_history] == list(range(1, 25))
     assert [e["loss"] for e in run.train_history] == pytest.approx([e["loss"] for e in whole.train_history], abs=1e-5)
-    assert run.best_step == whole.best_step is not None
+    assert finetune_job(run_id).output["best_step"] == finetune_job(whole_id).output["best_step"] is not None
     a, b = adapter_weights(whole_id), adapter_weights(run_id)
     assert a.keys() == b.keys() and a
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
@@ -171,12 +175,12 @@ def test_a_fine_tune_that_loses_its_worker_on_every_attempt_fails_after_max_atte
     run_id = api.post("/api/runs/", RESUMABLE, format="json").json()["id"]
     try:
         first = kill_after_checkpoint(processes, run_id, step=3, whole_worker=False)
-        wait_until(lambda: PipelineRun.objects.get(pk=run_id).attempts == 2, STALE_SECONDS + 30, "the reaper to resume the run")
+        wait_until(lambda: finetune_job(run_id).attempts == 2, STALE_SECONDS + 30, "the reaper to resume the run")
         kill_after_checkpoint(processes, run_id, step=first + 3, whole_worker=False)
         wait_until(lambda: ended(run_id), STALE_SECONDS + 30, "the reaper to end the run")
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{processes.logs()}") from exc
     run = PipelineRun.objects.get(pk=run_id)
-    assert run.status == "failed" and run.attempts == 2, run.logs
+    assert run.status == "failed" and finetune_job(run_id).attempts == 2, run.logs
     assert "worker lost: no heartbeat" in run.error and "2 attempts of training.max_attempts 2 used" in run.error
     assert not PipelineRun.objects.filter(status__in=ACTIVE_STATUSES).exists()

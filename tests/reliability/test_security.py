@@ -63,7 +63,7 @@ def test_users_cannot_reach_each_others_runs_and_datasets(api, other_api, user, 
     ledger.record("security", "another user's run and dataset (API and pages)", "404 everywhere; nothing changed")
     from django.utils import timezone
 
-    run = make_run(user, status="training", heartbeat_at=timezone.now())
+    run = make_run(user, status="training", jobs=({"step": "finetune", "state": "running", "attempts": 1, "heartbeat_at": timezone.now()},))
     upload = api.post("/api/datasets/", {"name": "alice-only", "type": "train", "file": __import__("io").BytesIO(b'{"question":"q","answer":"a","context":"c"}\n')}, format="multipart")
     dataset_id = upload.json()["id"]
     for method, path, body in [

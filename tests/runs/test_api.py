@@ -103,7 +103,8 @@ def test_create_run_stores_a_pending_validated_run(api, user):
     assert run.owner == user
     assert run.config["training"]["lora"]["r"] == 8
     assert [d.name for d in run.train_datasets.all()] == ["rag_qa_train"]
-    assert run.current_job == "finetune:queued"
+    assert list(run.jobs.values_list("step", "state", "queue")) == [("finetune", "queued", "gpu")]
+    assert [(j["step"], j["state"]) for j in body["jobs"]] == [("finetune", "queued")] and body["parent"] is None
 
 
 def test_create_run_refuses_a_bad_config_naming_the_field(api):

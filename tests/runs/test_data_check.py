@@ -104,9 +104,8 @@ def test_a_config_above_the_limits_lists_each_problem_with_its_field(tiny_model)
 
 
 def test_the_estimate_uses_the_last_run_of_the_same_base_model_on_the_same_device(user, tiny_model):
-    history = [{"step": 1, "loss": 1.0, "tokens": 500, "elapsed_seconds": 5.0, "device": "cpu"},
-               {"step": 2, "loss": 0.9, "tokens": 1000, "elapsed_seconds": 10.0, "device": "cpu"}]
-    earlier = make_run(user, status="completed", train_history=history)
+    measured = {"step": "finetune", "state": "done", "figures": {"tokens_per_second": 100.0, "device": "cpu", "steps": 2}}
+    earlier = make_run(user, status="completed", jobs=(measured,))
     report = check_config(finetune_config(), owner=user)
     assert report["estimate"]["seconds"] == pytest.approx(report["estimate"]["tokens"] / 100.0)
     assert f"run #{earlier.pk} on cpu" in report["estimate"]["basis"]

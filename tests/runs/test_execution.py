@@ -8,7 +8,7 @@ import pytest
 from django.db import OperationalError
 
 from runs import execution
-from runs.models import PipelineRun
+from runs.models import Job
 
 from .factories import make_run
 
@@ -16,27 +16,38 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def test_the_heartbeat_thread_outlives_database_errors(user, monkeypatch):
-    run = make_run(user, status="evaluating")
+    run = make_run(user, status="evaluating", jobs=({"step": "generate", "state": "running", "attempts": 1},))
+    job = run.jobs.get()
     calls = []
-    real = execution.run_heartbeat
+    real = execution.job_heartbeat
 
-    def flaky(*, run_id: int) -> None:
+    def flaky(*, job_id: int, attempt: int) -> bool:
         calls.append(threading.current_thread().name)
         if len(calls) in (2, 3):  # the thread's first two beats fail
             raise OperationalError("server closed the connection unexpectedly")
-        real(run_id=run_id)
+        return real(job_id=job_id, attempt=attempt)
 
-    monkeypatch.setattr(execution, "run_heartbeat", flaky)
-    with execution.heartbeat(run.pk, every=0.05):
+    monkeypatch.setattr(execution, "job_heartbeat", flaky)
+    with execution.Pulse(job.pk, 1, every=0.05) as pulse:
         deadline = time.monotonic() + 10
         while len(calls) < 6 and time.monotonic() < deadline:
             time.sleep(0.05)
     assert len(calls) >= 6, "the thread stopped beating after an error"
-    assert PipelineRun.objects.get(pk=run.pk).heartbeat_at is not None
+    assert Job.objects.get(pk=job.pk).heartbeat_at is not None and not pulse.lost
+    assert pulse.figures()["peak_rss_bytes"] > 0
+
+
+def test_the_pulse_notices_when_its_attempt_no_longer_holds_the_job(user):
+    run = make_run(user, status="evaluating", jobs=({"step": "generate", "state": "running", "attempts": 2},))
+    with execution.Pulse(run.jobs.get().pk, 1, every=0.05) as pulse:  # attempt 1 was lost; the reaper gave the job to attempt 2
+        deadline = time.monotonic() + 10
+        while not pulse.lost and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert pulse.lost
 
 
 def test_a_database_error_in_a_job_is_reported_as_a_lost_connection(user, monkeypatch):
-    from runs.pipeline import inline_foreground, run_step
+    from runs.pipeline import drive_inline, inline_foreground
     from runs.services import run_create
     from tests.runs.factories import eval_only_config, replace_step_body
 
@@ -48,7 +59,7 @@ def test_a_database_error_in_a_job_is_reported_as_a_lost_connection(user, monkey
 
     replace_step_body(monkeypatch, "score", body)
     with pytest.raises(OperationalError):
-        run_step(run.pk, "score")
+        drive_inline(run.pk)
     run.refresh_from_db()
     assert run.status == "failed"
     assert run.error == (

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import pytest
 
-from runs.config import RunConfig, validate_config
+from runs.config import validate_config
 from runs.forms import BY_PATH, FIELDS, RunForm, YamlConfigForm, _core_type, _default, initial_from_config, schema_field, schema_leaf_paths
 
 pytestmark = pytest.mark.django_db
@@ -122,8 +122,8 @@ def test_blank_fields_take_the_schemas_defaults(user):
     form = RunForm(as_post({"name": "blank", "kind": "finetune", "train_datasets": ["rag_qa_train"], "eval_datasets": ["ragas_eval"],
                             "metrics": ["rouge_score"], "answers": "generate"}), user=user)
     assert form.is_valid(), form.errors
-    expected = RunConfig.model_validate({"name": "blank", "kind": "finetune", "datasets": {"train": ["rag_qa_train"], "eval": ["ragas_eval"]},
-                                         "evaluation": {"metrics": ["rouge_score"], "compare_base": False}}).model_dump(mode="json")
+    expected = validate_config({"name": "blank", "kind": "finetune", "datasets": {"train": ["rag_qa_train"], "eval": ["ragas_eval"]},
+                                "evaluation": {"metrics": ["rouge_score"], "compare_base": False}})
     assert form.config == expected
 
 

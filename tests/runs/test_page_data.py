@@ -44,42 +44,42 @@ def test_a_running_stage_counts_up_to_now():
     assert entries[-1]["current"] and round(entries[-1]["seconds"]) == 75
 
 
-def test_live_stats_while_training_come_from_the_stage_history_and_events():
+def test_live_stats_while_training_come_from_the_timed_history_and_the_training_job():
     now = timezone.now()
-    history = [{"step": s, "loss": 2.0 - s / 100, "learning_rate": 1e-4, "epoch": s / 20} for s in range(1, 31)]
+    history = [{"step": s, "loss": 2.0 - s / 100, "learning_rate": 1e-4, "epoch": s / 20, "elapsed_seconds": 2.0 * s, "tokens": 100 * s,
+                "device": "cpu"} for s in range(1, 31)]
+    training = {"step": "finetune", "state": "running", "attempts": 1, "figures": {"total_steps": 60, "device": "cpu"}}
     run = make_run(_user(), status="training", progress=40, stage="training step 30/60, epoch 1.50, loss 1.7",
-                   train_history=history, started_at=now - timedelta(seconds=80))
-    at(run, "training", now - timedelta(seconds=60))
+                   train_history=history, started_at=now - timedelta(seconds=80), jobs=(training,))
     stats = page_data.run_live_stats(PipelineRun.objects.get(pk=run.pk), now=now)
     assert round(stats["elapsed_seconds"]) == 80
     assert (stats["steps"], stats["total_steps"]) == (30, 60)
-    assert stats["steps_per_second"] == pytest.approx(0.5, rel=0.01)  # 30 steps in the 60 s since training began
-    assert stats["eta_seconds"] == pytest.approx(60, rel=0.01)  # 30 steps left at 0.5 steps/s
-    assert "model loading included" in stats["speed_basis"]
-    # The trainer records none of these while it trains: the page says so instead of guessing.
-    assert [item.split(" (")[0] for item in stats["not_recorded"]] == ["device", "tokens/s", "peak memory"]
+    assert stats["steps_per_second"] == pytest.approx(0.5) and stats["tokens_per_second"] == pytest.approx(50.0)
+    assert stats["eta_seconds"] == pytest.approx(60)  # 30 steps left at 0.5 steps/s
+    assert stats["speed_basis"] == "between the first and the latest step" and stats["device"] == "cpu"
+    # Peak memory is measured for the job when it ends: the page says so instead of guessing.
+    assert [item.split(" (")[0] for item in stats["not_recorded"]] == ["peak memory"]
 
 
-def test_live_stats_after_training_read_the_trainers_measurements():
+def test_live_stats_after_training_read_the_training_jobs_figures():
     now = timezone.now()
-    logs = "[t] trained 6 steps on cuda:0 (bfloat16) in 3.0s: final loss 5.3081, 1234 tokens/s, 118272/983424 parameters trainable\n"
-    run = make_run(_user(), status="evaluating", progress=80, stage="generating answers", logs=logs, started_at=now - timedelta(seconds=50),
-                   train_history=[{"step": 6, "loss": 5.3, "learning_rate": 0.0, "epoch": 1.0}])
+    figures = {"device": "cuda:0", "dtype": "bfloat16", "steps": 6, "tokens_per_second": 1234.0, "step_seconds": 0.5,
+               "peak_memory_bytes": 3 * 1024**3}
+    run = make_run(_user(), status="evaluating", progress=80, stage="generating answers", started_at=now - timedelta(seconds=50),
+                   train_history=[{"step": 6, "loss": 5.3, "learning_rate": 0.0, "epoch": 1.0}],
+                   jobs=({"step": "finetune", "state": "done", "attempts": 1, "figures": figures},))
     stats = page_data.run_live_stats(run, now=now)
     assert (stats["device"], stats["dtype"], stats["steps"]) == ("cuda:0", "bfloat16", 6)
     assert stats["steps_per_second"] == pytest.approx(2.0) and stats["tokens_per_second"] == 1234
     assert stats["eta_seconds"] == pytest.approx(50 * 20 / 80) and "progress" in stats["eta_basis"]
-    assert [item.split(" (")[0] for item in stats["not_recorded"]] == ["peak memory"]
+    assert stats["peak_memory_bytes"] == 3 * 1024**3 and "GPU" in stats["peak_memory_basis"] and stats["not_recorded"] == []
 
 
-def test_live_stats_use_timed_history_entries_when_the_trainer_adds_them():
-    history = [{"step": 1, "loss": 2.0, "elapsed_seconds": 10.0, "tokens": 1000, "peak_memory_bytes": 2 * 1024**3, "device": "cuda"},
-               {"step": 11, "loss": 1.5, "elapsed_seconds": 15.0, "tokens": 6000, "peak_memory_bytes": 3 * 1024**3, "device": "cuda"}]
-    run = make_run(_user(), status="training", stage="training step 11/21, epoch 0.5, loss 1.5", train_history=history)
+def test_no_figure_is_read_from_a_log_line():
+    logs = "[t] trained 6 steps on cuda:0 (bfloat16) in 3.0s: final loss 5.3081, 1234 tokens/s, peak memory 9.2 GiB\n"
+    run = make_run(_user(), status="evaluating", logs=logs, jobs=({"step": "finetune", "state": "done", "attempts": 1},))
     stats = page_data.run_live_stats(run)
-    assert stats["steps_per_second"] == pytest.approx(2.0) and stats["tokens_per_second"] == pytest.approx(1000.0)
-    assert stats["eta_seconds"] == pytest.approx(5.0)
-    assert stats["device"] == "cuda" and stats["peak_memory_bytes"] == 3 * 1024**3 and stats["not_recorded"] == []
+    assert stats["device"] == "" and stats["tokens_per_second"] is None and stats["peak_memory_bytes"] is None
 
 
 def test_an_eval_only_run_reports_no_training_figures():

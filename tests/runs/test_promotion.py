@@ -9,8 +9,8 @@ import pytest
 from evaluation.significance import compare_metrics
 from runs import tracking
 from runs.models import PromotionDecision
-from runs.promotion import decide_after_comparison
-from runs.services import run_set_mlflow_ids, run_set_registered_model
+from runs.promotion import apply_decisions, gate_decision
+from runs.services import run_record_promotion, run_set_mlflow_ids, run_set_registered_model
 from tests.conftest import token_client
 from tests.runs.factories import make_run
 
@@ -41,6 +41,18 @@ def registered_run(user, tmp_path, *, status="completed"):
     run_set_registered_model(run_id=run.pk, name=NAME, version=str(version))
     run.refresh_from_db()
     return run
+
+
+def decide_after_comparison(*, run, comparisons) -> PromotionDecision:
+    """What the compare job stores (the gate's decision) and the promote job then applies to MLflow."""
+    gate = gate_decision(run=run, comparisons=comparisons)
+    row = run_record_promotion(run_id=run.pk, model_name=gate.model_name, model_version=gate.model_version, decision=gate.decision,
+                               alias=gate.alias, reason=gate.reason, automatic=True)
+    assert tracking.version_tags(NAME, run.registered_model_version).get("promotion") is None  # recorded, not applied yet
+    assert apply_decisions(run_id=run.pk) == [row.pk]
+    row.refresh_from_db()
+    assert row.applied_at is not None
+    return row
 
 
 def comparisons(shift: float):

@@ -34,11 +34,12 @@ ENDPOINTS: dict[str, tuple[str, Callable[[PipelineRun], str], int]] = {
     "api-list": ("api", lambda run: "/api/runs/", 4),
     "api-list-filtered": ("api", lambda run: "/api/runs/?status=completed,failed", 4),
     "api-list-staff": ("staff_api", lambda run: "/api/runs/", 4),
-    "api-detail": ("api", lambda run: f"/api/runs/{run.pk}/", 6),
-    "api-detail-staff": ("staff_api", lambda run: f"/api/runs/{run.pk}/", 6),
+    # + the run's jobs and its children (a sweep's trials): one query each
+    "api-detail": ("api", lambda run: f"/api/runs/{run.pk}/", 8),
+    "api-detail-staff": ("staff_api", lambda run: f"/api/runs/{run.pk}/", 8),
     "dashboard": ("logged_in", lambda run: "/", 6),
     "dashboard-filtered": ("logged_in", lambda run: "/?status=completed&sort=-duration", 6),
-    "status-fragment": ("logged_in", lambda run: f"/runs/{run.pk}/status/", 4),
+    "status-fragment": ("logged_in", lambda run: f"/runs/{run.pk}/status/", 5),  # + the run's jobs
     "run-row": ("logged_in", lambda run: f"/runs/{run.pk}/row/", 5),
     "results-page": ("logged_in", lambda run: f"/runs/{run.pk}/results/", 9),
 }

@@ -21,7 +21,7 @@ def test_it_retries_a_failed_or_cancelled_run_as_a_new_pending_run(api, user, st
     assert body["name"] == f"test-finetune (retry of #{run.pk})"
     assert body["config"] == {**run.config, "name": body["name"]}
     retry = PipelineRun.objects.get(pk=body["id"])
-    assert retry.owner == user and retry.current_job == "finetune:queued"
+    assert retry.owner == user and list(retry.jobs.values_list("step", "state")) == [("finetune", "queued")]
     assert [d.name for d in retry.train_datasets.all()] == ["rag_qa_train"]
     assert list(RunEvent.objects.filter(run=retry).values_list("message", flat=True)) == ["created"]
     assert f"retry of run #{run.pk}" in retry.logs

@@ -22,13 +22,18 @@ def logged_in(client, user):
 
 def test_the_live_page_shows_elapsed_speed_eta_and_what_is_not_recorded(logged_in, user):
     now = timezone.now()
-    history = [{"step": s, "loss": 2.0 - s / 100, "learning_rate": 1e-4, "epoch": s / 20} for s in range(1, 11)]
+    history = [{"step": s, "loss": 2.0 - s / 100, "learning_rate": 1e-4, "epoch": s / 20, "elapsed_seconds": 3.0 * s, "tokens": 90 * s}
+               for s in range(1, 11)]
+    training = {"step": "finetune", "state": "running", "attempts": 1, "figures": {"total_steps": 40}, "progress": 0.25,
+                "stage": "training step 10/40", "started_at": now - timedelta(minutes=1)}
     run = beating_run(user, status="training", progress=30, stage="training step 10/40, epoch 0.50, loss 1.9",
-                      train_history=history, started_at=now - timedelta(minutes=2))
+                      train_history=history, started_at=now - timedelta(minutes=2), jobs=(training,))
     page = logged_in.get(f"/runs/{run.pk}/status/").content.decode()
     assert "10 of 40" in page and "steps/s" in page and "ETA" in page and "min" in page
-    assert "Not recorded yet: device" in page and "peak memory (the trainer does not record it)" in page
+    assert "Not recorded yet: device" in page and "peak memory (measured when the training job ends)" in page
     assert 'data-terminal="false"' in page
+    # each job with its own state and progress
+    assert 'id="run-jobs"' in page and "finetune" in page and "25%" in page
 
 
 def test_no_results_link_before_there_are_results(logged_in, user):
