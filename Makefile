@@ -64,7 +64,7 @@ served-status:
 	scripts/served_mode.sh status
 
 clean:
-	rm -rf var/runs var/mlartifacts var/mlflow.db var/db.sqlite3 var/data
+	rm -rf var/runs var/mlartifacts var/mlflow.db var/db.sqlite3 var/db.sqlite3-wal var/db.sqlite3-shm var/data
 
 # make bench - every benchmark of bench/README.md, each measuring its baseline in the
 #              same run and printing the ratio; writes bench/results.json. Not part of

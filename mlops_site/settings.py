@@ -133,8 +133,17 @@ DATABASES = {
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
-    # Inline jobs write from a second thread while pages read: wait, don't fail.
-    DATABASES["default"].setdefault("OPTIONS", {})["timeout"] = 30
+    # The embedded default writes from several threads at once: a run's steps in the
+    # server process (progress, heartbeat, logs, checkpoints) while pages and the admin
+    # save. WAL lets readers and one writer proceed together; IMMEDIATE transactions take
+    # the write lock when they begin, so a save never deadlocks upgrading a read lock
+    # (SQLite answers that with "database is locked" at once, whatever the timeout);
+    # `timeout` (the busy timeout, seconds) makes a writer wait for the lock instead.
+    DATABASES["default"].setdefault("OPTIONS", {}).update({
+        "timeout": envint("SQLITE_BUSY_TIMEOUT", 30),
+        "transaction_mode": "IMMEDIATE",
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL",
+    })
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
