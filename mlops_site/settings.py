@@ -248,9 +248,13 @@ MLFLOW_UI_URL = os.environ.get("MLFLOW_UI_URL", "")
 
 # --- API
 REST_FRAMEWORK = {
+    # Token first: DRF answers an unauthenticated request 401 with a WWW-Authenticate
+    # header only when the first class names a scheme (session auth names none: 403).
+    # Session auth still serves the browsable API and the docs, and still enforces CSRF
+    # on session writes.
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.SessionAuthentication",
         "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     # JSON bodies pass the size/depth bound (mlops_site/limits.py) before json.load.

@@ -12,7 +12,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from .api_schema import RunConfigInputSerializer
+from .api_schema import RunConfigInputSerializer, config_request_examples
 from .exports import results_csv
 from .models import PipelineRun, PromotionDecision, RunResult, RunStatus, SampleResult, ScoreComparison, Variant
 from .playground import MAX_CONTEXT_CHARS, MAX_CONTEXTS, MAX_NEW_TOKENS_CAP, MAX_QUESTION_CHARS, MAX_TEMPERATURE
@@ -121,6 +121,7 @@ class RunListCreateApi(generics.ListAPIView):
 
     @extend_schema(
         request=RunConfigInputSerializer,
+        examples=config_request_examples(),
         responses={201: RunDetailSerializer},
         description="Create a run from a config (the YAML schema as JSON, the `RunConfig` schema below: every field "
                     "with its type, range and default). Stored as `pending` and queued.",
@@ -133,6 +134,7 @@ class RunListCreateApi(generics.ListAPIView):
 class RunCheckApi(APIView):
     @extend_schema(
         request=RunConfigInputSerializer,
+        examples=config_request_examples(),
         responses={200: OpenApiTypes.OBJECT, 400: OpenApiTypes.OBJECT, 503: OpenApiTypes.OBJECT},
         description="Check a config's data before creating a run (training/data_check.py): token lengths of prompt and answer "
                     "under the base model's tokenizer and prompt format, rows `max_seq_length` would cut (refused above "
