@@ -164,7 +164,6 @@ STATICFILES_DIRS = [BASE_DIR / "static"]
 STATICFILES_FINDERS = [
     "django.contrib.staticfiles.finders.FileSystemFinder",
     "django.contrib.staticfiles.finders.AppDirectoriesFinder",
-    "mlops_site.staticfiles.VendorFinder",  # plotly.js from the plotly package
 ]
 STATIC_ROOT = Path(os.environ.get("STATIC_ROOT", BASE_DIR / "staticfiles"))
 # Hashed, compressed file names (cached forever by browsers) need `collectstatic` to
@@ -193,6 +192,12 @@ if STATIC_FROM_SOURCE and STATIC_MANIFEST:
     raise ImproperlyConfigured("STATIC_FROM_SOURCE needs STATIC_MANIFEST=false: hashed names exist only in collected files")
 WHITENOISE_USE_FINDERS = STATIC_FROM_SOURCE
 WHITENOISE_AUTOREFRESH = STATIC_FROM_SOURCE
+if not STATIC_MANIFEST:
+    # Without hashed names, the vendored files named by their version (static/vendor/,
+    # mlops_site/staticfiles.py) are still safe to cache for good; the rest get a minute.
+    from .staticfiles import VERSIONED_VENDOR_URL
+
+    WHITENOISE_IMMUTABLE_FILE_TEST = VERSIONED_VENDOR_URL
 
 LOGIN_URL = "/accounts/login/"
 # Password logins (login page, admin) lock after LOGIN_FAILURE_LIMIT failures per

@@ -1,0 +1,3 @@
+"""The browser fixtures of test_pages_in_chromium.py (`make serve` on a free port, Debian's Chromium), for the other browser tests."""
+
+from tests.browser.test_pages_in_chromium import app_url, browser  # noqa: F401
