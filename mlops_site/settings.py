@@ -140,7 +140,7 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # (SQLite answers that with "database is locked" at once, whatever the timeout);
     # `timeout` (the busy timeout, seconds) makes a writer wait for the lock instead.
     DATABASES["default"].setdefault("OPTIONS", {}).update({
-        "timeout": envint("SQLITE_BUSY_TIMEOUT", 30),
+        "timeout": 30,
         "transaction_mode": "IMMEDIATE",
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL",
     })
