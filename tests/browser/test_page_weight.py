@@ -7,7 +7,7 @@ new user's first visit does. The pages load one plotly.js, the vendored partial 
 
 The bytes are asserted always. The time to interactive (deferred scripts run and the
 chart drawn) is measured on every run and written to test-artifacts/page-weight.json;
-it is asserted under 1 s only on an idle machine (load average under half the cores), as
+it is asserted under 1 s only on an idle machine (under 20% CPU busy before the loads), as
 a timing taken while other work shares the CPU measures that work, not the page.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -36,8 +37,20 @@ COLD_LOADS = 5
 PLOTLY_PREFIX = "/static/vendor/plotly"
 
 
-def machine_is_idle() -> bool:
-    return os.getloadavg()[0] < (os.cpu_count() or 1) / 2
+def machine_is_idle(seconds: float = 2.0) -> bool:
+    """Under 20% of the CPUs busy over a short sample (taken before the test loads any page):
+    the load average would count the test's own server and browser for a minute after."""
+    def busy_and_total() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields) - idle, sum(fields)
+
+    if not Path("/proc/stat").exists():
+        return os.getloadavg()[0] < (os.cpu_count() or 1) / 2
+    busy_before, total_before = busy_and_total()
+    time.sleep(seconds)
+    busy_after, total_after = busy_and_total()
+    return (busy_after - busy_before) / max(1, total_after - total_before) < 0.2
 
 
 class Transfers:
@@ -94,6 +107,7 @@ def logged_in_state(browser, app_url, user) -> dict:
 def test_charted_pages_load_one_compressed_partial_plotly_and_are_interactive_fast(browser, app_url, logged_in_state, user):
     from tests.runs.test_views import scored_run
 
+    idle = machine_is_idle()
     finetune, eval_only = scored_run(user), scored_run(user, kind="eval_only")
     pages = {
         "results": (f"/runs/{finetune.pk}/results/", ".results-chart .main-svg"),
@@ -109,7 +123,7 @@ def test_charted_pages_load_one_compressed_partial_plotly_and_are_interactive_fa
             **{f"median_{k}_ms": statistics.median(load[k] for load in loads) for k in ("dom_content_loaded", "chart_drawn", "load")},
             "plotly_loads": max(load["plotly_loads"] for load in loads),
         }
-    figures["machine"] = {"load_average": os.getloadavg(), "cpus": os.cpu_count(), "idle": machine_is_idle()}
+    figures["machine"] = {"load_average": os.getloadavg(), "cpus": os.cpu_count(), "idle_before_the_loads": idle}
     out = ROOT / "test-artifacts" / "page-weight.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(figures, indent=2))
@@ -121,7 +135,7 @@ def test_charted_pages_load_one_compressed_partial_plotly_and_are_interactive_fa
         plotly = [s for s in page["scripts"] if s[0].startswith(PLOTLY_PREFIX)]
         assert plotly and plotly[0][2] == "gzip", (name, plotly)  # compressed on the wire
         assert page["script_bytes"] < SCRIPT_BUDGET_BYTES, (name, page["scripts"])
-        if machine_is_idle():
+        if idle:
             assert page["median_chart_drawn_ms"] < INTERACTIVE_BUDGET_MS, (name, page)
 
 
