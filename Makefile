@@ -37,8 +37,23 @@ SERVE_ADDR ?= 127.0.0.1:8000
 serve: migrate
 	$(PY) manage.py runserver $(SERVE_ADDR)
 
+# make superuser - asks for a username and password on a terminal. Without one (a script, CI,
+#                  a container) it reads DJANGO_SUPERUSER_USERNAME, DJANGO_SUPERUSER_EMAIL and
+#                  DJANGO_SUPERUSER_PASSWORD, as `createsuperuser --noinput` does, and fails
+#                  with a message when they are not set (Django alone would print "skipped" and exit 0).
 superuser: migrate
-	$(PY) manage.py createsuperuser
+	@if [ -n "$$DJANGO_SUPERUSER_PASSWORD" ]; then \
+	  if [ -z "$$DJANGO_SUPERUSER_USERNAME" ]; then \
+	    echo "make superuser: DJANGO_SUPERUSER_PASSWORD is set but DJANGO_SUPERUSER_USERNAME is not: set both (and DJANGO_SUPERUSER_EMAIL, may be empty)." >&2; exit 2; \
+	  fi; \
+	  DJANGO_SUPERUSER_EMAIL="$${DJANGO_SUPERUSER_EMAIL-}" $(PY) manage.py createsuperuser --noinput; \
+	elif [ -t 0 ]; then \
+	  $(PY) manage.py createsuperuser; \
+	else \
+	  echo "make superuser: no terminal to ask for a password. Run it in a terminal, or set DJANGO_SUPERUSER_USERNAME," >&2; \
+	  echo "DJANGO_SUPERUSER_PASSWORD and DJANGO_SUPERUSER_EMAIL (may be empty) in the environment." >&2; \
+	  exit 2; \
+	fi
 
 worker-gpu: $(VENV)/.installed
 	$(PY) manage.py rqworker gpu
@@ -64,7 +79,7 @@ served-status:
 	scripts/served_mode.sh status
 
 clean:
-	rm -rf var/runs var/mlartifacts var/mlflow.db var/db.sqlite3 var/data
+	rm -rf var/runs var/mlartifacts var/mlflow.db var/db.sqlite3 var/db.sqlite3-wal var/db.sqlite3-shm var/data
 
 # make bench - every benchmark of bench/README.md, each measuring its baseline in the
 #              same run and printing the ratio; writes bench/results.json. Not part of

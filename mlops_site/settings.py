@@ -133,13 +133,16 @@ DATABASES = {
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
-    # Inline jobs write from other threads while pages read and write: readers never wait for the writer (WAL),
-    # a writer waits its turn (busy timeout) and takes the write lock when its transaction begins (IMMEDIATE), so a
-    # transaction that reads then writes is never refused half-way with "database is locked".
+    # The embedded default writes from several threads at once: a run's steps in the
+    # server process (progress, heartbeat, logs, checkpoints) while pages and the admin
+    # save. WAL lets readers and one writer proceed together; IMMEDIATE transactions take
+    # the write lock when they begin, so a save never deadlocks upgrading a read lock
+    # (SQLite answers that with "database is locked" at once, whatever the timeout);
+    # `timeout` (the busy timeout, seconds) makes a writer wait for the lock instead.
     DATABASES["default"].setdefault("OPTIONS", {}).update({
         "timeout": 30,
         "transaction_mode": "IMMEDIATE",
-        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL",
     })
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -161,7 +164,6 @@ STATICFILES_DIRS = [BASE_DIR / "static"]
 STATICFILES_FINDERS = [
     "django.contrib.staticfiles.finders.FileSystemFinder",
     "django.contrib.staticfiles.finders.AppDirectoriesFinder",
-    "mlops_site.staticfiles.VendorFinder",  # plotly.js from the plotly package
 ]
 STATIC_ROOT = Path(os.environ.get("STATIC_ROOT", BASE_DIR / "staticfiles"))
 # Hashed, compressed file names (cached forever by browsers) need `collectstatic` to
@@ -190,6 +192,12 @@ if STATIC_FROM_SOURCE and STATIC_MANIFEST:
     raise ImproperlyConfigured("STATIC_FROM_SOURCE needs STATIC_MANIFEST=false: hashed names exist only in collected files")
 WHITENOISE_USE_FINDERS = STATIC_FROM_SOURCE
 WHITENOISE_AUTOREFRESH = STATIC_FROM_SOURCE
+if not STATIC_MANIFEST:
+    # Without hashed names, the vendored files named by their version (static/vendor/,
+    # mlops_site/staticfiles.py) are still safe to cache for good; the rest get a minute.
+    from .staticfiles import VERSIONED_VENDOR_URL
+
+    WHITENOISE_IMMUTABLE_FILE_TEST = VERSIONED_VENDOR_URL
 
 LOGIN_URL = "/accounts/login/"
 # Password logins (login page, admin) lock after LOGIN_FAILURE_LIMIT failures per
@@ -245,9 +253,13 @@ MLFLOW_UI_URL = os.environ.get("MLFLOW_UI_URL", "")
 
 # --- API
 REST_FRAMEWORK = {
+    # Token first: DRF answers an unauthenticated request 401 with a WWW-Authenticate
+    # header only when the first class names a scheme (session auth names none: 403).
+    # Session auth still serves the browsable API and the docs, and still enforces CSRF
+    # on session writes.
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.SessionAuthentication",
         "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     # JSON bodies pass the size/depth bound (mlops_site/limits.py) before json.load.
@@ -268,7 +280,7 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
     "COMPONENT_SPLIT_REQUEST": True,
-    # Swagger UI is served from the app (no CDN): see the offline rule in docs/ARCHITECTURE.md.
+    # Swagger UI is served from the app (no CDN): see the offline rule in DESIGN.md.
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
@@ -318,7 +330,7 @@ LOGGING = {
     },
 }
 
-# Offline rule: nothing may phone home (docs/ARCHITECTURE.md, "The offline rule").
+# Offline rule: nothing may phone home (see DESIGN.md).
 os.environ.setdefault("RAGAS_DO_NOT_TRACK", "true")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")

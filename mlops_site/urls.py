@@ -4,6 +4,8 @@ from django.templatetags.static import static
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from .api_root import ApiRootApi
+from .api_token import api_token
 from .health import healthz
 from .queues_page import queues_home
 
@@ -21,8 +23,10 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema", template_name="api_docs.html"), name="api-docs"),
+    path("api/", ApiRootApi.as_view(), name="api-root"),
     path("api/", include("datasets_app.urls")),
     path("api/", include("runs.urls")),
+    path("accounts/token/", api_token, name="api-token"),
     path("accounts/", include("django.contrib.auth.urls")),
     path("", include("datasets_app.page_urls")),
     path("", include("runs.page_urls")),

@@ -10,6 +10,7 @@ from django.utils.html import format_html
 
 from mlops_site.admin_mixins import ReadOnlyAdminMixin, ServiceAddFormMixin
 from mlops_site.limits import StructureLimitError, check_structure
+from mlops_site.queues_page import use_queues_page_in_admin
 
 from .config import MAX_CONFIG_BYTES, ConfigError, validate_config
 from .models import TERMINAL_STATUSES, Job, PipelineRun, RunEvent, RunResult, SampleResult
@@ -50,11 +51,20 @@ class BoundedJSONField(forms.JSONField):
                 raise forms.ValidationError(str(exc)) from None
         return super().to_python(value)
 
+    def prepare_value(self, value):
+        # Indented, so that a prefilled config reads like the YAML file it came from.
+        if isinstance(value, forms.fields.InvalidJSONInput):
+            return value
+        return json.dumps(value, ensure_ascii=False, indent=2, cls=self.encoder)
+
 
 class RunCreateForm(forms.ModelForm):
     """Admin add form: a config (JSON) validated like the API's, then run_create."""
 
-    config = BoundedJSONField(help_text="Same schema as configs/*.yaml, as JSON.")
+    config = BoundedJSONField(
+        help_text="Same schema as configs/*.yaml, as JSON; starts as configs/finetune_rag_qa.yaml.",
+        widget=forms.Textarea(attrs={"rows": 32, "cols": 90, "spellcheck": "false", "class": "vLargeTextField"}),
+    )
 
     class Meta:
         model = PipelineRun
@@ -86,6 +96,24 @@ class PipelineRunAdmin(ServiceAddFormMixin, admin.ModelAdmin):
 
     def get_exclude(self, request, obj=None):
         return [] if obj is None else self.exclude
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        # An existing run's page is read-only, every field of it (the current job, attempts,
+        # checkpoints, the data check are the pipeline's state): its status changes only
+        # through the actions, which call the services.
+        return obj is None and super().has_change_permission(request)
+
+    def get_changeform_initial_data(self, request: HttpRequest) -> dict:
+        """"Add pipeline run" starts from the default fine-tune (configs/finetune_rag_qa.yaml), as the New run page does."""
+        from django.conf import settings
+
+        from .config import parse_yaml
+
+        path = settings.BASE_DIR / "configs" / "finetune_rag_qa.yaml"
+        try:
+            return {"config": parse_yaml(path.read_text(encoding="utf-8"), source=str(path))}
+        except (OSError, ConfigError):
+            return {}
 
     def get_inlines(self, request, obj):
         return [] if obj is None else self.inlines
@@ -173,3 +201,6 @@ class SampleResultAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     @admin.display(description="question")
     def short_question(self, obj: SampleResult) -> str:
         return obj.question[:80]
+
+
+use_queues_page_in_admin(admin.site)

@@ -12,10 +12,10 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from .api_schema import RunConfigInputSerializer
+from .api_schema import RunConfigInputSerializer, config_request_examples
 from .exports import results_csv
 from .models import Job, PipelineRun, PromotionDecision, RunResult, RunStatus, SampleResult, ScoreComparison, Variant
-from .playground import MAX_CONTEXT_CHARS, MAX_CONTEXTS, MAX_QUESTION_CHARS
+from .playground import MAX_CONTEXT_CHARS, MAX_CONTEXTS, MAX_NEW_TOKENS_CAP, MAX_QUESTION_CHARS, MAX_TEMPERATURE
 from .selectors import run_visible_to
 from .services import (
     run_append_logs,
@@ -166,6 +166,7 @@ class RunListCreateApi(generics.ListAPIView):
 
     @extend_schema(
         request=RunConfigInputSerializer,
+        examples=config_request_examples(),
         responses={201: RunDetailSerializer},
         description="Create a run from a config (the YAML schema as JSON, the `RunConfig` schema below: every field "
                     "with its type, range and default). Stored as `pending` and queued.",
@@ -178,6 +179,7 @@ class RunListCreateApi(generics.ListAPIView):
 class RunCheckApi(APIView):
     @extend_schema(
         request=RunConfigInputSerializer,
+        examples=config_request_examples(),
         responses={200: OpenApiTypes.OBJECT, 400: OpenApiTypes.OBJECT, 503: OpenApiTypes.OBJECT},
         description="Check a config's data before creating a run (training/data_check.py): token lengths of prompt and answer "
                     "under the base model's tokenizer and prompt format, rows `max_seq_length` would cut (refused above "
@@ -386,16 +388,45 @@ class RunDemoteApi(_RunPromotionApi):
 
 
 class GenerateInputSerializer(serializers.Serializer):
+    """A question, and how to decode it: the run's own decoding (greedy, its max_new_tokens) by default."""
+
     question = serializers.CharField(max_length=MAX_QUESTION_CHARS, trim_whitespace=True)
     contexts = serializers.ListField(
         child=serializers.CharField(max_length=MAX_CONTEXT_CHARS, allow_blank=False), max_length=MAX_CONTEXTS, default=list,
     )
+    temperature = serializers.FloatField(
+        min_value=0.0, max_value=MAX_TEMPERATURE, default=0.0, help_text="0: greedy (the default, as the run's evaluation); above 0: sampled.",
+    )
+    top_p = serializers.FloatField(
+        min_value=0.0, max_value=1.0, default=1.0, help_text="Nucleus sampling: above 0, at most 1 (used only when temperature > 0).",
+    )
+    max_new_tokens = serializers.IntegerField(
+        min_value=1, max_value=MAX_NEW_TOKENS_CAP, required=False, allow_null=True, default=None,
+        help_text="Null: the run's evaluation.max_new_tokens. At most the run's training.max_seq_length less 16 (the prompt's room).",
+    )
+
+    def validate(self, attrs: dict) -> dict:
+        from .playground import sampling_errors
+
+        errors = sampling_errors(self.context["run"], temperature=attrs["temperature"], top_p=attrs["top_p"], max_new_tokens=attrs.get("max_new_tokens"))
+        if errors:
+            raise serializers.ValidationError({field: [message] for field, message in errors.items()})
+        return attrs
+
+
+class DecodingSerializer(serializers.Serializer):
+    temperature = serializers.FloatField()
+    top_p = serializers.FloatField()
+    max_new_tokens = serializers.IntegerField()
 
 
 class GenerateOutputSerializer(serializers.Serializer):
     base = serializers.CharField(help_text="The base model's answer (the run's adapter disabled).")
     finetuned = serializers.CharField(help_text="The fine-tuned model's answer.")
     prompt = serializers.CharField(help_text="Exactly what both models were asked (the run's prompt format, context cut to its budget).")
+    base_cut_off = serializers.BooleanField(help_text="The base answer used all max_new_tokens without reaching a stop token: it may end mid-sentence.")
+    finetuned_cut_off = serializers.BooleanField(help_text="The same for the fine-tuned answer.")
+    decoding = DecodingSerializer(help_text="The decoding both answers used.")
 
 
 class GenerateQueuedSerializer(serializers.Serializer):
@@ -411,6 +442,9 @@ class GenerateJobOutputSerializer(serializers.Serializer):
     base = serializers.CharField(required=False)
     finetuned = serializers.CharField(required=False)
     prompt = serializers.CharField(required=False)
+    base_cut_off = serializers.BooleanField(required=False)
+    finetuned_cut_off = serializers.BooleanField(required=False)
+    decoding = DecodingSerializer(required=False)
     error = serializers.CharField(required=False, help_text="Why the generation failed (status failed).")
 
 
@@ -430,24 +464,30 @@ class RunGenerateApi(_RunActionApi):
         request=GenerateInputSerializer,
         responses={200: GenerateOutputSerializer, 202: GenerateQueuedSerializer, 409: OpenApiTypes.OBJECT, 503: OpenApiTypes.OBJECT},
         description="Ask a completed fine-tune a question with its contexts: the base and fine-tuned answers, generated with the "
-                    "run's prompt format and generation settings. Embedded default: 200 with the answers. Served mode: 202 with "
-                    "a job on the gpu queue; poll `GET /api/runs/{id}/generate/{job_id}/`. 409 for a run that is not a completed "
-                    "fine-tune; 503 when the gpu queue cannot be reached.",
+                    "run's prompt format and generation settings; greedy with the run's max_new_tokens unless `temperature`, "
+                    "`top_p` or `max_new_tokens` say otherwise. Each answer says whether the token limit cut it off. Embedded "
+                    "default: 200 with the answers. Served mode: 202 with a job on the gpu queue; poll "
+                    "`GET /api/runs/{id}/generate/{job_id}/`. 409 for a run that is not a completed fine-tune or whose "
+                    "fine-tuned adapter cannot be found; 503 when the gpu queue cannot be reached.",
     )
     def post(self, request: Request, pk: int) -> Response:
         from redis.exceptions import RedisError
 
-        from .playground import PlaygroundUnavailable, jobs_inline, playground_answer, playground_check, playground_enqueue
+        from .playground import PlaygroundUnavailable, Sampling, jobs_inline, playground_answer, playground_check, playground_enqueue
 
         run = self.get_run(request, pk)
-        data = GenerateInputSerializer(data=request.data)
+        data = GenerateInputSerializer(data=request.data, context={"run": run})
         data.is_valid(raise_exception=True)
         question, contexts = data.validated_data["question"], list(data.validated_data["contexts"])
+        sampling = Sampling(
+            temperature=data.validated_data["temperature"], top_p=data.validated_data["top_p"],
+            max_new_tokens=data.validated_data.get("max_new_tokens"),
+        )
         try:
             playground_check(run)
             if jobs_inline():
-                return Response(playground_answer(run=run, question=question, contexts=contexts))
-            job_id = playground_enqueue(run=run, question=question, contexts=contexts)
+                return Response(playground_answer(run=run, question=question, contexts=contexts, sampling=sampling))
+            job_id = playground_enqueue(run=run, question=question, contexts=contexts, sampling=sampling)
         except PlaygroundUnavailable as exc:
             return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
         except RedisError as exc:

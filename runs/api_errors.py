@@ -98,8 +98,8 @@ ERROR_SCHEMA = {
 }
 ERROR_DESCRIPTIONS = {
     "400": "Invalid input: `detail` says what, `errors` names each field (and line, for files).",
-    "401": "Not authenticated.",
-    "403": "Not authenticated, or not allowed.",
+    "401": "Not authenticated: no credentials, or a token that is not valid (`WWW-Authenticate: Token`).",
+    "403": "Not allowed (e.g. staff only), or a session write without its CSRF token.",
     "404": "No such object (or it belongs to another user), or a page past the end of a list.",
     "409": "The run's status does not allow this (a transition, a deletion): `detail` says why.",
 }

@@ -9,14 +9,21 @@ pydantic writes JSON Schema 2020-12; the API schema is OpenAPI 3.0, so a few
 constructs are translated: `$defs` become components (`RunConfig<Model>`),
 `anyOf [X, null]` becomes X with `nullable`, a numeric `exclusiveMinimum`
 becomes `minimum` + `exclusiveMinimum: true`, `const` an enum of one.
+
+Its examples are the shipped configs (configs/*.yaml): the docs' "Try it out"
+then sends a body that names datasets that exist (the bundled ones), never the
+placeholder strings a generator would make up from the schema.
 """
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
 from typing import Any
 
 from drf_spectacular.extensions import OpenApiSerializerExtension
 from drf_spectacular.plumbing import ResolvedComponent
+from drf_spectacular.utils import OpenApiExample
 from rest_framework import serializers
 
 from .config import ALL_METRICS, RunConfig
@@ -62,6 +69,38 @@ def _to_openapi(node: Any) -> Any:
     return {key: _to_openapi(value) for key, value in node.items()}
 
 
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The request examples, in the order the docs list them: (file, what it is).
+EXAMPLE_CONFIGS = (
+    ("finetune_rag_qa.yaml", "The default fine-tune (what `make run` launches): SmolLM2-135M-Instruct on rag_qa_train, scored on ragas_eval."),
+    ("eval_only.yaml", "Score the answers stored in ragas_eval, no model and no judge: done in seconds."),
+    ("smoke.yaml", "A one-minute check of the mechanics on the tiny offline model."),
+)
+# Bundled datasets (data/train, data/eval) for the per-field examples.
+EXAMPLE_DATASETS = {"train": ["rag_qa_train"], "eval": ["ragas_eval"]}
+
+
+@functools.cache
+def example_configs() -> tuple[tuple[str, str, dict[str, Any]], ...]:
+    """(name, summary, config) of each shipped config that is present, as a client would send it."""
+    from .config import parse_yaml
+
+    out = []
+    for filename, summary in EXAMPLE_CONFIGS:
+        path = CONFIGS_DIR / filename
+        if path.exists():
+            out.append((path.stem, summary, parse_yaml(path.read_text(encoding="utf-8"), source=str(path))))
+    return tuple(out)
+
+
+def config_request_examples() -> list[OpenApiExample]:
+    """The shipped configs as named request examples of POST /api/runs/ and /api/runs/check/."""
+    return [
+        OpenApiExample(name, value=config, summary=f"configs/{name}.yaml", description=summary, request_only=True)
+        for name, summary, config in example_configs()
+    ]
+
+
 def run_config_openapi() -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """(the RunConfig schema object, {component name: schema object} of the models it uses)."""
     schema = RunConfig.model_json_schema(mode="validation")
@@ -69,7 +108,11 @@ def run_config_openapi() -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     components = {_component_name(name): _to_openapi(body) for name, body in definitions.items()}
     # The metric names are checked by a validator, not by the type: list them for clients.
     components[_component_name("EvaluationConfig")]["properties"]["metrics"]["items"]["enum"] = list(ALL_METRICS)
+    for field, names in EXAMPLE_DATASETS.items():
+        components[_component_name("DatasetsConfig")]["properties"][field]["example"] = names
     root = _to_openapi(schema)
+    if example_configs():
+        root["example"] = example_configs()[0][2]
     root["description"] = (
         "A run config: the YAML schema of configs/*.yaml as JSON. Unknown keys are refused; "
         "ranges and defaults are those the server validates with."

@@ -128,12 +128,17 @@ def _playground_box(run: PipelineRun, query, *, question: str = "", contexts: st
     """The playground's form for a completed fine-tune (None for any other run), prefilled from ?sample=<id>."""
     if not run.shows.get("playground") or run.status != RunStatus.COMPLETED:
         return None
+    try:
+        playground.playground_check(run)
+    except playground.PlaygroundUnavailable as exc:
+        return {"unavailable": str(exc)}
     rows = playground.prefill_rows(run)
     chosen = next((r for r in rows if str(r.pk) == query.get("sample", "")), None)
     if chosen is not None:
         question, contexts = chosen.question, "\n\n".join(chosen.contexts)
     return {"rows": rows, "chosen": chosen, "question": question, "contexts": contexts, "inline": playground.jobs_inline(),
-            "settings": playground.generation_settings(run), "limits": playground.LIMITS}
+            "settings": playground.generation_settings(run), "limits": playground.LIMITS, "sampling": {},
+            "max_new_tokens_limit": playground.max_new_tokens_limit(run), "max_temperature": playground.MAX_TEMPERATURE}
 
 
 @login_required
@@ -146,9 +151,10 @@ def run_playground(request: HttpRequest, pk: int) -> HttpResponse:
         return HttpResponse(str(exc), status=409)
     answer: dict = {}
     if request.method == "POST":
-        form = playground.PlaygroundForm(request.POST)
+        form = playground.PlaygroundForm(request.POST, run=run)
         box = _playground_box(run, {}, question=request.POST.get("question", "")[:20000], contexts=request.POST.get("contexts", "")[:200000])
-        answer = _ask(run, form) if form.is_valid() else {"errors": [e for errors in form.errors.values() for e in errors]}
+        box["sampling"] = {name: request.POST.get(name, "")[:50] for name in ("temperature", "top_p", "max_new_tokens")}
+        answer = _ask(run, form) if form.is_valid() else {"errors": [f"{field}: {e}" for field, errors in form.errors.items() for e in errors]}
         if request.htmx:
             return render(request, "runs/_playground_answer.html", {"run": run, "answer": answer})
     else:
@@ -161,11 +167,13 @@ def run_playground(request: HttpRequest, pk: int) -> HttpResponse:
 def _ask(run: PipelineRun, form) -> dict:
     from redis.exceptions import RedisError
 
-    question, contexts = form.cleaned_data["question"], form.cleaned_data["contexts"]
-    if playground.jobs_inline():
-        return {"status": "finished", "answers": playground.playground_answer(run=run, question=question, contexts=contexts)}
+    question, contexts, sampling = form.cleaned_data["question"], form.cleaned_data["contexts"], form.sampling
     try:
-        job_id = playground.playground_enqueue(run=run, question=question, contexts=contexts)
+        if playground.jobs_inline():
+            return {"status": "finished", "answers": playground.playground_answer(run=run, question=question, contexts=contexts, sampling=sampling)}
+        job_id = playground.playground_enqueue(run=run, question=question, contexts=contexts, sampling=sampling)
+    except playground.PlaygroundUnavailable as exc:
+        return {"errors": [str(exc)]}
     except RedisError:
         return {"errors": [playground.no_worker_message(None)]}
     return {"status": "queued", "job_id": job_id, "message": playground.no_worker_message(playground.live_gpu_workers())}

@@ -23,7 +23,7 @@ def settings_in_a_fresh_process(code: str, **env: str) -> subprocess.CompletedPr
 def test_static_files_are_served_from_their_source_without_collectstatic(client):
     # The test settings are the embedded default's: nothing was collected (STATIC_ROOT does not exist).
     for path, kind in [("/static/css/app.css", "text/css"), ("/static/js/app.js", "text/javascript"),
-                       ("/static/django_htmx/htmx-2.min.js", "text/javascript"), ("/static/vendor/plotly.min.js", "text/javascript"),
+                       ("/static/django_htmx/htmx-2.min.js", "text/javascript"), ("/static/vendor/plotly-basic-4.1.1.min.js", "text/javascript"),
                        ("/static/favicon.svg", "image/svg+xml"), ("/static/admin/css/base.css", "text/css")]:
         response = client.get(path)
         assert response.status_code == 200, path

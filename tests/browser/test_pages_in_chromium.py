@@ -222,7 +222,7 @@ def test_launch_from_the_form_watch_it_complete_and_see_the_results(page, watche
     shot(page, "06-dashboard")
     watch.check()
     # The plotted pages really fetched plotly.js and htmx, from the app itself.
-    assert {"/static/vendor/plotly.min.js", "/static/django_htmx/htmx-2.min.js", "/static/css/app.css", "/static/js/app.js"} <= watch.loaded
+    assert {"/static/vendor/plotly-basic-4.1.1.min.js", "/static/django_htmx/htmx-2.min.js", "/static/css/app.css", "/static/js/app.js"} <= watch.loaded
 
 
 def test_compare_two_runs(page, watched):

@@ -27,15 +27,34 @@ ROUTES = [
     ("post", "/api/runs/1/cancel/"),
     ("get", "/api/runs/1/samples/"),
     ("get", "/api/runs/1/export.csv"),
+    ("post", "/api/runs/1/generate/"),
     ("get", "/api/schema/"),
     ("get", "/api/docs/"),
+    ("get", "/api/"),
 ]
 
 
 @pytest.mark.parametrize(("method", "path"), ROUTES)
-def test_anonymous_requests_are_refused(method, path):
+def test_anonymous_requests_get_401_saying_how_to_authenticate(method, path):
     response = getattr(APIClient(), method)(path)
-    assert response.status_code in (401, 403)
+    assert response.status_code == 401, response.content
+    assert response["WWW-Authenticate"] == "Token"
+
+
+def test_a_wrong_token_is_401_too(user):
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION="Token not-a-real-token")
+    response = client.get("/api/runs/")
+    assert response.status_code == 401 and response["WWW-Authenticate"] == "Token"
+    assert "token" in response.json()["detail"].lower()
+
+
+def test_session_writes_still_need_the_csrf_token(user):
+    client = APIClient(enforce_csrf_checks=True)
+    client.force_login(user)
+    assert client.get("/api/runs/").status_code == 200  # the browsable API and the docs keep working on a session
+    refused = client.post("/api/runs/", finetune_config(), format="json")
+    assert refused.status_code == 403 and "CSRF" in refused.json()["detail"]
 
 
 def test_datasets_list_filters_by_type(api):

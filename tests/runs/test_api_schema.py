@@ -72,3 +72,22 @@ def test_it_lists_the_known_metrics(schema):
     evaluation = resolve(schema, config_body(schema)["properties"]["evaluation"])
     assert resolve(schema, evaluation["properties"]["metrics"]["items"])["enum"] == list(ALL_METRICS)
     assert evaluation["properties"]["max_new_tokens"]["default"] == 64
+
+
+def test_the_request_examples_are_shipped_configs_naming_datasets_that_exist(schema, user):
+    from datasets_app.models import Dataset
+    from runs.config import validate_config
+    from runs.services import dataset_name_types
+
+    known = dataset_name_types(user)  # what a new user may name: the bundled datasets
+    for path in ("/api/runs/", "/api/runs/check/"):
+        examples = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["examples"]
+        assert {"FinetuneRagQa", "EvalOnly", "Smoke"} <= set(examples), examples.keys()  # drf-spectacular camel-cases the names
+        for example in examples.values():
+            config = example["value"]
+            names = [*config["datasets"].get("train", []), *config["datasets"]["eval"]]
+            assert names and set(names) <= set(Dataset.objects.values_list("name", flat=True))
+            validate_config(config, known_datasets=known)  # a body the server accepts as it is
+    datasets = resolve(schema, config_body(schema)["properties"]["datasets"])
+    assert datasets["properties"]["train"]["example"] == ["rag_qa_train"] and datasets["properties"]["eval"]["example"] == ["ragas_eval"]
+    assert config_body(schema)["example"]["datasets"] == {"train": ["rag_qa_train"], "eval": ["ragas_eval"]}

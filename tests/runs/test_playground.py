@@ -60,7 +60,8 @@ def test_inline_it_answers_an_eval_row_as_the_run_did(completed_finetune, api, c
 
     # Typed by hand: no contexts at all is a question too.
     typed = api.post(f"/api/runs/{run.pk}/generate/", {"question": "What is the capital of France?", "contexts": []}, format="json")
-    assert typed.status_code == 200 and set(typed.json()) == {"base", "finetuned", "prompt"}
+    assert typed.status_code == 200 and set(typed.json()) == {"base", "finetuned", "prompt", "base_cut_off", "finetuned_cut_off", "decoding"}
+    assert typed.json()["decoding"] == {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 8}  # the run's own: greedy, its max_new_tokens
 
     # The page: the box on the run page, prefilled from an eval row, answered in place (htmx) or as a page.
     client.force_login(user)
@@ -93,9 +94,61 @@ def test_it_refuses_runs_that_are_not_completed_fine_tunes_and_bounds_its_input(
     too_many = api.post(f"/api/runs/{completed.pk}/generate/", {"question": "q", "contexts": ["c"] * 21}, format="json")
     assert too_many.status_code == 400 and "contexts" in too_many.content.decode()
     assert api.post(f"/api/runs/{completed.pk}/generate/", {"contexts": ["c"]}, format="json").status_code == 400
+    # A completed row with no adapter anywhere (no folder here, no MLflow run): 409 with the reason, not a 500.
+    orphan = api.post(f"/api/runs/{completed.pk}/generate/", {"question": "q", "contexts": ["c"]}, format="json")
+    assert orphan.status_code == 409 and "no fine-tuned adapter" in orphan.json()["detail"], orphan.content
     client.force_login(user)
     assert 'id="playground"' not in client.get(f"/runs/{pending.pk}/").content.decode()
     assert client.get(f"/runs/{pending.pk}/playground/").status_code == 409
+    # The run page says why instead of offering a form that cannot answer.
+    page = client.get(f"/runs/{completed.pk}/").content.decode()
+    assert 'id="playground-unavailable"' in page and "no fine-tuned adapter" in page and 'id="playground-form"' not in page
+
+
+@pytest.mark.parametrize(("field", "value", "says"), [
+    ("temperature", -0.1, "greater than or equal to 0"), ("temperature", 2.5, "less than or equal to 2"), ("temperature", "warm", "valid number"),
+    ("top_p", 0, "above 0"), ("top_p", 1.5, "less than or equal to 1"),
+    ("max_new_tokens", 0, "greater than or equal to 1"), ("max_new_tokens", 241, "between 1 and 240 for this run"),
+    ("max_new_tokens", 5000, "less than or equal to 1024"), ("max_new_tokens", 2.5, "valid integer"),
+])
+def test_bad_decoding_options_are_refused_naming_the_field(api, client, user, field, value, says):
+    # max_seq_length 256: at most 240 new tokens. (An MLflow run id: the page asks only a run with an adapter somewhere.)
+    completed = make_run(user, status="completed", mlflow_run_id="0" * 32)
+    response = api.post(f"/api/runs/{completed.pk}/generate/", {"question": "q", "contexts": [], field: value}, format="json")
+    assert response.status_code == 400, response.content
+    body = response.json()
+    assert [e["field"] for e in body["errors"]] == [field] and says in body["detail"], body
+    client.force_login(user)
+    page = client.post(f"/runs/{completed.pk}/playground/", {"question": "q", "contexts": "", field: value}, HTTP_HX_REQUEST="true")
+    assert page.status_code == 200 and f"{field}: " in page.content.decode()
+
+
+def test_sampling_and_the_token_limit_inline(completed_finetune, api, client, user):
+    from evaluation.playground import forget_loaded_model
+
+    run = completed_finetune
+    forget_loaded_model()
+    row = stored(run, "finetuned", 0)
+    question = {"question": row.question, "contexts": row.contexts}
+    # One new token: an answer either stopped at once (empty) or was cut off, and says so.
+    short = api.post(f"/api/runs/{run.pk}/generate/", {**question, "max_new_tokens": 1}, format="json").json()
+    assert short["decoding"] == {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 1}
+    for variant in ("base", "finetuned"):
+        assert short[f"{variant}_cut_off"] is (short[variant] != ""), short
+    assert short["finetuned"] and short["finetuned_cut_off"]  # the tiny model never stops after one token on this row
+    # The run's own decoding answers as the run did; the cut-off flag is consistent with its token count.
+    greedy = api.post(f"/api/runs/{run.pk}/generate/", question, format="json").json()
+    assert greedy["finetuned"] == row.answer
+    sampled = api.post(f"/api/runs/{run.pk}/generate/", {**question, "temperature": 1.3, "top_p": 0.95, "max_new_tokens": 24}, format="json")
+    assert sampled.status_code == 200 and sampled.json()["decoding"] == {"temperature": 1.3, "top_p": 0.95, "max_new_tokens": 24}
+    # The page: decoding controls, and a cut-off answer marked as such.
+    client.force_login(user)
+    page = client.get(f"/runs/{run.pk}/").content.decode()
+    assert all(f'name="{name}"' in page for name in ("temperature", "top_p", "max_new_tokens"))
+    asked = client.post(f"/runs/{run.pk}/playground/", {"question": row.question, "contexts": "\n\n".join(row.contexts), "max_new_tokens": "1"},
+                        HTTP_HX_REQUEST="true").content.decode()
+    assert 'id="playground-finetuned-cut-off"' in asked and "used all 1 new tokens" in asked
+    assert "Greedy, at most 1 new tokens" in asked
 
 
 def test_served_it_is_a_gpu_job_that_the_page_and_the_api_poll(completed_finetune, api, client, user, request, redis_url):
@@ -144,7 +197,7 @@ def test_served_without_redis_it_answers_503_and_the_page_says_why(settings, api
     settings.JOBS_INLINE = False
     settings.RQ_QUEUES = {name: {**conf, "URL": f"redis://127.0.0.1:{free_port()}/0"} for name, conf in settings.RQ_QUEUES.items()}
     getattr(getattr(django_rq.queues, "get_redis_connection", None), "cache_clear", lambda: None)()
-    run = make_run(user, status="completed")
+    run = make_run(user, status="completed", mlflow_run_id="0" * 32)  # its adapter would be fetched from MLflow by the worker
     response = api.post(f"/api/runs/{run.pk}/generate/", {"question": "q", "contexts": ["c"]}, format="json")
     assert response.status_code == 503 and "gpu queue cannot be reached" in response.json()["detail"]
     client.force_login(user)

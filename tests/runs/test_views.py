@@ -241,7 +241,7 @@ def test_compare_highlights_the_best_and_diffs_configs(logged_in, user):
 def test_static_assets_are_served_locally():
     from django.contrib.staticfiles import finders
 
-    assert finders.find("vendor/plotly.min.js")
+    assert finders.find("vendor/plotly-basic-4.1.1.min.js")
     assert finders.find("django_htmx/htmx-2.min.js")
     assert finders.find("css/app.css") and finders.find("js/app.js")
 
