@@ -103,13 +103,16 @@ def run_new(request: HttpRequest) -> HttpResponse:
 
 def _data_check(form: RunForm) -> dict:
     """The form's config through the data check (runs/data_check.py): {"report"} or {"error"}."""
-    from .data_check import DataCheckUnavailable, check_config
+    from .data_check import DataCheckFailed, DataCheckUnavailable, check_config
 
     try:
         return {"report": check_config(form.config, owner=form.user)}
     except ConfigError as exc:
         form.add_config_errors(exc)
         return {"error": "The config has errors (highlighted): fix them to check the data."}
+    except DataCheckFailed as exc:
+        form.add_config_errors(ConfigError([{"field": exc.field, "message": exc.message}]))
+        return {"error": f"The data could not be checked: {exc}"}
     except DataCheckUnavailable as exc:
         return {"error": str(exc)}
 
