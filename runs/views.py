@@ -66,7 +66,8 @@ def run_new(request: HttpRequest) -> HttpResponse:
     validated, data_check = False, None
     if request.method == "POST" and request.POST.get("action") == "load_yaml":
         yaml_form = YamlConfigForm(request.POST, request.FILES, user=request.user)
-        form = RunForm(user=request.user)
+        # The run form's fields come with the YAML: a YAML that is refused leaves the form as the user had it.
+        form = RunForm.as_posted(request.POST, user=request.user)
         if yaml_form.is_valid():
             config = yaml_form.cleaned_data["config"]
             form = RunForm(initial_from_config(config), user=request.user)
