@@ -229,24 +229,40 @@ def run_retry_view(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 @login_required
-@require_POST
 def run_promotion_view(request: HttpRequest, pk: int) -> HttpResponse:
-    """Staff move the `champion` alias by hand (the same services as POST /api/runs/{id}/promote/ and /demote/)."""
+    """Staff move the `champion` alias by hand (the same services as POST /api/runs/{id}/promote/ and /demote/),
+    after a confirmation page with the gate's decision and reason: GET (or a POST without confirm=yes) shows it."""
     from .promotion import PromotionRefused, demote_by_hand, promote_by_hand
+    from .registry_page import promotion_review
 
     run = get_object_or_404(run_visible_to(request.user), pk=pk)
     if not request.user.is_staff:
         raise PermissionDenied("only staff can promote or demote a model version")
-    action = {"promote": promote_by_hand, "demote": demote_by_hand}.get(request.POST.get("action", ""))
+    data = request.POST if request.method == "POST" else request.GET
+    name, reason, error = data.get("action", ""), data.get("reason", "")[:2000], ""
+    action = {"promote": promote_by_hand, "demote": demote_by_hand}.get(name)
     if action is None:
         messages.error(request, "choose promote or demote")
         return redirect("run-detail", pk=run.pk)
-    try:
-        decision = action(run=run, user=request.user, reason=request.POST.get("reason", "")[:2000])
-        messages.success(request, decision.reason)
-    except PromotionRefused as exc:
-        messages.error(request, str(exc))
-    return redirect("run-detail", pk=run.pk)
+    if request.method == "POST" and data.get("confirm") == "yes":
+        try:
+            decision = action(run=run, user=request.user, reason=reason)
+        except PromotionRefused as exc:
+            error = str(exc)
+        else:
+            messages.success(request, decision.reason)
+            return redirect("run-detail", pk=run.pk)
+    return render(request, "runs/promotion_confirm.html", {
+        "run": run, "action": name, "reason": reason, "error": error, "review": promotion_review(run),
+    })
+
+
+@login_required
+def registry(request: HttpRequest) -> HttpResponse:
+    """Every registered model version the user may see, who holds `champion`, and why (read from the database)."""
+    from .registry_page import registry_models
+
+    return render(request, "runs/registry.html", {"models": registry_models(request.user)})
 
 
 @login_required
