@@ -49,8 +49,8 @@ FIELDS: tuple[FormField, ...] = (
     FormField("name", "name", basic=True),
     FormField("kind", "kind", basic=True),
     FormField("base_model", "model.base", "Base model",
-              "Pick from the list what loads here: a local: build (made offline on first use), a Hugging Face model in this "
-              "machine's cache, one of your earlier runs' models. Or type a hub id, or a folder under the operator's MLOPS_MODEL_PATHS.",
+              "The list offers what loads here: local: builds (made offline on first use), Hugging Face models in this machine's "
+              "cache, your earlier runs' models. Or type a hub id, or a folder under the operator's MLOPS_MODEL_PATHS.",
               basic=True),
     FormField("prompt_format", "model.prompt_format", "Prompt format", "auto: the tokenizer's chat template when it has one, else the plain template."),
     FormField("train_datasets", "datasets.train", "Train (fine-tune on all of them)", basic=True),

@@ -156,11 +156,11 @@ def check_hub_model(repo_id: str) -> None:
         return
     partly = _cached_config(repo_id) is not None
     instead = f"or use one of {_local_choices_text()}"
-    download = f"download it where there is network (`hf download {repo_id}`, into this machine's Hugging Face cache, HF_HOME)"
+    download = f"download it into this machine's cache where there is network (hf download {repo_id})"
     if hub_offline():
         if partly:
             raise ValueError(f"{repo_id!r} is only partly in this machine's Hugging Face cache (config.json but no weights) and the "
-                             f"hub is offline (HF_HUB_OFFLINE): finish the download where there is network (`hf download {repo_id}`) {instead}")
+                             f"hub is offline (HF_HUB_OFFLINE): finish the download where there is network (hf download {repo_id}) {instead}")
         raise ValueError(f"{repo_id!r} is not in this machine's Hugging Face cache and the hub is offline (HF_HUB_OFFLINE): {download} {instead}")
     confirmed = _found_online.get(repo_id)
     if confirmed is not None and time.monotonic() - confirmed < FOUND_ONLINE_TTL_SECONDS:
