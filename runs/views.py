@@ -20,6 +20,7 @@ from .exports import samples_csv
 from .forms import RunForm, YamlConfigForm, default_initial, initial_from_config
 from .models import PipelineRun, RunKind, RunStatus
 from .reaper import reap_if_embedded
+from .registry_page import promotion_review, registry_models
 from .selectors import (
     dashboard_runs,
     mlflow_links,
@@ -113,7 +114,7 @@ def _data_check(form: RunForm) -> dict:
         return {"error": "The config has errors (highlighted): fix them to check the data."}
     except DataCheckFailed as exc:
         form.add_config_errors(ConfigError([{"field": exc.field, "message": exc.message}]))
-        return {"error": f"The data could not be checked: {exc}"}
+        return {"error": f"The data could not be checked: {exc.field} could not be read (the message is next to the field)."}
     except DataCheckUnavailable as exc:
         return {"error": str(exc)}
 
@@ -233,7 +234,6 @@ def run_promotion_view(request: HttpRequest, pk: int) -> HttpResponse:
     """Staff move the `champion` alias by hand (the same services as POST /api/runs/{id}/promote/ and /demote/),
     after a confirmation page with the gate's decision and reason: GET (or a POST without confirm=yes) shows it."""
     from .promotion import PromotionRefused, demote_by_hand, promote_by_hand
-    from .registry_page import promotion_review
 
     run = get_object_or_404(run_visible_to(request.user), pk=pk)
     if not request.user.is_staff:
@@ -260,8 +260,6 @@ def run_promotion_view(request: HttpRequest, pk: int) -> HttpResponse:
 @login_required
 def registry(request: HttpRequest) -> HttpResponse:
     """Every registered model version the user may see, who holds `champion`, and why (read from the database)."""
-    from .registry_page import registry_models
-
     return render(request, "runs/registry.html", {"models": registry_models(request.user)})
 
 
