@@ -181,3 +181,16 @@ def test_with_the_hub_online_earlier_hub_ids_are_offered_as_downloads(online_hub
     offered = {c.value: c.label for c in model_refs.model_choices(user=user)}
     assert offered["org/not-cached"] == "used in your earlier runs; downloads from the hub"
     assert online_hub.requests == []  # listing asks the hub nothing: validation does
+
+
+def test_the_cache_is_found_where_huggingface_hub_looks_hf_home_or_hf_hub_cache(tmp_path, monkeypatch):
+    from tests.hf_cache import cache_model
+
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    assert model_refs.hub_cache_dir() == tmp_path / "hf-home" / "hub"
+    cache_model(tmp_path / "hf-home" / "hub", "org/in-hf-home")
+    assert model_refs.hub_model_cached("org/in-hf-home")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "elsewhere"))  # wins over HF_HOME, as in huggingface_hub
+    assert not model_refs.hub_model_cached("org/in-hf-home")
