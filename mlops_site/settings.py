@@ -280,7 +280,7 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
     "COMPONENT_SPLIT_REQUEST": True,
-    # Swagger UI is served from the app (no CDN): see the offline rule in DESIGN.md.
+    # Swagger UI is served from the app (no CDN): see the offline rule in docs/ARCHITECTURE.md.
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
@@ -330,7 +330,7 @@ LOGGING = {
     },
 }
 
-# Offline rule: nothing may phone home (see DESIGN.md).
+# Offline rule: nothing may phone home (docs/ARCHITECTURE.md, "The offline rule").
 os.environ.setdefault("RAGAS_DO_NOT_TRACK", "true")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")

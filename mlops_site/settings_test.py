@@ -15,6 +15,9 @@ os.environ.setdefault("MLOPS_MODELS_DIR", str(Path(__file__).resolve().parent.pa
 if "REDIS_URL" in os.environ:
     os.environ.setdefault("TEST_REDIS_URL", os.environ.pop("REDIS_URL"))
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# No network in tests: a hub id is resolved against the local Hugging Face cache only (runs/model_refs.py),
+# as under the Makefile, whichever way pytest was started.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from .settings import *  # noqa: E402,F403
 

@@ -187,13 +187,16 @@ class RunCheckApi(APIView):
                     "`evaluation.allow_overlap`), duplicates, empty answers, and the steps and training time the config implies. "
                     "`problems` lists what refuses the config (each with its field); `ok` is true when there is none. The same "
                     "check runs again, and is stored with the run (`data_check`), when a fine-tune starts. 400: the config is "
-                    "invalid (as for POST /api/runs/); 503: in served mode no cpu worker answered in time.",
+                    "invalid (as for POST /api/runs/), or its base model or a dataset could not be read (`errors` names the field); "
+                    "503: in served mode no cpu worker answered in time.",
     )
     def post(self, request: Request) -> Response:
-        from .data_check import DataCheckUnavailable, check_config
+        from .data_check import DataCheckFailed, DataCheckUnavailable, check_config
 
         try:
             return Response(check_config(request.data, owner=request.user))
+        except DataCheckFailed as exc:  # the base model or a dataset would not load: the config's problem
+            return Response({"detail": str(exc), "errors": [{"field": exc.field, "message": exc.message}]}, status=status.HTTP_400_BAD_REQUEST)
         except DataCheckUnavailable as exc:
             return Response({"detail": str(exc)}, status=status.HTTP_503_SERVICE_UNAVAILABLE)
 

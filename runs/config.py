@@ -214,13 +214,15 @@ def _looks_like_path(base: str) -> bool:
     return base.startswith(("/", "./", "../", "~")) or base in (".", "..") or "\\" in base or not HUB_ID_RE.match(base)
 
 
-def check_model_reference(base: str, *, allowed_dirs: Sequence[str | Path] | None = None) -> None:
+def check_model_reference(base: str, *, allowed_dirs: Sequence[str | Path] | None = None, loadable: bool = False) -> None:
     """Refuse a model.base that names anything but a known local build, a hub id,
     or a folder under the operator's MLOPS_MODEL_PATHS. Raises ValueError saying why.
 
     The same rule at validation (web, API, commands) and on the worker before it
     loads anything: a config stored before the operator changed the list is
     refused there too. allowed_dirs defaults to settings.MLOPS_MODEL_PATHS.
+    loadable (validation): a hub id must also be in this machine's Hugging Face
+    cache, or known to the hub when it is online (runs/model_refs.py).
     """
     if base.startswith("local:"):
         name = base.removeprefix("local:")
@@ -231,6 +233,10 @@ def check_model_reference(base: str, *, allowed_dirs: Sequence[str | Path] | Non
     # A hub-shaped name that exists relative to the working directory is a path to
     # from_pretrained (it looks on disk first), so it is held to the path rule.
     if not _looks_like_path(base) and not os.path.lexists(base):
+        if loadable:
+            from .model_refs import check_hub_model  # it imports this module
+
+            check_hub_model(base)
         return
     if base.startswith("~"):
         raise ValueError("a local model path must be absolute (no ~)")
@@ -248,7 +254,7 @@ def check_model_reference(base: str, *, allowed_dirs: Sequence[str | Path] | Non
 
 
 def _model_reference(value: str) -> str:
-    check_model_reference(value)
+    check_model_reference(value, loadable=True)
     return value
 
 
@@ -315,6 +321,8 @@ def _pydantic_errors(exc: ValidationError) -> list[dict[str, str]]:
         field = _field_path(tuple(error["loc"]))
         if error["type"] == "extra_forbidden":
             message = "unknown key"
+        elif error["type"] == "string_too_short" and (error.get("ctx") or {}).get("min_length") == 1:
+            message = "required"  # blank (or only spaces): "String should have at least 1 character" says it less plainly
         # Messages from model validators name their own field ("datasets.train: ...").
         if not field and ": " in message and re.match(r"^[a-z_.]+: ", message):
             field, message = message.split(": ", 1)

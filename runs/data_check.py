@@ -39,6 +39,27 @@ class DataCheckUnavailable(Exception):
     """No worker answered the check in time (served mode), or Redis is unreachable."""
 
 
+class DataCheckFailed(Exception):
+    """The check could not read what the config names: its base model (the tokenizer) or a dataset's rows.
+
+    A problem of the config, so the API answers 400 naming `field` and the form shows it next to the field.
+    """
+
+    def __init__(self, *, field: str, message: str) -> None:
+        self.field, self.message = field, message
+        super().__init__(f"{field}: {message}")
+
+
+# Where an exception came from, by the frame it passed through -> the config field that names what failed to load.
+FAILED_WHILE = {
+    ("training.finetune", "load_tokenizer"): "model.base",
+    ("training.local_models", "resolve_model_path"): "model.base",
+    (__name__, "train_rows"): "datasets.train",
+    (__name__, "validation_rows"): "training.validation_dataset",
+    (__name__, "eval_sets"): "datasets.eval",
+}
+
+
 @dataclass
 class EvalRows:
     name: str
@@ -73,20 +94,44 @@ class ConfigData:
 
 
 def check_validated(config: dict[str, Any], *, on_training_device: bool) -> dict[str, Any]:
-    """The report for a validated config (here, in this process)."""
+    """The report for a validated config (here, in this process).
+
+    Raises DataCheckFailed when the base model or a dataset cannot be read: a user's
+    mistake (a folder without a tokenizer, a half-downloaded hub model) is a message
+    about that field, not a server error.
+    """
     from training.steps import data_check
 
     from .kinds import kind_named
 
     if "data_check" not in kind_named(config["kind"]).sections:
         return {"ok": True, "problems": [], "skipped": f"a {config['kind']} run trains nothing: there is no training data to check"}
-    return data_check(ConfigData(config), on_training_device=on_training_device)
+    try:
+        return data_check(ConfigData(config), on_training_device=on_training_device)
+    except Exception as exc:
+        field = _failed_while(exc)
+        if field is None:
+            raise  # not a model or a dataset that would not load: a fault of this server, logged as one
+        what = f"the base model {config['model']['base']!r}" if field == "model.base" else "the rows of this dataset"
+        detail = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else ""
+        raise DataCheckFailed(field=field, message=f"{what} could not be read to check the data: {type(exc).__name__}: {detail}") from exc
+
+
+def _failed_while(exc: BaseException) -> str | None:
+    """The field of FAILED_WHILE whose loader the exception passed through (the innermost), or None."""
+    field, frame = None, exc.__traceback__
+    while frame is not None:
+        code = frame.tb_frame.f_code
+        field = FAILED_WHILE.get((frame.tb_frame.f_globals.get("__name__", ""), code.co_name), field)
+        frame = frame.tb_next
+    return field
 
 
 def check_config(config: Any, *, owner) -> dict[str, Any]:
     """Validate `config` for `owner` (ConfigError as run creation raises it) and return its data check report.
 
-    Raises DataCheckUnavailable when, in served mode, no cpu worker answers in time.
+    Raises DataCheckFailed when the base model or a dataset cannot be read, and
+    DataCheckUnavailable when, in served mode, no cpu worker answers in time.
     """
     validated = validate_config(config, known_datasets=dataset_name_types(owner))
     if settings.JOBS_INLINE:
@@ -95,8 +140,11 @@ def check_config(config: Any, *, owner) -> dict[str, Any]:
 
 
 def data_check_job(config: dict[str, Any]) -> dict[str, Any]:
-    """The cpu queue's job: the report of an already validated config."""
-    return check_validated(config, on_training_device=False)
+    """The cpu queue's job: the report of an already validated config ({"check_failed": {field, message}} when it cannot run)."""
+    try:
+        return check_validated(config, on_training_device=False)
+    except DataCheckFailed as exc:
+        return {"check_failed": {"field": exc.field, "message": exc.message}}
 
 
 def _check_on_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -113,7 +161,10 @@ def _check_on_worker(config: dict[str, Any]) -> dict[str, Any]:
         while time.monotonic() < deadline:
             status = str(getattr(job.get_status(refresh=True), "value", ""))
             if status == "finished":
-                return job.return_value()
+                report = job.return_value()
+                if isinstance(report, dict) and "check_failed" in report:
+                    raise DataCheckFailed(**report["check_failed"])
+                return report
             if status in ("failed", "stopped", "canceled"):
                 lines = [line for line in (job.exc_info or "").strip().splitlines() if line.strip()]
                 raise DataCheckUnavailable(f"the data check failed on the worker: {lines[-1][:500] if lines else status}")

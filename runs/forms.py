@@ -1,21 +1,30 @@
 """The "New run" form: every field of the config schema, driven by one table.
 
 `FIELDS` lists (form field, config path) once; the form's fields, `to_config`
-(form -> config), `initial_from_config` (config -> form: clone, load YAML) and
-the error mapping (a config error on `training.lora.r` goes next to `lora_r`)
-all read it. Types, defaults, choices and ranges come from the pydantic models
-of runs/config.py, so the form and the API can never disagree, and a schema
-field without a row here fails tests/runs/test_forms.py.
+(form -> config), `initial_from_config` (config -> form: clone, load YAML), the
+error mapping (a config error on `training.lora.r` goes next to `lora_r`) and
+the layout (the basics first, the rest under *Advanced*) all read it. Types,
+defaults, choices and ranges come from the pydantic models of runs/config.py,
+so the form and the API can never disagree, and a schema field without a row
+here fails tests/runs/test_forms.py.
+
+Every problem shows in one round: a field sent blank that has no blank value is
+"required" (never silently the default), and `validate_all` keeps validating
+past the first refusal so the schema's cross-field rules speak too.
 """
 
 from __future__ import annotations
 
+import copy
+import re
 import types
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
 from django import forms
+from django.utils.html import format_html, format_html_join
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
@@ -23,6 +32,7 @@ from datasets_app.selectors import dataset_visible_to
 from evaluation.metric_names import ALL_METRICS, JUDGE_METRICS
 
 from .config import MAX_CONFIG_BYTES, ConfigError, RunConfig, parse_yaml, validate_config
+from .model_refs import hub_note, model_choices
 from .services import dataset_name_types
 
 
@@ -32,20 +42,23 @@ class FormField:
     path: str  # the config path it edits
     label: str = ""
     help: str = ""
+    basic: bool = False  # shown at once; the others are under *Advanced* (opened when one of them has an error)
 
 
 FIELDS: tuple[FormField, ...] = (
-    FormField("name", "name"),
-    FormField("kind", "kind"),
+    FormField("name", "name", basic=True),
+    FormField("kind", "kind", basic=True),
     FormField("base_model", "model.base", "Base model",
-              "local:smollm2-135m-instruct or local:tiny-llama (offline), a Hugging Face hub id such as Qwen/Qwen2.5-0.5B-Instruct, or a folder under the operator's MLOPS_MODEL_PATHS."),
+              "The list offers what loads here: local: builds (made offline on first use), Hugging Face models in this machine's "
+              "cache, your earlier runs' models. Or type a hub id, or a folder under the operator's MLOPS_MODEL_PATHS.",
+              basic=True),
     FormField("prompt_format", "model.prompt_format", "Prompt format", "auto: the tokenizer's chat template when it has one, else the plain template."),
-    FormField("train_datasets", "datasets.train", "Train (fine-tune on all of them)"),
-    FormField("eval_datasets", "datasets.eval", "Eval (results per dataset)"),
-    FormField("epochs", "training.epochs"),
-    FormField("learning_rate", "training.learning_rate"),
-    FormField("batch_size", "training.batch_size"),
-    FormField("max_seq_length", "training.max_seq_length", help="The context is cut first, never the question or the answer."),
+    FormField("train_datasets", "datasets.train", "Train (fine-tune on all of them)", basic=True),
+    FormField("eval_datasets", "datasets.eval", "Eval (results per dataset)", basic=True),
+    FormField("epochs", "training.epochs", basic=True),
+    FormField("learning_rate", "training.learning_rate", basic=True),
+    FormField("batch_size", "training.batch_size", basic=True),
+    FormField("max_seq_length", "training.max_seq_length", help="The context is cut first, never the question or the answer.", basic=True),
     FormField("seed", "training.seed"),
     FormField("lora_r", "training.lora.r", "LoRA r"),
     FormField("lora_alpha", "training.lora.alpha", "LoRA alpha"),
@@ -54,7 +67,7 @@ FIELDS: tuple[FormField, ...] = (
     FormField("gradient_accumulation_steps", "training.gradient_accumulation_steps", help="Effective batch = batch size x this, same memory."),
     FormField("gradient_checkpointing", "training.gradient_checkpointing", help="Less activation memory, ~30% slower steps."),
     FormField("warmup_ratio", "training.warmup_ratio", help="Linear warm-up share of the steps, then linear decay."),
-    FormField("max_steps", "training.max_steps", help="Stop after N optimizer steps (blank: all epochs)."),
+    FormField("max_steps", "training.max_steps", help="Stop after N optimizer steps (blank: all epochs).", basic=True),
     FormField("precision", "training.precision", help="auto: bf16 on a CUDA GPU that supports it; training on a CPU with AMX/AVX-512 BF16 (models of hidden size 256 or more) under bf16 autocast; float32 elsewhere."),
     FormField("validation_split", "training.validation_split", help="Share of the train rows held out for the validation loss (0: none)."),
     FormField("validation_dataset", "training.validation_dataset", help="A train dataset to validate on instead of a split (blank: the split)."),
@@ -65,10 +78,10 @@ FIELDS: tuple[FormField, ...] = (
     FormField("checkpoint_every", "training.checkpoint_every", help="A checkpoint every N steps (blank: about every 5 minutes)."),
     FormField("max_attempts", "training.max_attempts", help="A fine-tune whose worker died resumes from its last checkpoint, up to this many attempts."),
     FormField("max_truncated_fraction", "training.max_truncated_fraction", help="Refuse the config if max_seq_length would cut more train rows than this share."),
-    FormField("answers", "evaluation.answers"),
-    FormField("compare_base", "evaluation.compare_base", "Compare with the base model", "Also score the base model so the gain is visible."),
-    FormField("metrics", "evaluation.metrics"),
-    FormField("max_samples", "evaluation.max_samples", help="Score only the first N rows of each eval set (blank: all)."),
+    FormField("answers", "evaluation.answers", basic=True),
+    FormField("compare_base", "evaluation.compare_base", "Compare with the base model", "Also score the base model so the gain is visible.", basic=True),
+    FormField("metrics", "evaluation.metrics", basic=True),
+    FormField("max_samples", "evaluation.max_samples", help="Score only the first N rows of each eval set (blank: all).", basic=True),
     FormField("max_new_tokens", "evaluation.max_new_tokens"),
     FormField("generation_batch_size", "evaluation.batch_size", "Generation batch size"),
     FormField("allow_overlap", "evaluation.allow_overlap", "Allow train/eval overlap",
@@ -184,29 +197,84 @@ def build_field(spec: FormField) -> forms.Field:
     return forms.CharField(max_length=max_length, **common)
 
 
+class DatalistInput(forms.TextInput):
+    """A text input with suggestions (an HTML <datalist>): pick one, or type anything."""
+
+    def __init__(self, *, choices: Sequence[tuple[str, str]], list_id: str, attrs: dict[str, Any] | None = None) -> None:
+        super().__init__(attrs)
+        self.choices, self.list_id = list(choices), list_id
+
+    def render(self, name: str, value: Any, attrs: dict[str, Any] | None = None, renderer: Any = None) -> str:
+        html = super().render(name, value, {**(attrs or {}), "list": self.list_id, "autocomplete": "off"}, renderer)
+        options = format_html_join("", '<option value="{}">{}</option>', self.choices)
+        return format_html('{}<datalist id="{}">{}</datalist>', html, self.list_id, options)
+
+
+# Rendered by hand in the template (radios, checkbox lists); every other row is rendered in a loop by section.
+SPECIAL_FIELDS = {"name", "kind", "train_datasets", "eval_datasets", "answers", "compare_base", "metrics"}
+
+
 class RunForm(forms.Form):
     def __init__(self, *args: Any, user, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         for spec in FIELDS:
             self.fields[spec.name] = build_field(spec)
         self.fields["name"].required = True
+        self.fields["name"].error_messages["required"] = "required"
         self.fields["name"].initial = "finetune-rag-qa"
         self.user = user
         datasets = list(dataset_visible_to(user).order_by("name").values_list("name", "kind", "row_count"))
         self.fields["train_datasets"].choices = [(n, f"{n} ({rows} rows)") for n, k, rows in datasets if k == "train"]
         self.fields["eval_datasets"].choices = [(n, f"{n} ({rows} rows)") for n, k, rows in datasets if k == "eval"]
+        base = self.fields["base_model"]
+        base.widget = DatalistInput(choices=[(c.value, c.label) for c in model_choices(user=user)], list_id="base-model-choices")
+        base.widget.attrs.update(base.widget_attrs(base.widget))  # maxlength, as the plain input had
+        base.help_text = f"{BY_PATH['model.base'].help} {hub_note()}"
         self.config: dict[str, Any] | None = None
 
-    @property
-    def sections(self) -> dict[str, list[forms.BoundField]]:
-        """The form's plain fields by config section, in table order (the template renders them in a loop)."""
-        special = {"name", "kind", "train_datasets", "eval_datasets", "answers", "compare_base", "metrics"}
+    @classmethod
+    def as_posted(cls, data, *, user) -> RunForm:
+        """An unbound form showing what was posted, unvalidated: the form as the user left it (a YAML load that failed keeps it)."""
+        form = cls(user=user)
+        if "name" not in data:  # nothing of the run form was sent (a client posting the YAML alone): the defaults
+            form.initial = default_initial()
+            return form
+        form.initial = {name: field.widget.value_from_datadict(data, {}, form.add_prefix(name)) for name, field in form.fields.items()}
+        return form
+
+    def _by_section(self, *, basic: bool) -> dict[str, list[forms.BoundField]]:
         out: dict[str, list[forms.BoundField]] = {"model": [], "training": [], "evaluation": [], "judge": [], "promotion": []}
         for spec in FIELDS:
-            if spec.name in special:
-                continue
-            section = "judge" if spec.path.startswith("evaluation.judge.") else spec.path.split(".")[0]
-            out[section].append(self[spec.name])
+            if spec.basic == basic and spec.name not in SPECIAL_FIELDS:
+                section = "judge" if spec.path.startswith("evaluation.judge.") else spec.path.split(".")[0]
+                out[section].append(self[spec.name])
+        return out
+
+    @property
+    def basic_sections(self) -> dict[str, list[forms.BoundField]]:
+        """The basics' plain fields by config section, in table order (the template renders them in a loop)."""
+        return self._by_section(basic=True)
+
+    @property
+    def advanced_sections(self) -> dict[str, list[forms.BoundField]]:
+        """The other fields, under *Advanced*."""
+        return self._by_section(basic=False)
+
+    @property
+    def advanced_has_errors(self) -> bool:
+        """*Advanced* opens by itself when an error is inside it."""
+        return any(not spec.basic and spec.name in self.errors for spec in FIELDS)
+
+    @property
+    def error_summary(self) -> list[dict[str, str]]:
+        """Every error in the form's order, for the list at its top: {"id", "label", "path", "message"}."""
+        if not self.is_bound:
+            return []
+        out = [{"id": "", "label": "", "path": "", "message": str(e)} for e in self.non_field_errors()]
+        for spec in FIELDS:
+            for message in self.errors.get(spec.name, []):
+                label = self[spec.name].label
+                out.append({"id": f"field-{spec.name}", "label": label, "path": spec.path, "message": message})
         return out
 
     def metric_groups(self) -> list[tuple[str, list]]:
@@ -220,14 +288,35 @@ class RunForm(forms.Form):
 
     def clean(self) -> dict[str, Any]:
         data = super().clean()
+        config = self.to_config(data)
+        for name in self._blank_but_required(config):
+            if name not in self.errors:
+                self.add_error(name, "required")
         # The schema sees the fields that parsed, so its problems come with the parse errors, all at once.
-        try:
-            config = validate_config(self.to_config(data), known_datasets=dataset_name_types(self.user))
-        except ConfigError as exc:
-            self.add_config_errors(exc)
-        else:
-            self.config = None if self.errors else config
+        validated, errors = validate_all(config, known_datasets=dataset_name_types(self.user))
+        if errors:
+            self.add_config_errors(ConfigError(errors))
+        self.config = None if self.errors else validated
         return data
+
+    def _blank_but_required(self, config: dict[str, Any]) -> list[str]:
+        """Fields sent blank whose config value cannot be blank: an error, never silently the schema's default
+        (a blank base model used to become the toy model). Blank means null where the schema allows null (max_steps:
+        all epochs); a field not sent at all keeps its default (a client that posts some fields); a field of a section
+        the config leaves out (training of an eval-only run, a judge nobody asked for) is not asked for."""
+        names = []
+        for spec in FIELDS:
+            field = self.fields[spec.name]
+            if spec.name not in self.data or spec.name in LIST_OR_WORD or isinstance(field, (forms.BooleanField, forms.MultipleChoiceField)):
+                continue
+            raw = self.data.get(spec.name)
+            info = schema_field(spec.path)
+            if (raw is not None and str(raw).strip()) or _core_type(info.annotation) is not info.annotation:
+                continue
+            section = next((s for s in OPTIONAL_SECTIONS if spec.path.startswith(s + ".")), None)
+            if section is None or _get(config, section)[1] is not None:
+                names.append(spec.name)
+        return names
 
     def add_config_errors(self, exc: ConfigError) -> None:
         for error in exc.errors:
@@ -239,11 +328,111 @@ class RunForm(forms.Form):
             self.add_error(field, message)
 
 
+# --- every problem of a config in one round ------------------------------------------------------------------------
+# pydantic runs a model's cross-field rules (a fine-tune needs a train set, promotion.metric must be one of the
+# metrics, judged metrics need a judge) and validate_config its dataset check only once everything below them is
+# valid: a form showing one pass's errors took a round trip per layer. validate_all sets each refused value aside
+# (its default, or a stand-in that passes) and validates again until nothing new turns up.
+MAX_ROUNDS = 6
+STAND_IN_JUDGE = {"base_url": "http://localhost:8000/v1", "model": "judge"}
+
+
+def _first_dataset(kind: str, known: dict[str, str]) -> list[str]:
+    return [next((name for name, k in sorted(known.items()) if k == kind), "stand-in")]
+
+
+def _stand_in_judge() -> dict[str, str]:
+    from django.conf import settings
+
+    prefixes = list(getattr(settings, "MLOPS_JUDGE_URL_PREFIXES", []) or [])
+    return {**STAND_IN_JUDGE, "base_url": prefixes[0]} if prefixes else dict(STAND_IN_JUDGE)
+
+
+# Refused value at this path -> (the path to set, its stand-in). Anything else is removed: its default applies.
+STAND_INS: dict[str, Callable[[dict[str, str]], tuple[str, Any]]] = {
+    "name": lambda known: ("name", "stand-in"),
+    "kind": lambda known: ("kind", "finetune"),
+    "datasets.train": lambda known: ("datasets.train", _first_dataset("train", known)),
+    "datasets.eval": lambda known: ("datasets.eval", _first_dataset("eval", known)),
+    "evaluation": lambda known: ("evaluation.judge", _stand_in_judge()),  # judged metrics without a judge
+    "evaluation.judge.base_url": lambda known: ("evaluation.judge.base_url", _stand_in_judge()["base_url"]),
+    "evaluation.judge.model": lambda known: ("evaluation.judge.model", STAND_IN_JUDGE["model"]),
+}
+# A rule that compares with a set-aside value would speak about the stand-in: set it aside too, silently.
+DEPENDENTS = {
+    "evaluation.metrics": ("promotion.metric",),
+    "datasets.eval": ("promotion.datasets",),
+    "datasets.train": ("training.validation_dataset",),
+}
+
+
+def validate_all(config: dict[str, Any], *, known_datasets: dict[str, str]) -> tuple[dict[str, Any] | None, list[dict[str, str]]]:
+    """(the validated config, []) or (None, every error found, first pass first)."""
+    errors: list[dict[str, str]] = []
+    candidate = copy.deepcopy(config)
+    for _ in range(MAX_ROUNDS):
+        try:
+            validated = validate_config(candidate, known_datasets=known_datasets)
+        except ConfigError as exc:
+            fresh = [e for e in exc.errors if e not in errors]
+        else:
+            return (None if errors else validated), errors
+        if not fresh:
+            break
+        errors += fresh
+        if not all(_set_aside(candidate, e["field"], known_datasets) for e in fresh):
+            break
+    return None, errors
+
+
+def _set_aside(config: dict[str, Any], field: str, known: dict[str, str]) -> bool:
+    """Replace or remove the value an error is about; False when there is nothing to set aside."""
+    path = re.sub(r"\[\d+\]", "", field)
+    if not path or not isinstance(config, dict):
+        return False
+    if path in STAND_INS:
+        target, value = STAND_INS[path](known)
+        _set_anyway(config, target, value)
+    elif not _pop(config, path):
+        return False
+    for dependent in DEPENDENTS.get(path, ()):
+        _pop(config, dependent)
+    return True
+
+
+def _set_anyway(config: dict[str, Any], path: str, value: Any) -> None:
+    """_set, replacing whatever is not a mapping on the way (a section sent as a string)."""
+    *parents, leaf = path.split(".")
+    node = config
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[leaf] = value
+
+
+def _pop(config: dict[str, Any], path: str) -> bool:
+    *parents, leaf = path.split(".")
+    node: Any = config
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict) and leaf in node:
+        del node[leaf]
+        return True
+    return False
+
+
+# A section's own rule goes next to the field it is about, not its first row.
+SECTION_RULE_FIELDS = {"evaluation": "metrics"}  # judged metrics need a judge
+
+
 def field_for_error(path: str) -> str | None:
     """The form field a config error belongs next to: the row of its path, or of the nearest row below it."""
     clean = path.split("[", 1)[0]
     if clean in BY_PATH:
         return BY_PATH[clean].name
+    if clean in SECTION_RULE_FIELDS:
+        return SECTION_RULE_FIELDS[clean]
     below = [f for f in FIELDS if f.path.startswith(clean + ".")] if clean else []
     return below[0].name if below else None
 
@@ -336,8 +525,11 @@ def default_initial() -> dict[str, Any]:
 class YamlConfigForm(forms.Form):
     """Start from a YAML config: paste it or upload the file. Refused exactly as the API refuses it."""
 
-    yaml_text = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 8, "spellcheck": "false"}), label="Paste YAML")
-    yaml_file = forms.FileField(required=False, label="or upload a .yaml file")
+    # Inputs of the run form (HTML form="run-form") though they sit beside it: loading a YAML posts the form's
+    # current values too, so a YAML that is refused does not wipe what the user had typed.
+    yaml_text = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 8, "spellcheck": "false", "form": "run-form"}),
+                                label="Paste YAML")
+    yaml_file = forms.FileField(required=False, label="or upload a .yaml file", widget=forms.FileInput(attrs={"form": "run-form"}))
 
     def __init__(self, *args: Any, user=None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

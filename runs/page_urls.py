@@ -17,4 +17,5 @@ urlpatterns = [
     path("runs/<int:pk>/playground/<str:job_id>/", views.run_playground_job, name="run-playground-job"),
     path("runs/<int:pk>/samples.csv", views.run_samples_csv, name="run-samples-csv"),
     path("compare/", views.compare, name="compare"),
+    path("registry/", views.registry, name="registry"),
 ]

@@ -21,6 +21,7 @@ from .forms import RunForm, YamlConfigForm, default_initial, initial_from_config
 from .kinds import KINDS
 from .models import PipelineRun, RunStatus
 from .reaper import reap_if_embedded
+from .registry_page import promotion_review, registry_models
 from .selectors import (
     dashboard_runs,
     mlflow_links,
@@ -67,7 +68,8 @@ def run_new(request: HttpRequest) -> HttpResponse:
     validated, data_check = False, None
     if request.method == "POST" and request.POST.get("action") == "load_yaml":
         yaml_form = YamlConfigForm(request.POST, request.FILES, user=request.user)
-        form = RunForm(user=request.user)
+        # The run form's fields come with the YAML: a YAML that is refused leaves the form as the user had it.
+        form = RunForm.as_posted(request.POST, user=request.user)
         if yaml_form.is_valid():
             config = yaml_form.cleaned_data["config"]
             form = RunForm(initial_from_config(config), user=request.user)
@@ -104,13 +106,16 @@ def run_new(request: HttpRequest) -> HttpResponse:
 
 def _data_check(form: RunForm) -> dict:
     """The form's config through the data check (runs/data_check.py): {"report"} or {"error"}."""
-    from .data_check import DataCheckUnavailable, check_config
+    from .data_check import DataCheckFailed, DataCheckUnavailable, check_config
 
     try:
         return {"report": check_config(form.config, owner=form.user)}
     except ConfigError as exc:
         form.add_config_errors(exc)
         return {"error": "The config has errors (highlighted): fix them to check the data."}
+    except DataCheckFailed as exc:
+        form.add_config_errors(ConfigError([{"field": exc.field, "message": exc.message}]))
+        return {"error": f"The data could not be checked: {exc.field} could not be read (the message is next to the field)."}
     except DataCheckUnavailable as exc:
         return {"error": str(exc)}
 
@@ -250,24 +255,37 @@ def run_delete_view(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 @login_required
-@require_POST
 def run_promotion_view(request: HttpRequest, pk: int) -> HttpResponse:
-    """Staff move the `champion` alias by hand (the same services as POST /api/runs/{id}/promote/ and /demote/)."""
+    """Staff move the `champion` alias by hand (the same services as POST /api/runs/{id}/promote/ and /demote/),
+    after a confirmation page with the gate's decision and reason: GET (or a POST without confirm=yes) shows it."""
     from .promotion import PromotionRefused, demote_by_hand, promote_by_hand
 
     run = get_object_or_404(run_visible_to(request.user), pk=pk)
     if not request.user.is_staff:
         raise PermissionDenied("only staff can promote or demote a model version")
-    action = {"promote": promote_by_hand, "demote": demote_by_hand}.get(request.POST.get("action", ""))
+    data = request.POST if request.method == "POST" else request.GET
+    name, reason, error = data.get("action", ""), data.get("reason", "")[:2000], ""
+    action = {"promote": promote_by_hand, "demote": demote_by_hand}.get(name)
     if action is None:
         messages.error(request, "choose promote or demote")
         return redirect("run-detail", pk=run.pk)
-    try:
-        decision = action(run=run, user=request.user, reason=request.POST.get("reason", "")[:2000])
-        messages.success(request, decision.reason)
-    except PromotionRefused as exc:
-        messages.error(request, str(exc))
-    return redirect("run-detail", pk=run.pk)
+    if request.method == "POST" and data.get("confirm") == "yes":
+        try:
+            decision = action(run=run, user=request.user, reason=reason)
+        except PromotionRefused as exc:
+            error = str(exc)
+        else:
+            messages.success(request, decision.reason)
+            return redirect("run-detail", pk=run.pk)
+    return render(request, "runs/promotion_confirm.html", {
+        "run": run, "action": name, "reason": reason, "error": error, "review": promotion_review(run),
+    })
+
+
+@login_required
+def registry(request: HttpRequest) -> HttpResponse:
+    """Every registered model version the user may see, who holds `champion`, and why (read from the database)."""
+    return render(request, "runs/registry.html", {"models": registry_models(request.user)})
 
 
 @login_required

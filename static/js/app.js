@@ -226,6 +226,19 @@
     }
   });
 
+  // A server error on the New run form's buttons must not look like nothing happened.
+  document.addEventListener("htmx:responseError", function (event) {
+    var form = event.detail.elt.closest && event.detail.elt.closest("#run-form");
+    var actions = form && form.querySelector(".actions");
+    if (!actions) return;
+    var old = actions.querySelector(".form-status");
+    if (old) old.remove();
+    var status = document.createElement("div");
+    status.className = "form-status bad"; status.setAttribute("role", "alert");
+    status.textContent = "The server could not answer (HTTP " + event.detail.xhr.status + "); nothing was created. Try again, or press Validate & launch.";
+    actions.appendChild(status);
+  });
+
   document.addEventListener("htmx:beforeSwap", function (event) {
     var logs = document.getElementById("run-logs");
     if (logs && event.detail.target && event.detail.target.contains(logs)) {

@@ -192,6 +192,7 @@ def test_launch_from_the_form_watch_it_complete_and_see_the_results(page, watche
     page.fill("input[name=epochs]", "1")
     page.fill("input[name=max_steps]", "6")
     page.fill("input[name=max_samples]", "4")
+    page.click("#advanced > summary")  # generation settings are past the basics
     page.fill("input[name=max_new_tokens]", "12")
     page.fill("input[name=learning_rate]", "0.005")
     # The optimizer steps this means, counted as the trainer counts them: cut to max steps.
@@ -373,3 +374,129 @@ def test_every_page_loads_every_asset(watched, user, staff_user):
         watch.check()
     assert any(path.startswith("/static/admin/") for path in watch.loaded)
     assert any(path.startswith("/static/drf_spectacular_sidecar/") for path in watch.loaded)
+
+
+# --- as a new user meets it: the New run form, a YAML that fails, the registry and a promotion by hand ---------------
+def form_problems(page) -> list[str]:
+    return [line.strip() for line in page.inner_text("#form-problems li").split("\n")] if page.locator("#form-problems").count() else []
+
+
+def test_a_new_user_sees_every_problem_at_once_in_one_style(page):
+    page.goto("/runs/new/")
+    assert page.evaluate("document.getElementById('run-form').noValidate")  # no browser bubbles: the server's list is the one
+    assert not page.evaluate("document.getElementById('advanced').open")
+    offered = page.eval_on_selector_all("#base-model-choices option", "options => options.map(o => o.value)")
+    assert {"local:smollm2-135m-instruct", "local:tiny-llama"} <= set(offered)
+    help_text = page.inner_text("#field-base_model .helptext")
+    assert "Qwen" not in help_text and "hub is offline here" in help_text
+    shot(page, "26-01-new-run-basics")
+
+    page.fill("input[name=name]", "")
+    page.fill("input[name=base_model]", "nobody/made-up-model-xyz")
+    page.fill("input[name=epochs]", "0")
+    page.fill("input[name=learning_rate]", "")
+    for box in page.query_selector_all("input[name=train_datasets]:checked"):
+        box.uncheck()
+    page.click("#advanced > summary")
+    page.fill("input[name=lora_r]", "0")
+    page.click("#advanced > summary")  # closed again: it must open by itself to show its error
+    expected = {"name", "model.base", "training.epochs", "training.learning_rate", "datasets.train", "training.lora.r"}
+    for button in ("validate", "launch"):  # htmx or a full page: the same list, the same inline errors
+        with page.expect_response(lambda r: r.url.endswith("/runs/new/") and r.request.method == "POST") as answer:
+            page.click(f"button[value={button}]")
+        assert answer.value.status == 200
+        page.wait_for_selector("#form-problems")
+        listed = page.inner_text("#form-problems")
+        assert "6 problems; nothing was created" in listed, listed
+        assert all(f"{path}:" in listed for path in expected), listed
+        assert "nobody/made-up-model-xyz' is not in this machine's Hugging Face cache and the hub is offline" in listed
+        assert page.evaluate("document.getElementById('advanced').open")
+        assert page.locator("#field-lora_r .errorlist").is_visible() and page.locator("#field-base_model .errorlist").is_visible()
+        shot(page, f"26-02-new-run-every-problem-{button}")
+    assert not PipelineRun.objects.exists()
+
+    # Check data on a model that cannot load: an answer on the page, never a 500.
+    page.fill("input[name=name]", "made-up")
+    page.fill("input[name=epochs]", "1")
+    page.fill("input[name=learning_rate]", "0.001")
+    page.check("input[name=train_datasets][value=rag_qa_train]")
+    page.fill("input[name=lora_r]", "8")
+    with page.expect_response(lambda r: r.url.endswith("/runs/new/") and r.request.method == "POST") as answer:
+        page.click("button[value=check]")
+    assert answer.value.status == 200
+    page.wait_for_selector("#form-problems:has-text('1 problem; nothing was created')")
+    assert "hub is offline" in page.inner_text("#field-base_model .errorlist")
+    shot(page, "26-03-check-data-made-up-model")
+
+
+def test_a_yaml_that_fails_to_load_keeps_the_users_edits(page):
+    page.goto("/runs/new/")
+    page.fill("input[name=name]", "my-careful-edits")
+    page.fill("input[name=epochs]", "7")
+    page.uncheck("input[name=metrics][value=semantic_similarity]")
+    page.fill("textarea[name=yaml_text]", "name: from-yaml\nkind: finetune\n  datasets: [oops\n")
+    page.click("button:has-text('Load into the form')")
+    page.wait_for_selector("#yaml-errors")
+    assert "invalid YAML at line 3" in page.inner_text("#yaml-errors")
+    assert page.input_value("input[name=name]") == "my-careful-edits" and page.input_value("input[name=epochs]") == "7"
+    assert not page.is_checked("input[name=metrics][value=semantic_similarity]")
+    assert "datasets: [oops" in page.input_value("textarea[name=yaml_text]")
+    shot(page, "26-04-yaml-error-keeps-the-form")
+    page.fill("textarea[name=yaml_text]", "name: from-yaml\nkind: eval_only\ndatasets: {eval: [ragas_eval]}\nevaluation: {answers: dataset}\n")
+    page.click("button:has-text('Load into the form')")
+    page.wait_for_selector("text=YAML loaded into the form")
+    assert page.input_value("input[name=name]") == "from-yaml"
+
+
+def registered_version(owner, name: str) -> PipelineRun:
+    """A completed fine-tune with a registered version in the test MLflow store (the one `make serve` uses here)."""
+    from runs import tracking
+    from runs.services import run_set_mlflow_ids, run_set_registered_model
+    from tests.runs.factories import make_run
+
+    run = make_run(owner, status="completed")
+    experiment_id, mlflow_run_id = tracking.mlflow_start(run_id=run.pk, name=run.name, kind=run.kind, config=run.config, tags={})
+    run_set_mlflow_ids(run_id=run.pk, experiment_id=experiment_id, mlflow_run_id=mlflow_run_id)
+    client = tracking.client()
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name)
+    version = client.create_model_version(name, source=f"runs:/{mlflow_run_id}/model", run_id=mlflow_run_id).version
+    run_set_registered_model(run_id=run.pk, name=name, version=str(version))
+    run.refresh_from_db()
+    return run
+
+
+def test_staff_promote_a_rejected_version_only_after_reading_the_gate_and_see_it_in_the_registry(watched, user, staff_user):
+    import uuid
+
+    from runs.services import run_record_promotion
+
+    page, _ = watched
+    servable_password(staff_user, "admin-long-passphrase")
+    name = f"rag-lora.browser-{uuid.uuid4().hex[:6]}.rag_qa_train"
+    first, second = registered_version(user, name), registered_version(user, name)
+    reason = "rejected: rouge_score +0.004 [-0.010, +0.019] on ragas_eval is not significant (Holm-adjusted p=0.412)"
+    run_record_promotion(run_id=second.pk, model_name=name, model_version=second.registered_model_version, decision="rejected",
+                         alias="", reason=reason, automatic=True)
+    log_in(page, "root-admin", "admin-long-passphrase")
+    page.goto(f"/runs/{second.pk}/")
+    page.locator("#registry").scroll_into_view_if_needed()
+    shot(page, "26-05a-run-page-registry-card")
+    page.click("button:has-text('Promote to champion')")
+    page.wait_for_selector("#promotion-confirm")
+    assert reason in page.inner_text("#gate-override")
+    shot(page, "26-05-promote-confirm-gate-rejected")
+    page.click("#promotion-confirm button.primary")  # no reason: refused on the same page
+    page.wait_for_selector("#promotion-error")
+    assert "say why" in page.inner_text("#promotion-error") and reason in page.inner_text("#gate-reason")
+    page.fill("#promotion-reason-input", "read 50 answers: the gate's eval set was stale")
+    page.click("#promotion-confirm button.primary")
+    page.wait_for_url(re.compile(rf".*/runs/{second.pk}/$"))
+    assert "@champion" in page.inner_text("#registry")
+    page.click("nav a:has-text('Registry')")
+    page.wait_for_url(re.compile(r".*/registry/$"))
+    card = page.inner_text(f"section.registry-model:has-text('{name}')")
+    assert f"Champion: version {second.registered_model_version}" in card, card
+    assert "read 50 answers" in card and f"The gate had rejected it: {reason}" in card
+    assert f"#{first.pk}" in card
+    shot(page, "26-06-registry")

@@ -2,7 +2,7 @@
 in the server process (`manage.py runserver`, as `make serve` runs it).
 
 Before WAL, IMMEDIATE transactions and a busy timeout, an admin save answered 500
-"database is locked" here (NOTES.md, third round): the training thread's writes
+"database is locked" here: the training thread's writes
 (progress, heartbeat, logs, checkpoints) and a save's read-then-write transaction
 deadlocked, and SQLite refuses such a transaction at once instead of waiting.
 """

@@ -113,9 +113,10 @@ def test_the_known_builds_come_from_training_local_models_or_the_tiny_model_spec
     assert known_local_models() == (*SPECS, "smollm2-135m-instruct")
 
 
-def test_hub_ids_are_accepted_and_paths_refused_while_no_folder_is_allowed(settings):
+def test_cached_hub_ids_are_accepted_and_paths_refused_while_no_folder_is_allowed(settings, hf_cache):
     settings.MLOPS_MODEL_PATHS = []
     for hub_id in ["Qwen/Qwen2.5-0.5B-Instruct", "gpt2", "HuggingFaceTB/SmolLM2-135M-Instruct"]:
+        hf_cache(hub_id)  # the hub is offline in tests: a hub id must be in the cache (tests/runs/test_model_refs.py)
         assert validate_config(finetune_config(model={"base": hub_id}), known_datasets=KNOWN)["model"]["base"] == hub_id
     # configs/ exists relative to the working directory: hub-shaped, but from_pretrained would read it from disk.
     for path in ["/etc/passwd", "/models/my-llama", "./var/models/tiny-llama", "../x", "..", "~/models", "configs", "a b"]:

@@ -200,3 +200,42 @@ def test_in_served_mode_without_a_cpu_worker_the_check_answers_503_naming_what_t
     assert response.status_code == 503
     assert "no cpu worker answered the data check within 1s" in response.json()["detail"]
     assert "rqworker cpu" in response.json()["detail"]
+
+
+def test_a_base_model_that_validates_but_will_not_load_is_a_400_naming_model_base(api, client, user, hf_cache):
+    """Config and weights in the cache, no tokenizer: valid, yet the check cannot read it. Never a 500."""
+    hf_cache("org/weights-without-tokenizer")
+    config = finetune_config(model={"base": "org/weights-without-tokenizer"})
+    response = api.post("/api/runs/check/", config, format="json")
+    assert response.status_code == 400, response.content
+    error = response.json()["errors"][0]
+    assert error["field"] == "model.base"
+    assert error["message"].startswith("the base model 'org/weights-without-tokenizer' could not be read to check the data: ")
+
+    client.force_login(user)
+    initial = initial_from_config(validate_config(config))
+    post = {k: ("on" if v is True else v) for k, v in initial.items() if v not in (None, False)}
+    page = client.post("/runs/new/", {**post, "action": "check"}, HTTP_HX_REQUEST="true")
+    assert page.status_code == 200
+    assert page.context["form"].errors["base_model"][0].startswith("the base model 'org/weights-without-tokenizer' could not be read")
+    assert "The data could not be checked" in page.content.decode()
+    assert not PipelineRun.objects.exists()
+
+
+def test_a_dataset_whose_file_is_gone_is_a_400_naming_it(api, overlapping_train_set):
+    import os
+
+    os.remove(overlapping_train_set.file.path)
+    response = api.post("/api/runs/check/", finetune_config(datasets={"train": ["overlapping-train"], "eval": ["ragas_eval"]}), format="json")
+    assert response.status_code == 400, response.content
+    assert response.json()["errors"][0]["field"] == "datasets.train"
+    assert "the rows of this dataset could not be read to check the data: FileNotFoundError" in response.json()["detail"]
+
+
+def test_on_a_cpu_worker_the_same_failure_comes_back_as_the_jobs_answer(hf_cache):
+    """The job returns it (a failed job would read as 'no worker' to the web); check_config raises it again there."""
+    from runs.data_check import data_check_job
+
+    hf_cache("org/weights-without-tokenizer")
+    answer = data_check_job(validate_config(finetune_config(model={"base": "org/weights-without-tokenizer"})))
+    assert answer["check_failed"]["field"] == "model.base" and "could not be read" in answer["check_failed"]["message"]

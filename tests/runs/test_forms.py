@@ -151,3 +151,81 @@ def test_load_yaml_accepts_a_valid_config(user):
     form = YamlConfigForm({"yaml_text": "name: x\nkind: eval_only\ndatasets: {eval: [ragas_eval]}\n"}, user=user)
     assert form.is_valid(), form.errors
     assert form.cleaned_data["config"]["kind"] == "eval_only"
+
+
+# --- one round, one style: every problem at once, a blank is not a default ------------------------------------------
+def browser_post(**changes: Any) -> dict[str, Any]:
+    """What the browser sends for the default form (every input, blanks included), with changes."""
+    from runs.forms import default_initial
+
+    post = as_post(default_initial())
+    for name in ("train_datasets", "eval_datasets", "metrics"):
+        post.setdefault(name, [])
+    post.update(changes)
+    return post
+
+
+def test_the_default_form_as_a_browser_sends_it_is_valid(user):
+    form = RunForm(browser_post(), user=user)
+    assert form.is_valid(), form.errors
+
+
+def test_a_blank_base_model_is_required_not_the_toy_model(user):
+    form = RunForm(browser_post(base_model=""), user=user)
+    assert not form.is_valid()
+    assert form.errors["base_model"] == ["required"]
+    assert {"id": "field-base_model", "label": "Base model", "path": "model.base", "message": "required"} in form.error_summary
+
+
+def test_blank_fields_of_sections_the_config_leaves_out_are_not_required(user):
+    blank_training = {spec.name: "" for spec in FIELDS if spec.path.startswith(("training.", "promotion."))}
+    blank_judge = {spec.name: "" for spec in FIELDS if spec.path.startswith("evaluation.judge.")}
+    form = RunForm(browser_post(kind="eval_only", answers="dataset", train_datasets=[], **blank_training, **blank_judge), user=user)
+    assert form.is_valid(), form.errors
+    assert form.config["training"] is None and form.config["evaluation"]["judge"] is None
+
+
+def test_every_problem_shows_in_one_round_basics_and_advanced(user, hf_cache):
+    form = RunForm(browser_post(
+        name="",                                   # required
+        base_model="nobody/made-up-model-xyz",     # not in the cache, hub offline
+        epochs="0",                                # out of range
+        learning_rate="",                          # blank, no default taken
+        train_datasets=[],                         # a fine-tune needs one (a rule of the whole config)
+        max_seq_length="8",                        # out of range
+        lora_r="0",                                # advanced
+        promotion_metric="bleu_score",             # not one of the metrics (a rule that runs last)
+        metrics=["rouge_score", "faithfulness"],   # a judged metric without a judge (a rule of the evaluation section)
+    ), user=user)
+    assert not form.is_valid()
+    assert set(form.errors) == {"name", "base_model", "epochs", "learning_rate", "train_datasets", "max_seq_length", "lora_r",
+                                "promotion_metric", "metrics"}, form.errors
+    assert "hub is offline" in form.errors["base_model"][0]
+    assert "at least one train dataset" in form.errors["train_datasets"][0]
+    assert "is not one of evaluation.metrics" in form.errors["promotion_metric"][0]
+    assert "need an LLM judge" in form.errors["metrics"][0]
+    assert [p["id"] for p in form.error_summary] == [f"field-{spec.name}" for spec in FIELDS if spec.name in form.errors]
+    assert form.advanced_has_errors
+
+
+def test_a_rule_about_a_set_aside_value_does_not_speak_about_its_stand_in(user):
+    """No eval set ticked and promotion.datasets naming one: one error on the eval sets, none invented for the gate."""
+    form = RunForm(browser_post(eval_datasets=[], promotion_datasets="ragas_eval"), user=user)
+    assert not form.is_valid()
+    assert set(form.errors) == {"eval_datasets"}, form.errors
+
+
+def test_advanced_stays_closed_when_its_fields_are_fine(user):
+    form = RunForm(browser_post(epochs="0"), user=user)
+    assert not form.is_valid() and not form.advanced_has_errors
+    assert {spec.name for spec in FIELDS if spec.basic} >= {"name", "kind", "base_model", "train_datasets", "eval_datasets", "epochs",
+                                                           "learning_rate", "metrics"}
+
+
+def test_the_base_model_list_offers_what_loads_and_the_help_suggests_nothing_that_cannot(user, hf_cache):
+    hf_cache("org/cached-model")
+    form = RunForm(user=user)
+    html = str(form["base_model"])
+    assert 'list="base-model-choices"' in html and '<datalist id="base-model-choices">' in html
+    assert '<option value="local:smollm2-135m-instruct">' in html and '<option value="org/cached-model">' in html
+    assert "Qwen" not in form["base_model"].help_text and "hub is offline here" in form["base_model"].help_text

@@ -138,7 +138,37 @@ def test_staff_promote_from_the_run_page_and_it_is_shown(client, user, staff_use
     client.force_login(staff_user)
     page = client.get(f"/runs/{run.pk}/").content.decode()
     assert "Promote to champion" in page and "no decision yet" in page
-    response = client.post(f"/runs/{run.pk}/promotion/", {"action": "promote", "reason": "read the samples"}, follow=True)
+    # Without confirm=yes the page asks first, whatever was posted.
+    response = client.post(f"/runs/{run.pk}/promotion/", {"action": "promote", "reason": "read the samples"})
+    assert response.status_code == 200 and "Promote to champion?" in response.content.decode()
+    assert tracking.champion_version(NAME) is None and not PromotionDecision.objects.exists()
+    response = client.post(f"/runs/{run.pk}/promotion/", {"action": "promote", "reason": "read the samples", "confirm": "yes"}, follow=True)
     page = response.content.decode()
     assert "@champion" in page and f"promoted by {staff_user.username}: read the samples" in page
+    assert tracking.champion_version(NAME)[0] == run.registered_model_version
+
+
+def test_promoting_a_version_the_gate_rejected_shows_the_gates_reason_before_anything_changes(client, user, staff_user, tmp_path):
+    from runs.promotion import promote_by_hand
+
+    champion = registered_run(user, tmp_path)
+    promote_by_hand(run=champion, user=staff_user, reason="the first good one")
+    run = registered_run(user, tmp_path)
+    rejected = decide_after_comparison(run=run, comparisons={"ragas_eval": compare_metrics({
+        "rouge_score": ([0.3, 0.5, 0.4, 0.6, 0.2, 0.5, 0.4, 0.3, 0.6, 0.5, 0.4], [0.5, 0.3, 0.4, 0.5, 0.3, 0.6, 0.3, 0.4, 0.5, 0.6, 0.3]),
+    }, seed=42)})
+    assert rejected.decision == "rejected"
+    client.force_login(user)
+    assert client.get(f"/runs/{run.pk}/promotion/?action=promote").status_code == 403  # staff only, the confirmation too
+    client.force_login(staff_user)
+    page = client.get(f"/runs/{run.pk}/promotion/?action=promote").content.decode()  # the run page's button: a plain GET
+    assert "The gate <strong>rejected</strong> this version: " + rejected.reason in page
+    assert f"takes the alias from version {champion.registered_model_version}" in page
+    assert f'<p id="current-champion">Champion now:\n    version {champion.registered_model_version}' in page
+    # A blank reason is refused on the same page; nothing moved.
+    page = client.post(f"/runs/{run.pk}/promotion/", {"action": "promote", "reason": " ", "confirm": "yes"}).content.decode()
+    assert 'id="promotion-error">say why (reason)' in page and rejected.reason in page
+    assert tracking.champion_version(NAME)[0] == champion.registered_model_version
+    response = client.post(f"/runs/{run.pk}/promotion/", {"action": "promote", "reason": "the gate's data was stale", "confirm": "yes"})
+    assert response.status_code == 302 and response.url == f"/runs/{run.pk}/"
     assert tracking.champion_version(NAME)[0] == run.registered_model_version

@@ -256,3 +256,47 @@ def test_retry_button_creates_a_new_run_with_the_same_config(logged_in, user):
     done = make_run(user, status="completed")
     logged_in.post(f"/runs/{done.pk}/retry/")
     assert PipelineRun.objects.count() == 3  # a completed run is not retried
+
+
+def test_the_form_leaves_validation_to_the_server_and_lists_every_problem_at_the_top(logged_in):
+    page = logged_in.get("/runs/new/").content.decode()
+    assert '<form id="run-form"' in page and "novalidate>" in page.split('<form id="run-form"', 1)[1].split("\n", 1)[0]
+    assert '<details class="advanced" id="advanced">' in page  # closed: nothing wrong inside
+    for action, headers in (("validate", {"HTTP_HX_REQUEST": "true"}), ("launch", {})):  # one style for both buttons
+        response = logged_in.post("/runs/new/", {**form_data(base_model="", epochs=0, lora_r=0), "action": action}, **headers)
+        page = response.content.decode()
+        assert response.status_code == 200 and not PipelineRun.objects.exists()
+        assert "3 problems; nothing was created" in page
+        assert '<a href="#field-base_model">Base model</a> <code>model.base</code>: required' in page
+        assert '<a href="#field-lora_r">LoRA r</a> <code>training.lora.r</code>' in page
+        assert '<details class="advanced" id="advanced" open>' in page  # LoRA r is an advanced field
+
+
+def test_a_yaml_that_is_refused_keeps_the_form_as_the_user_had_it_and_names_the_line(logged_in):
+    response = logged_in.post("/runs/new/", {**form_data(name="my-edits", epochs=7, learning_rate=0.003), "action": "load_yaml",
+                                             "yaml_text": "name: x\nkind: finetune\n  datasets: [oops\n"})
+    page = response.content.decode()
+    assert response.status_code == 200
+    assert "The YAML was not loaded; the form is as you left it." in page and "invalid YAML at line 3" in page
+    form = response.context["form"]
+    assert form["name"].value() == "my-edits" and str(form["epochs"].value()) == "7" and str(form["learning_rate"].value()) == "0.003"
+    assert form["train_datasets"].value() == ["rag_qa_train"] and not form.errors  # shown as typed, not judged
+    assert 'value="my-edits"' in page
+    assert "name: x\nkind: finetune\n  datasets: [oops" in page  # the YAML stays in its box, to fix
+    assert not PipelineRun.objects.exists()
+
+
+def test_a_yaml_sent_alone_and_refused_shows_the_defaults(logged_in):
+    response = logged_in.post("/runs/new/", {"action": "load_yaml", "yaml_text": "- not a mapping\n"})
+    assert "must be a mapping" in response.content.decode()
+    assert response.context["form"]["name"].value() == "finetune-rag-qa"
+
+
+def test_a_made_up_hub_model_is_refused_in_one_round_and_check_data_says_so(logged_in):
+    for action in ("validate", "check"):
+        response = logged_in.post("/runs/new/", {**form_data(base_model="nobody/made-up-model-xyz"), "action": action}, HTTP_HX_REQUEST="true")
+        assert response.status_code == 200
+        errors = response.context["form"].errors
+        assert list(errors) == ["base_model"] and "not in this machine's Hugging Face cache and the hub is offline" in errors["base_model"][0]
+        assert "The config is valid" not in response.content.decode()
+    assert not PipelineRun.objects.exists()
