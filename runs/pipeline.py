@@ -68,7 +68,7 @@ def worker_name() -> str:
 
 def run_job(job_id: int) -> None:
     """The job function of every step (the RQ job `run_job(job_id)`, or called inline)."""
-    attempt = job_claim(job_id=job_id, worker=worker_name())
+    attempt = job_claim(job_id=job_id, worker=worker_name(), on_completed_run=_on_demand(job_id))
     if attempt is None:
         log.info("job %s not claimed (already taken, or ended, or its run ended); skipping", job_id)
         return
@@ -105,7 +105,9 @@ def run_job(job_id: int) -> None:
         reason = failure_reason(job.label, exc)
         job_fail(job_id=job_id, attempt=attempt, error=reason)
         step_of = _step_or_none(run, job.step)
-        if step_of is not None and step_of.tolerate_failure:
+        if step_of is not None and step_of.on_demand:
+            pass  # it fails only itself
+        elif step_of is not None and step_of.tolerate_failure:
             _sync(run.pk, kind_of(run).graph_of(run), message=f"{job.label} failed")
         else:
             run_fail(run_id=run.pk, reason=reason)
@@ -113,6 +115,12 @@ def run_job(job_id: int) -> None:
     finally:
         if ctx is not None:
             ctx.close()
+
+
+def _on_demand(job_id: int) -> bool:
+    row = Job.objects.filter(pk=job_id).select_related("run").only("step", "run__kind", "run__config", "run__parent").first()
+    step = _step_or_none(row.run, row.step) if row else None
+    return bool(step and step.on_demand)
 
 
 def _step_or_none(run: PipelineRun, name: str) -> Step | None:
@@ -124,7 +132,7 @@ def _finish(ctx: StepContext, step: Step, output: Any) -> None:
     """The output stored, the job done, the next jobs created and the status moved: together or not at all."""
     with transaction.atomic():
         run = _locked(ctx.run_id)
-        if run.status in TERMINAL_STATUSES:
+        if run.status in TERMINAL_STATUSES and not (step.on_demand and run.status == RunStatus.COMPLETED):
             raise JobAbandoned(f"run {ctx.run_id} is {run.status}")
         if step.store:
             step.store(ctx, output)
@@ -166,13 +174,14 @@ def _sync(run_id: int, graph: Graph, *, message: str) -> None:
 
 
 def add_job(*, run_id: int, graph: Graph, step: str, key: str, payload: dict[str, Any] | None = None) -> bool:
-    """Fan-out from a running job: a keyed job of a spawned step, sent after commit; False when it exists already."""
+    """A keyed job of a spawned step (fan-out from a running job) or of an on-demand step (a service's request),
+    sent after commit; False when it exists already or the run ended (an on-demand job may follow completion)."""
     spec = graph.step(step)
-    if not spec.spawned:
-        raise ValueError(f"step {step} is not declared spawned_by another step: its job is created by the graph")
+    if not (spec.spawned or spec.on_demand):
+        raise ValueError(f"step {step} is neither spawned_by another step nor on_demand: its job is created by the graph")
     with transaction.atomic():
         run = _locked(run_id)
-        if run.status in TERMINAL_STATUSES:
+        if run.status in TERMINAL_STATUSES and not (spec.on_demand and run.status == RunStatus.COMPLETED):
             return False
         job = job_add(run_id=run_id, step=step, key=key, queue=spec.queue, payload=payload)
         if job is not None:
@@ -346,7 +355,8 @@ def drive_inline(run_id: int) -> None:
             with _driven_lock:
                 job_id = Job.objects.filter(run_id=run_id, state=JobState.QUEUED).order_by("id").values_list("pk", flat=True).first()
                 waiting = job_id is None and Job.objects.filter(run_id=run_id, state=JobState.WAITING).exists()
-                if status in TERMINAL_STATUSES or (job_id is None and not waiting):
+                # (a completed run may still have on-demand jobs queued: an export)
+                if status in (RunStatus.FAILED, RunStatus.CANCELLED) or (job_id is None and not waiting):
                     _driven.discard(run_id)  # under the lock: a job dispatched from now on starts a new driver
                     return
             if job_id is None:

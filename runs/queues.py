@@ -153,7 +153,7 @@ def replace_dead_job(*, func: Callable[..., None], queue: str, job_id: int) -> b
 
 
 def _still_waiting(job_id: int) -> bool:
-    return Job.objects.filter(pk=job_id, state=JobState.QUEUED).exclude(run__status__in=TERMINAL_STATUSES).exists()
+    return Job.objects.filter(pk=job_id, state=JobState.QUEUED).exclude(run__status__in=TERMINAL_STATUSES - {"completed"}).exists()
 
 
 def _label(job_id: int) -> str:

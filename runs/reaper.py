@@ -28,8 +28,8 @@ from django.utils import timezone
 from .execution import RunLog, run_fail
 from .kinds import kind_of
 from .kinds.base import JobFacts
-from .models import TERMINAL_STATUSES, Job, JobState
-from .services import job_requeue_lost
+from .models import TERMINAL_STATUSES, Job, JobState, RunStatus
+from .services import job_fail, job_requeue_lost
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ def stale_jobs(*, stale_seconds: int) -> QuerySet[Job]:
     """
     cutoff = timezone.now() - timedelta(seconds=stale_seconds)
     states = [JobState.RUNNING, JobState.QUEUED] if settings.JOBS_INLINE else [JobState.RUNNING]
-    return (Job.objects.filter(state__in=states, heartbeat_at__lt=cutoff).exclude(run__status__in=TERMINAL_STATUSES)
+    # A completed run's jobs are on-demand ones (an export): theirs too.
+    return (Job.objects.filter(state__in=states, heartbeat_at__lt=cutoff).exclude(run__status__in=TERMINAL_STATUSES - {RunStatus.COMPLETED})
             .select_related("run").order_by("id"))
 
 
@@ -73,6 +74,11 @@ def reap_stale_jobs(*, stale_seconds: int) -> list[tuple[int, str]]:
                 reaped.append((run.pk, decision.message))
             continue
         message = decision.message if decision is not None else reason
+        if run.status == RunStatus.COMPLETED or (policy is not None and graph.step(job.step).on_demand):
+            if job_fail(job_id=job.pk, attempt=job.attempts, error=message):  # an on-demand job fails only itself
+                RunLog(run.pk)(message)
+                reaped.append((run.pk, message))
+            continue
         if run_fail(run_id=run.pk, reason=message):
             RunLog(run.pk)(message)
             reaped.append((run.pk, message))
@@ -88,7 +94,8 @@ def _send_again(job: Job) -> None:
 def waiting_jobs(*, grace_seconds: int) -> QuerySet[Job]:
     """Queued jobs of unfinished runs, waiting since before the grace period."""
     cutoff = timezone.now() - timedelta(seconds=grace_seconds)
-    return Job.objects.filter(state=JobState.QUEUED, heartbeat_at__lt=cutoff).exclude(run__status__in=TERMINAL_STATUSES).order_by("id")
+    ended = TERMINAL_STATUSES - {RunStatus.COMPLETED}  # a completed run's queued jobs are on-demand ones: theirs too
+    return Job.objects.filter(state=JobState.QUEUED, heartbeat_at__lt=cutoff).exclude(run__status__in=ended).order_by("id")
 
 
 def requeue_lost_jobs(*, grace_seconds: int = REQUEUE_GRACE_SECONDS) -> list[tuple[int, str]]:
@@ -101,7 +108,6 @@ def requeue_lost_jobs(*, grace_seconds: int = REQUEUE_GRACE_SECONDS) -> list[tup
 
     from .pipeline import resend_lost_job
     from .queues import JobKeepsFailing
-    from .services import job_fail
 
     if settings.JOBS_INLINE:
         return []

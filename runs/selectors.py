@@ -220,13 +220,13 @@ def run_step_fractions(run_id: int) -> dict[str, float]:
     return {step: sum(values) / len(values) for step, values in by_step.items()}
 
 
-def job_still_held(job_id: int, attempt: int) -> str:
-    """"" while this attempt holds the running job and its run goes on; else why not."""
+def job_still_held(job_id: int, attempt: int, *, on_completed_run: bool = False) -> str:
+    """"" while this attempt holds the running job and its run goes on (or, for an on-demand job, completed); else why not."""
     row = Job.objects.filter(pk=job_id).values_list("state", "attempts", "run__status").first()
     if row is None:
         return f"job {job_id} was deleted"
     state, attempts, status = row
-    if status in TERMINAL_STATUSES:
+    if status in TERMINAL_STATUSES and not (on_completed_run and status == "completed"):
         return f"run is {status}"
     if state != JobState.RUNNING or attempts != attempt:
         return f"attempt {attempt} no longer holds the job (now {state}, attempt {attempts})"

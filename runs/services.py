@@ -323,13 +323,15 @@ def job_add(
     return job if created else None
 
 
-def job_claim(*, job_id: int, worker: str) -> int | None:
+def job_claim(*, job_id: int, worker: str, on_completed_run: bool = False) -> int | None:
     """queued -> running for one more attempt; returns that attempt's number, or None when the job is not
-    queued (taken, ended) or its run ended. The attempt number is what later writes of this attempt present."""
+    queued (taken, ended) or its run ended (an on-demand job may also run on a completed run). The attempt
+    number is what later writes of this attempt present."""
     now = timezone.now()
+    ended = TERMINAL_STATUSES - {S.COMPLETED} if on_completed_run else TERMINAL_STATUSES
     claimed = (
         Job.objects.filter(pk=job_id, state=JobState.QUEUED)
-        .exclude(run__status__in=TERMINAL_STATUSES)
+        .exclude(run__status__in=ended)
         .update(state=JobState.RUNNING, attempts=F("attempts") + 1, worker=worker[:200], heartbeat_at=now,
                 started_at=Coalesce(F("started_at"), models.Value(now)), error="")
     )
@@ -391,7 +393,7 @@ def job_requeue_lost(*, job_id: int, attempt: int, message: str) -> bool:
     """The attempt's worker was lost: running -> queued (compare-and-swap on the attempt), an event saying so."""
     with transaction.atomic():
         job = Job.objects.select_related("run").filter(pk=job_id).first()
-        if job is None or job.run.status in TERMINAL_STATUSES:
+        if job is None or job.run.status in (S.FAILED, S.CANCELLED):
             return False
         if not _held(job_id, attempt).update(state=JobState.QUEUED, heartbeat_at=timezone.now(), worker=""):
             return False

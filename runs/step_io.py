@@ -261,7 +261,7 @@ class StepContext:
             return
         self._last_check = moment
         with tolerate_db_errors(f"run {self.run_id}: cancel check"):
-            why = job_still_held(self.job_id, self.attempt)
+            why = job_still_held(self.job_id, self.attempt, on_completed_run=self.step.on_demand)
             if why:
                 raise JobAbandoned(why)
 

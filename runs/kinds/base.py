@@ -114,6 +114,9 @@ class Step:
     publish: Callable[[Any, Any], None] | None = None
     after: tuple[str, ...] = ()  # fan-in: this step's job is created once every job of these steps has ended
     spawned_by: str = ""  # fan-out: jobs of this step are added (keyed) by a running job of that step
+    # Jobs of this step are added on request by a service (an export of a completed fine-tune), also after the run
+    # completed; nothing waits for them, and a failed one fails only itself.
+    on_demand: bool = False
     on_lost: LostPolicy = FAIL
     tolerate_failure: bool = False  # a failed job of this step does not fail the run (its fan-in counts it as ended)
     # What the step measured, read from its output (a fine-tune's device, dtype, tokens/s), stored as the job's figures.
@@ -170,6 +173,8 @@ class Graph:
 
     def _ended(self, step: Step, jobs: list[JobView]) -> bool:
         """Every job the step will ever have has ended (and a step that is not spawned has its job)."""
+        if step.on_demand:
+            return True
         mine = [j for j in jobs if j.step == step.name]
         ok = {JobState.DONE} | (FINISHED_STATES if step.tolerate_failure else set())
         if step.spawned:
@@ -182,7 +187,7 @@ class Graph:
         created = {j.step for j in jobs}
         return [
             s for s in self.steps
-            if not s.spawned and s.name not in created and all(self._ended(self.step(a), jobs) for a in s.after)
+            if not s.spawned and not s.on_demand and s.name not in created and all(self._ended(self.step(a), jobs) for a in s.after)
         ]
 
     def complete(self, jobs: Iterable[JobView]) -> bool:
@@ -201,9 +206,9 @@ class Graph:
         jobs = list(jobs)
         if self.complete(jobs):
             return RunStatus.COMPLETED
-        if not any(j.started or j.state in FINISHED_STATES for j in jobs):
+        if not any(j.started or j.state in FINISHED_STATES for j in jobs if not self.step(j.step).on_demand):
             return RunStatus.PENDING
-        unfinished = [j for j in jobs if j.state not in FINISHED_STATES]
+        unfinished = [j for j in jobs if j.state not in FINISHED_STATES and not self.step(j.step).on_demand]
         if not unfinished:  # between a job's end and the next one's creation (the same transaction creates it)
             return current
         return self.step(min(unfinished, key=lambda j: self.position(j.step)).step).status

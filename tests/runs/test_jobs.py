@@ -370,3 +370,33 @@ def test_the_api_and_the_run_page_show_a_childs_parent_and_a_parents_children(us
     assert api.get("/api/runs/").json()["results"][0]["parent"] == parent.pk  # the list too (newest first: the child)
     client.force_login(user)
     assert f'trial of <a href="/runs/{parent.pk}/">run #{parent.pk}</a>' in client.get(f"/runs/{child.pk}/").content.decode()
+
+
+def test_an_on_demand_job_runs_on_a_completed_run_and_a_failed_one_fails_only_itself(user, test_kind):
+    outcomes = iter(["ok", "broken"])
+
+    def export(ctx):
+        if next(outcomes) == "broken":
+            raise RuntimeError("the disk is full")
+        return {"exported": ctx.key}
+
+    kind = test_kind(Graph((
+        Step("work", CPU, EVALUATING, lambda ctx: None, "work"),
+        Step("export", CPU, EVALUATING, export, "export", on_demand=True),
+    )))
+    run = created(user, fan_config())
+    drive_inline(run.pk)
+    run.refresh_from_db()
+    assert run.status == "completed" and list(run.jobs.values_list("step", flat=True)) == ["work"]  # nothing waited for an export
+    graph = KINDS[kind].graph(run.config)
+    # Inline, each request is carried out by a driver thread of this process, as a page's would be.
+    assert pipeline.add_job(run_id=run.pk, graph=graph, step="export", key="1")
+    assert not pipeline.add_job(run_id=run.pk, graph=graph, step="export", key="1")  # asked twice: one job
+    wait_for(lambda: run.jobs.get(key="1").state == "done")
+    assert run.jobs.get(key="1").output == {"exported": "1"}
+    assert pipeline.add_job(run_id=run.pk, graph=graph, step="export", key="2")
+    wait_for(lambda: run.jobs.get(key="2").state == "failed")
+    run.refresh_from_db()
+    assert run.status == "completed" and run.jobs.get(key="2").state == "failed" and "the disk is full" in run.jobs.get(key="2").error
+    with pytest.raises(ValueError, match="neither spawned_by"):
+        pipeline.add_job(run_id=run.pk, graph=graph, step="work", key="x")
