@@ -192,3 +192,75 @@ def compare_step(ctx: CompareContext) -> dict[str, dict[str, PairedComparison]]:
         summary = "; ".join(f"{m} {format_interval(c.delta, c.ci_low, c.ci_high)} {c.verdict}" for m, c in by_metric.items())
         ctx.log(f"fine-tuned vs base on {dataset}: {summary}")
     return produced
+
+
+# --- choosing the checkpoint by scored quality (selection: {metric, every, patience, min_delta, rows})
+
+
+@dataclass
+class CheckpointScores:
+    """One checkpoint's selection answers scored: each metric's mean with its interval, and the samples behind it."""
+
+    step: int
+    metrics: dict[str, dict[str, Any]]  # {metric: {"mean", "ci_low", "ci_high", "n", "n_failed", "failure_reasons"}}
+    samples: list[dict[str, Any]]  # each selection row's answer and its scores and reasons
+
+
+class ScoreCheckpointContext(Protocol):
+    config: dict[str, Any]
+    payload: dict[str, Any]  # {"step", "samples": [{"index", "question", "contexts", "ground_truth", "answer"}]}
+
+    def progress(self, fraction: float | None, stage: str) -> None: ...
+    def log(self, line: str) -> None: ...
+    def check_cancelled(self) -> None: ...
+
+
+def score_checkpoint_step(ctx: ScoreCheckpointContext) -> CheckpointScores:
+    """Score one checkpoint's answers to the selection rows with the same ragas code as the final evaluation."""
+    from .scoring import score_samples
+    from .selection import mean_interval
+
+    evaluation = ctx.config["evaluation"]
+    judge = evaluation.get("judge")
+    step, rows = int(ctx.payload["step"]), ctx.payload["samples"]
+    ctx.progress(0.0, f"scoring the checkpoint of step {step} on {len(rows)} selection rows")
+    samples = [Sample(question=r["question"], contexts=r["contexts"], ground_truth=r["ground_truth"], answer=r["answer"]) for r in rows]
+    scored = score_samples(samples, evaluation["metrics"], judge=judge, judge_api_key=judge_api_key(judge) if judge else "")
+    seed = (ctx.config.get("training") or {}).get("seed", 0)
+    metrics = {}
+    for metric, aggregate in scored.aggregate().items():
+        metrics[metric] = {**mean_interval([s.get(metric) for s in scored.scores], seed=seed), "failure_reasons": aggregate["failure_reasons"]}
+    selected = ctx.config["selection"]["metric"]
+    shown = metrics.get(selected, {})
+    ctx.log(f"checkpoint of step {step}: {selected} " + (f"{shown['mean']:.4f} [{shown['ci_low']:.4f}, {shown['ci_high']:.4f}]"
+                                                        if shown.get("mean") is not None else "not measured") + f" over {shown.get('n', 0)} rows")
+    return CheckpointScores(step=step, metrics=metrics, samples=[
+        {"index": r["index"], "answer": r["answer"], "scores": s, "reasons": reasons}
+        for r, s, reasons in zip(rows, scored.scores, scored.reasons, strict=True)
+    ])
+
+
+@dataclass
+class Selection:
+    chosen_step: int
+    reason: str
+    metric: str
+    points: list[dict[str, Any]]  # {"step", "mean", "ci_low", "ci_high", "n", "n_failed"} of the selection metric, by step
+
+
+class SelectContext(Protocol):
+    config: dict[str, Any]
+
+    def selection_points(self) -> list[dict[str, Any]]: ...
+    def log(self, line: str) -> None: ...
+
+
+def select_step(ctx: SelectContext) -> Selection:
+    """Every checkpoint's scores are in: the chosen one is the highest selection-metric mean (the earlier on a tie)."""
+    from .selection import choose
+
+    metric = ctx.config["selection"]["metric"]
+    points = sorted(ctx.selection_points(), key=lambda p: p["step"])
+    chosen, reason = choose(points, metric=metric)
+    ctx.log(f"selection: the adapter of {reason}")
+    return Selection(chosen_step=chosen, reason=reason, metric=metric, points=points)

@@ -87,13 +87,22 @@ class RunDetailSerializer(RunListSerializer):
     attempts = serializers.SerializerMethodField()
     checkpoint_step = serializers.SerializerMethodField()
     best_step = serializers.SerializerMethodField()
+    selection = serializers.SerializerMethodField()
 
     class Meta(RunListSerializer.Meta):
         fields = [
             *RunListSerializer.Meta.fields, "config", "logs", "mlflow_experiment_id",
             "registered_model_name", "registered_model_version", "reproducibility", "heartbeat_at", "owner", "results",
-            "comparisons", "promotion", "attempts", "checkpoint_step", "best_step", "data_check", "jobs", "children",
+            "comparisons", "promotion", "attempts", "checkpoint_step", "best_step", "data_check", "jobs", "children", "selection",
         ]
+
+    @extend_schema_field(serializers.JSONField(allow_null=True))
+    def get_selection(self, run: PipelineRun) -> dict | None:
+        """Checkpoint selection (config `selection`): {"metric", "every", "points": [{"step", "state", "mean", "ci_low", "ci_high",
+        "n", "n_failed", "loss"}], "chosen_step", "reason", "pending"}; null without selection."""
+        from .page_data import selection_summary
+
+        return selection_summary(run)
 
     @extend_schema_field(serializers.ListField(child=serializers.IntegerField()))
     def get_children(self, run: PipelineRun) -> list[int]:

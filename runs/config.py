@@ -269,6 +269,23 @@ class DatasetsConfig(Strict):
     eval: list[DatasetName] = Field(min_length=1, max_length=20)
 
 
+class SelectionConfig(Strict):
+    """Choose the checkpoint by scored RAG quality: at each selection point the fine-tune saves its adapter,
+    answers the selection rows with it and sends those answers to be scored on the cpu queue while it trains on."""
+
+    # One of evaluation.metrics that depends on the model; default: the first such configured metric.
+    metric: str | None = Field(None, max_length=64)
+    # "epoch": at the end of every epoch; a number: every N optimizer steps (and at the last step).
+    every: Literal["epoch"] | Annotated[int, Field(ge=1, le=1_000_000)] = "epoch"
+    # Stop when this many scored checkpoints in a row fail to beat the best by more than min_delta; null: never stop early.
+    patience: int | None = Field(3, ge=1, le=1000)
+    min_delta: float = Field(0.0, ge=0.0, le=100.0)
+    # A fraction of the train rows (seeded, held out of training and validation), or a train-kind dataset's name.
+    rows: Annotated[float, Field(gt=0.0, le=0.5)] | DatasetName = 0.1
+    # At most this many selection rows are answered and scored at each point (the first, in the split's order).
+    max_rows: int = Field(64, ge=1, le=10_000)
+
+
 class PromotionConfig(Strict):
     """The registry gate: the new version becomes `champion` only if it is significantly better on this metric."""
 
@@ -291,6 +308,7 @@ class RunConfig(Strict):
     datasets: DatasetsConfig
     training: TrainingConfig | None = None
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    selection: SelectionConfig | None = None
     promotion: PromotionConfig | None = None
 
 
@@ -353,6 +371,14 @@ def validate_config(data: Any, *, known_datasets: dict[str, str] | None = None) 
                     errors.append({"field": f"datasets.{role}[{position}]", "message": f"unknown dataset {name!r}"})
                 elif kind != role:
                     errors.append({"field": f"datasets.{role}[{position}]", "message": f"dataset {name!r} is a {kind} dataset, not {role}"})
+        selection_rows = config.selection.rows if config.selection else None
+        if isinstance(selection_rows, str):
+            kind = known_datasets.get(selection_rows)
+            if kind is None:
+                errors.append({"field": "selection.rows", "message": f"unknown dataset {selection_rows!r}"})
+            elif kind != "train":
+                errors.append({"field": "selection.rows", "message": f"dataset {selection_rows!r} is a {kind} dataset, not train: "
+                                                                     "selection rows are never eval rows"})
         validation = config.training.validation_dataset if config.training else None
         if validation is not None:
             kind = known_datasets.get(validation)

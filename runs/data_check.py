@@ -56,6 +56,7 @@ FAILED_WHILE = {
     ("training.local_models", "resolve_model_path"): "model.base",
     (__name__, "train_rows"): "datasets.train",
     (__name__, "validation_rows"): "training.validation_dataset",
+    (__name__, "selection_rows"): "selection.rows",
     (__name__, "eval_sets"): "datasets.eval",
 }
 
@@ -76,6 +77,11 @@ class ConfigData:
     def train_rows(self) -> list[dict[str, Any]]:
         by_name = datasets_by_names(self.config["datasets"]["train"])
         return [row for name in sorted(by_name) for row in dataset_rows(by_name[name])]
+
+    def selection_rows(self) -> list[dict[str, Any]] | None:
+        """The rows of the dataset selection.rows names; None for a share of the train rows, or no selection."""
+        name = (self.config.get("selection") or {}).get("rows")
+        return dataset_rows(datasets_by_names([name])[name]) if isinstance(name, str) else None
 
     def validation_rows(self) -> list[dict[str, Any]] | None:
         name = self.config["training"].get("validation_dataset")

@@ -92,15 +92,28 @@ FIELDS: tuple[FormField, ...] = (
               "The NAME of the environment variable holding the key on the workers; the key itself is never stored."),
     FormField("judge_timeout", "evaluation.judge.timeout", "Judge timeout (s)"),
     FormField("judge_max_retries", "evaluation.judge.max_retries", "Judge max retries"),
+    FormField("selection_metric", "selection.metric", "Choose the checkpoint by",
+              "Score a checkpoint on held-out selection rows at each selection point while training goes on, and keep the best "
+              "by this metric (blank: off; the adapter of the best validation loss is kept).", basic=True),
+    FormField("selection_every", "selection.every", "Selection every", "epoch, or a number of optimizer steps (and always at the last step)."),
+    FormField("selection_rows", "selection.rows", "Selection rows",
+              "A share of the train rows (e.g. 0.1, seeded, held out of training and validation), or a train dataset's name."),
+    FormField("selection_max_rows", "selection.max_rows", "Selection rows at most"),
+    FormField("selection_patience", "selection.patience", "Selection patience",
+              "Stop training after N scored checkpoints in a row without a better score (blank: never stop early)."),
+    FormField("selection_min_delta", "selection.min_delta", "Selection min delta"),
     FormField("promotion_metric", "promotion.metric", "Promotion metric", "The version becomes champion only if significantly better on it (blank: the first metric)."),
     FormField("promotion_datasets", "promotion.datasets", "Promotion datasets", "all, or eval dataset names separated by commas."),
     FormField("promotion_min_delta", "promotion.min_delta", "Promotion minimum gain"),
 )
 BY_PATH = {f.path: f for f in FIELDS}
 # Sections that only exist in some configs: the judge when a URL or model is given, training for fine-tunes.
-OPTIONAL_SECTIONS = ("evaluation.judge", "training", "promotion")
+OPTIONAL_SECTIONS = ("evaluation.judge", "training", "selection", "promotion")
 # Text fields for "a word or a list of names" config values, with the word.
 LIST_OR_WORD = {"target_modules": "all-linear", "promotion_datasets": "all"}
+# Text fields for "a word or a number" config values: a number when it reads as one (selection every epoch or every N
+# steps; selection rows a share of the train rows or a dataset's name).
+WORD_OR_NUMBER = {"selection_every": int, "selection_rows": float}
 CHOICE_LABELS = {
     "kind": None,  # the kinds' own labels (runs/kinds/)
     "answers": [("generate", "Generate answers with the model"), ("dataset", "Score the answers stored in the eval set")],
@@ -179,6 +192,10 @@ def build_field(spec: FormField) -> forms.Field:
         return forms.MultipleChoiceField(widget=forms.CheckboxSelectMultiple, **common)
     if spec.name == "metrics":
         return forms.MultipleChoiceField(choices=[(m, m) for m in ALL_METRICS], widget=forms.CheckboxSelectMultiple, **common)
+    if spec.name == "selection_metric":
+        return forms.ChoiceField(choices=[("", "— off —"), *((m, m) for m in ALL_METRICS)], **common)
+    if spec.name in WORD_OR_NUMBER:
+        return forms.CharField(max_length=100, **common)
     if spec.name in LIST_OR_WORD:
         return forms.CharField(max_length=2000, **common)
     choices = _literal_choices(annotation)
@@ -243,7 +260,7 @@ class RunForm(forms.Form):
         return form
 
     def _by_section(self, *, basic: bool) -> dict[str, list[forms.BoundField]]:
-        out: dict[str, list[forms.BoundField]] = {"model": [], "training": [], "evaluation": [], "judge": [], "promotion": []}
+        out: dict[str, list[forms.BoundField]] = {"model": [], "training": [], "evaluation": [], "judge": [], "selection": [], "promotion": []}
         for spec in FIELDS:
             if spec.basic == basic and spec.name not in SPECIAL_FIELDS:
                 section = "judge" if spec.path.startswith("evaluation.judge.") else spec.path.split(".")[0]
@@ -438,6 +455,11 @@ def field_for_error(path: str) -> str | None:
 
 
 def _form_to_value(spec: FormField, value: Any) -> Any:
+    if spec.name in WORD_OR_NUMBER and isinstance(value, str):
+        try:
+            return WORD_OR_NUMBER[spec.name](value.strip())
+        except ValueError:
+            return value.strip()
     if spec.name in LIST_OR_WORD:
         word = LIST_OR_WORD[spec.name]
         text = (value or "").strip()
@@ -461,6 +483,8 @@ def to_config(data: dict[str, Any]) -> dict[str, Any]:
     judge = (config.get("evaluation") or {}).get("judge") or {}
     if not (judge.get("base_url") or judge.get("model")):
         config.get("evaluation", {}).pop("judge", None)
+    if not (config.get("selection") or {}).get("metric"):
+        config.pop("selection", None)  # no metric chosen: selection is off
     _drop_sections_of_other_kinds(config)
     return config
 
@@ -472,7 +496,7 @@ def _drop_sections_of_other_kinds(config: dict[str, Any]) -> None:
     spec = KINDS.get(config.get("kind", ""))
     if spec is None:
         return
-    for section in ("training", "promotion", "datasets.train"):
+    for section in ("training", "selection", "promotion", "datasets.train"):
         if not spec.config_applies(section, config):
             *parents, leaf = section.split(".")
             node = config
@@ -507,6 +531,8 @@ def initial_from_config(config: dict[str, Any]) -> dict[str, Any]:
             value = _default(schema_field(spec.path))
         if spec.name in LIST_OR_WORD and isinstance(value, list):
             value = ", ".join(value)
+        if spec.name == "selection_metric" and not _get(config, "selection")[1]:
+            value = ""  # no selection section: off
         initial[spec.name] = value
     return initial
 

@@ -590,3 +590,34 @@ def run_duration(run: PipelineRun, *, now: datetime | None = None) -> float | No
 def model_label(run: PipelineRun) -> str:
     """What produced the answers: the base model's name, or "stored answers" for an eval-only run that scores a file's answers."""
     return run.spec.model_label(run.config, run.base_model)
+
+
+# --- checkpoint selection -------------------------------------------------------------
+
+
+def selection_summary(run: PipelineRun) -> dict[str, Any] | None:
+    """What selection did (from the run's jobs, prefetched or not): the metric, each scored checkpoint's mean with its
+    interval and rows, the loss at that step, the chosen step and why. None for a run without selection."""
+    selection = (run.config or {}).get("selection")
+    if not selection:
+        return None
+    jobs = list(run.jobs.all())
+    metric = selection.get("metric")
+    losses = {h["step"]: h.get("loss") for h in (run.train_history or []) if isinstance(h, dict) and "step" in h}
+    points = []
+    for job in jobs:
+        if job.step != "score_checkpoint":
+            continue
+        step = (job.payload or {}).get("step") or (job.output or {}).get("step")
+        measured = ((job.output or {}).get("metrics") or {}).get(metric) or {}
+        points.append({
+            "step": step, "state": job.state, "mean": measured.get("mean"), "ci_low": measured.get("ci_low"), "ci_high": measured.get("ci_high"),
+            "n": measured.get("n"), "n_failed": measured.get("n_failed"), "loss": losses.get(step),
+            "reasons": measured.get("failure_reasons") or {}, "error": job.error[:300] if job.error else "",
+        })
+    chosen = next(((j.output or {}) for j in jobs if j.step == "select" and j.state == JobState.DONE), {})
+    return {
+        "metric": metric, "every": selection.get("every"), "points": sorted(points, key=lambda p: p["step"] or 0),
+        "chosen_step": chosen.get("chosen_step"), "reason": chosen.get("reason", ""),
+        "pending": sum(p["state"] in ("queued", "running") for p in points),
+    }

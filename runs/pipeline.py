@@ -173,20 +173,20 @@ def _sync(run_id: int, graph: Graph, *, message: str) -> None:
         _advance(_locked(run_id), graph, message=message)
 
 
-def add_job(*, run_id: int, graph: Graph, step: str, key: str, payload: dict[str, Any] | None = None) -> bool:
+def add_job(*, run_id: int, graph: Graph, step: str, key: str, payload: dict[str, Any] | None = None) -> int | None:
     """A keyed job of a spawned step (fan-out from a running job) or of an on-demand step (a service's request),
-    sent after commit; False when it exists already or the run ended (an on-demand job may follow completion)."""
+    sent after commit; its id, or None when it exists already or the run ended (an on-demand job may follow completion)."""
     spec = graph.step(step)
     if not (spec.spawned or spec.on_demand):
         raise ValueError(f"step {step} is neither spawned_by another step nor on_demand: its job is created by the graph")
     with transaction.atomic():
         run = _locked(run_id)
         if run.status in TERMINAL_STATUSES and not (spec.on_demand and run.status == RunStatus.COMPLETED):
-            return False
+            return None
         job = job_add(run_id=run_id, step=step, key=key, queue=spec.queue, payload=payload)
         if job is not None:
             transaction.on_commit(lambda: dispatch(job_id=job.pk, queue=job.queue, run_id=run_id))
-    return job is not None
+    return job.pk if job is not None else None
 
 
 def add_child_run(*, run_id: int, graph: Graph, step: str, key: str, config: dict[str, Any], payload: dict[str, Any] | None = None) -> int:

@@ -236,3 +236,19 @@ def job_still_held(job_id: int, attempt: int, *, on_completed_run: bool = False)
 def run_jobs(run: PipelineRun) -> list[Job]:
     """The run's jobs in the order they were created (prefetched ones when the caller prefetched `jobs`)."""
     return list(run.jobs.all())
+
+
+def run_selection_points(run_id: int, *, metric: str) -> list[dict[str, Any]]:
+    """The run's scored checkpoints (done score_checkpoint jobs): {"step", "mean", "ci_low", "ci_high", "n", "n_failed"}
+    of `metric`, by step."""
+    points = []
+    for output in Job.objects.filter(run_id=run_id, step="score_checkpoint", state=JobState.DONE).values_list("output", flat=True):
+        measured = (output.get("metrics") or {}).get(metric) or {}
+        points.append({"step": output["step"], **{k: measured.get(k) for k in ("mean", "ci_low", "ci_high", "n", "n_failed")}})
+    return sorted(points, key=lambda p: p["step"])
+
+
+def run_adapter_reference(run_id: int) -> str:
+    """Where the run's adapter is in its directory and MLflow run: the chosen checkpoint's, or the fine-tune's."""
+    chosen = Job.objects.filter(run_id=run_id, step="select", state=JobState.DONE).values_list("output", flat=True).first()
+    return (chosen or {}).get("adapter") or "adapter"

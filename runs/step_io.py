@@ -29,7 +29,7 @@ from django.conf import settings
 
 from datasets_app.selectors import dataset_rows
 from evaluation.samples import Sample
-from evaluation.steps import EvalSet, Generated, ScoredSet, ToScore
+from evaluation.steps import CheckpointScores, EvalSet, Generated, ScoredSet, Selection, ToScore
 from training.finetune import StepInfo
 from training.local_models import describe_progress
 from training.steps import TrainedAdapter
@@ -39,7 +39,15 @@ from .execution import JobAbandoned, RunLog, tolerate_db_errors
 from .exports import write_scored_samples_csv
 from .models import Job, PipelineRun, Variant, ordered_variants
 from .reproducibility import reproducibility_record
-from .selectors import job_still_held, last_training_throughput, run_generated_samples, run_sample_scores, run_step_fractions
+from .selectors import (
+    job_still_held,
+    last_training_throughput,
+    run_adapter_reference,
+    run_generated_samples,
+    run_sample_scores,
+    run_selection_points,
+    run_step_fractions,
+)
 from .services import (
     job_set_checkpoint,
     job_set_figures,
@@ -83,11 +91,14 @@ def run_dir(run_id: int) -> Path:
 
 
 def run_adapter_dir(run: PipelineRun) -> Path:
-    """The run's adapter on this machine: local, or downloaded from its MLflow run (another gpu worker trained it)."""
-    local = run_dir(run.pk) / "adapter"
+    """The run's adapter on this machine: the one its selection chose (`selection/step-N`), else the fine-tune's
+    (`adapter`); local, or downloaded from its MLflow run (another gpu worker trained it)."""
+    reference = run_adapter_reference(run.pk)
+    local = run_dir(run.pk) / reference
     if (local / "adapter_config.json").exists():
         return local
-    return tracking.download_artifacts(run.mlflow_run_id, "adapter", run_dir(run.pk))
+    tracking.download_artifacts(run.mlflow_run_id, reference, run_dir(run.pk))
+    return local
 
 
 class StepContext:
@@ -133,6 +144,15 @@ class StepContext:
         """The rows of training.validation_dataset; None when the config validates on a split of the train rows."""
         name = (self.config.get("training") or {}).get("validation_dataset")
         if not name:
+            return None
+        from datasets_app.selectors import datasets_by_names
+
+        return dataset_rows(datasets_by_names([name])[name])
+
+    def selection_rows(self) -> list[dict[str, Any]] | None:
+        """The rows of the dataset selection.rows names; None for a share of the train rows, or no selection."""
+        name = (self.config.get("selection") or {}).get("rows")
+        if not isinstance(name, str):
             return None
         from datasets_app.selectors import datasets_by_names
 
@@ -239,10 +259,30 @@ class StepContext:
             job_set_figures(job_id=self.job_id, figures={k: v for k, v in figures.items() if v is not None})
 
     def add_job(self, step: str, key: str, payload: dict[str, Any] | None = None) -> bool:
-        """Fan-out: a keyed job of `step` (declared `spawned_by` this job's step), sent at once; False if it exists."""
+        """Fan-out: a keyed job of `step` (declared `spawned_by` this job's step), sent at once; False if it exists.
+
+        In the embedded default there is no other worker to take it: it runs here and now, in-process (a
+        checkpoint's scoring), so the job that added it decides on its outcome as a served one would later.
+        """
         from . import pipeline
 
-        return pipeline.add_job(run_id=self.run_id, graph=self.graph, step=step, key=key, payload=payload)
+        job_id = pipeline.add_job(run_id=self.run_id, graph=self.graph, step=step, key=key, payload=payload)
+        if job_id is not None and settings.JOBS_INLINE:
+            try:
+                pipeline.run_job(job_id)
+            except Exception:  # recorded on the job (and the run, unless its step tolerates failures)
+                log.warning("run %s: the %s job %s failed in-process", self.run_id, step, key, exc_info=True)
+            self.check_cancelled(now=True)
+        return job_id is not None
+
+    def store_selection_adapter(self, directory: Path, step: int) -> None:
+        """A selection point's adapter: to MLflow in served mode (the job that chooses, and generation, may run elsewhere)."""
+        if _mlflow_served() and self.run.mlflow_run_id:
+            tracking.log_artifacts(self.run.mlflow_run_id, directory, f"selection/step-{step}")
+
+    def selection_points(self) -> list[dict[str, Any]]:
+        """The checkpoints scored so far: the selection metric's mean, interval and rows measured, by step."""
+        return run_selection_points(self.run_id, metric=self.config["selection"]["metric"])
 
     def add_child_run(self, step: str, key: str, config: dict[str, Any], payload: dict[str, Any] | None = None) -> int:
         """Fan-out to a child run (a sweep's trial) that a job of `step` waits for; the child's id."""
@@ -553,3 +593,27 @@ def store_comparisons(ctx: StepContext, compared: Compared) -> None:
         ctx.log(f"registry: {decision.model_name}/{decision.model_version} {decision.reason}")
     ctx.output = {"comparisons": sum(len(by_metric) for by_metric in compared.comparisons.values()),
                   **({"decision": decision.decision} if decision else {})}
+
+
+# --- checkpoint selection: a checkpoint's scores, the choice
+
+
+def publish_checkpoint_scores(ctx: StepContext, scores: CheckpointScores) -> None:
+    """`sel/<metric>` at the checkpoint's step, for every metric measured (MLflow draws the selection curve)."""
+    tracking.log_metrics(ctx.run.mlflow_run_id, {f"sel/{m}": v["mean"] for m, v in scores.metrics.items()}, step=scores.step)
+
+
+def store_checkpoint_scores(ctx: StepContext, scores: CheckpointScores) -> None:
+    ctx.output = {"step": scores.step, "metrics": scores.metrics, "samples": scores.samples}
+
+
+def publish_selection(ctx: StepContext, selection: Selection) -> None:
+    tracking.set_tags(ctx.run.mlflow_run_id, {"selection.chosen_step": str(selection.chosen_step), "selection.reason": selection.reason,
+                                              "selection.metric": selection.metric, "adapter": f"chosen by selection (step {selection.chosen_step})"})
+
+
+def store_selection(ctx: StepContext, selection: Selection) -> None:
+    """The chosen checkpoint, by reference: generation, scoring, the gate and the registered model use its adapter."""
+    ctx.output = {"adapter": f"selection/step-{selection.chosen_step}", "chosen_step": selection.chosen_step, "reason": selection.reason,
+                  "metric": selection.metric, "points": selection.points}
+    run_note(run_id=ctx.run_id, message=f"selection chose the checkpoint of {selection.reason}")

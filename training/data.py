@@ -266,3 +266,15 @@ def split_validation(rows: Sequence[dict], *, fraction: float, seed: int) -> tup
     random.Random(f"validation-split:{seed}").shuffle(order)
     held = set(order[:count])
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def split_selection(rows: Sequence[dict], *, fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train rows, selection rows): like split_validation, with a shuffle of its own, so the rows chosen to score
+    checkpoints by do not depend on the validation split's; disjoint from the rows it leaves for training."""
+    if fraction <= 0 or len(rows) < 2:
+        return list(rows), []
+    count = min(len(rows) - 1, max(1, round(len(rows) * fraction)))
+    order = list(range(len(rows)))
+    random.Random(f"selection-split:{seed}").shuffle(order)
+    held = set(order[:count])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]

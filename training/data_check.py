@@ -113,6 +113,22 @@ def overlap_report(train_rows: Sequence[Mapping[str, str]], eval_sets: Mapping[s
     return {"train_rows": len(overlapping), "exact": exact, "near": near, "threshold": NEAR_DUPLICATE_RATIO, "pairs": pairs}
 
 
+def selection_report(
+    selection_rows: Sequence[Mapping[str, str]], *, source: str, train_rows: Sequence[Mapping[str, str]],
+    validation_rows: Sequence[Mapping[str, str]], eval_sets: Mapping[str, Sequence[Mapping[str, str]]],
+) -> dict[str, Any]:
+    """How many selection rows ask (exactly or nearly) a question of the train rows, the validation rows and each
+    eval set: the rows checkpoints are chosen on must be apart from what trains and from what the claim is made on."""
+    against = {"train": {"train": train_rows}, "validation": {"validation": validation_rows}, "eval": dict(eval_sets)}
+    overlap = {}
+    for name, sets in against.items():
+        found = overlap_report(selection_rows, sets)
+        overlap[name] = {"rows": found["train_rows"], "exact": found["exact"], "near": found["near"],
+                         "pairs": [{**{k: v for k, v in p.items() if not k.startswith("train_")}, "selection_row": p["train_row"],
+                                    "selection_question": p["train_question"]} for p in found["pairs"][:5]]}
+    return {"rows": len(selection_rows), "source": source, "overlap": overlap}
+
+
 def duplicate_report(rows: Sequence[Mapping[str, str]]) -> dict[str, Any]:
     """Questions asked more than once among the train rows (normalised), and empty answers."""
     seen: dict[str, int] = {}
@@ -140,6 +156,8 @@ def check_data(
     prompt_format: str = "auto",
     allow_overlap: bool = False,
     throughput: Mapping[str, Any] | None = None,
+    selection_rows: Sequence[Mapping[str, str]] | None = None,
+    selection_source: str = "",
 ) -> dict[str, Any]:
     """The report (see the module docstring); `problems` is empty when the config may train.
 
@@ -182,9 +200,25 @@ def check_data(
                 "scores on them would measure memory, not skill; remove them or set evaluation.allow_overlap: true"
             ),
         })
+    selection = None
+    if selection_rows is not None:
+        selection = selection_report(selection_rows, source=selection_source, train_rows=train_rows, validation_rows=validation_rows,
+                                     eval_sets=eval_sets)
+        if not selection_rows:
+            problems.append({"field": "selection.rows", "message": f"no selection rows ({selection_source}): the checkpoints would have nothing to be scored on"})
+        leaks = {name: o["rows"] for name, o in selection["overlap"].items() if o["rows"]}
+        if leaks:
+            named = ", ".join(f"{n} with the {name} rows" for name, n in leaks.items())
+            problems.append({
+                "field": "selection.rows",
+                "message": (f"{sum(leaks.values())} selection row(s) ask a question of other rows ({named}; exact or near duplicates at "
+                            f"token-set ratio >= {NEAR_DUPLICATE_RATIO:g}): a checkpoint chosen on them would be judged on what it "
+                            "trained on or on what the claim is made on; choose selection rows apart from train, validation and eval rows"),
+            })
     return {
         "tokens": tokens,
         "validation_rows": len(validation_rows),
+        "selection": selection,
         "overlap": overlap,
         "train_set": duplicate_report(train_rows),
         "estimate": estimate,

@@ -242,6 +242,8 @@ def finetune(
     log: Callable[[str], None] | None = None,
     checkpoint_seconds: float = checkpoints.DEFAULT_CHECKPOINT_SECONDS,
     inject_oom: dict[int, int] | None = None,
+    selection_every: str | int | None = None,
+    on_selection_point: Callable[[int, Any, Any], str | None] | None = None,
 ) -> FinetuneOutcome:
     """Train a LoRA adapter; returns the adapter of the best validation loss (the last step's without validation).
 
@@ -250,6 +252,10 @@ def finetune(
     stopped. on_checkpoint(kind, directory, step) publishes one (another worker
     may resume). inject_oom {step: times} is a test hook: a CUDA out-of-memory
     error raised in that step's forward pass, that many times.
+    on_selection_point(step, model, tokenizer), at every `selection_every`
+    ("epoch", or a number of optimizer steps) and at the last step, with the model
+    in eval mode: the caller answers with it and returns why to stop (or None).
+    It runs before that step's checkpoint, so a resumed attempt never skips one.
     """
     import torch
     from transformers import get_linear_schedule_with_warmup, set_seed
@@ -399,6 +405,16 @@ def finetune(
             )
             if on_step:
                 on_step(info)
+            if on_selection_point is not None and selection_every and not state.stopped_early:
+                point = last_step or (window is windows[-1] if selection_every == "epoch" else state.step % int(selection_every) == 0)
+                if point:
+                    model.eval()
+                    try:
+                        stop = on_selection_point(state.step, model, tokenizer)
+                    finally:
+                        model.train()
+                    if stop and not last_step:
+                        state.stopped_early = f"early stopping at step {state.step} by selection: {stop}"
             due = (checkpoint_every and state.step % checkpoint_every == 0) or (
                 not checkpoint_every and time.monotonic() - last_checkpoint_at >= checkpoint_seconds
             )

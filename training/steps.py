@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .checkpoints import checkpoint_step
-from .data import split_validation
+from .data import split_selection, split_validation
 from .data_check import check_data
 from .finetune import FinetuneOutcome, StepInfo, finetune, load_tokenizer
 from .local_models import local_model_info, resolve_model_path
@@ -42,6 +42,7 @@ class DataCheckContext(Protocol):
 
     def train_rows(self) -> list[dict[str, Any]]: ...
     def validation_rows(self) -> list[dict[str, Any]] | None: ...  # training.validation_dataset's rows, or None: a split
+    def selection_rows(self) -> list[dict[str, Any]] | None: ...  # selection.rows' dataset's rows, or None: a split (or no selection)
     def eval_sets(self) -> Sequence[EvalRows]: ...
     def build_progress(self) -> Callable[[int, int], None]: ...
     # tokens/s, run id and device of the last fine-tune of this base model (on `device` when given), or None
@@ -65,6 +66,10 @@ class FinetuneContext(DataCheckContext, Protocol):
     def record_data_check(self, report: dict[str, Any]) -> None: ...
     def checkpoint_dir(self) -> Path: ...  # where checkpoints are on this machine (fetched for a resumed attempt)
     def store_checkpoint(self, kind: str, directory: Path, step: int) -> None: ...
+    # checkpoint selection: a point's adapter published, a keyed job added, the points scored so far
+    def store_selection_adapter(self, directory: Path, step: int) -> None: ...
+    def add_job(self, step: str, key: str, payload: dict[str, Any] | None = None) -> bool: ...
+    def selection_points(self) -> list[dict[str, Any]]: ...
 
 
 @dataclass
@@ -96,9 +101,7 @@ class DataCheckFailed(ValueError):
     """The data check refuses the config (truncation above the limit, train/eval overlap)."""
 
 
-def data_check(
-    ctx: DataCheckContext, *, on_training_device: bool, rows: tuple[list[dict[str, Any]], list[dict[str, Any]], str] | None = None,
-) -> dict[str, Any]:
+def data_check(ctx: DataCheckContext, *, on_training_device: bool, rows: TrainingRows | None = None) -> dict[str, Any]:
     """The data check of the context's config (training/data_check.py), with the tokenizer of its base model.
 
     on_training_device: this process is where the fine-tune trains, so the time
@@ -107,36 +110,68 @@ def data_check(
     """
     config = ctx.config
     training = config["training"]
-    rows, validation, source = rows or training_rows(ctx)
+    split = rows or training_rows(ctx)
     tokenizer = load_tokenizer(resolve_model_path(ctx.base_model, progress=ctx.build_progress()))
     device = pick_device(training.get("precision", "auto"))[0] if on_training_device else None
+    selecting = config.get("selection") is not None
     report = check_data(
-        tokenizer=tokenizer, train_rows=rows, validation_rows=validation, eval_sets={s.name: s.rows for s in ctx.eval_sets()},
+        tokenizer=tokenizer, train_rows=split.train, validation_rows=split.validation, eval_sets={s.name: s.rows for s in ctx.eval_sets()},
         training=training, prompt_format=config["model"].get("prompt_format", "auto"),
         allow_overlap=config["evaluation"].get("allow_overlap", False), throughput=ctx.throughput(device),
+        selection_rows=split.selection if selecting else None, selection_source=split.selection_source,
     )
-    report["validation"] = {"rows": len(validation), "source": source}
+    report["validation"] = {"rows": len(split.validation), "source": split.validation_source}
     report["base_model"] = ctx.base_model
     return report
 
 
-def training_rows(ctx: DataCheckContext) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
-    """(train rows, validation rows, where the validation rows come from)."""
-    training = ctx.config["training"]
+@dataclass
+class TrainingRows:
+    """The train datasets' rows cut into what trains, what validates and what chooses the checkpoint, disjoint."""
+
+    train: list[dict[str, Any]]
+    validation: list[dict[str, Any]]
+    validation_source: str
+    selection: list[dict[str, Any]]  # [] without selection
+    selection_source: str
+
+
+def training_rows(ctx: DataCheckContext) -> TrainingRows:
+    """Validation first (a dataset, or a seeded share of the train rows), then selection (a dataset, or a seeded
+    share of what is left): the rows that train are what remains."""
+    config = ctx.config
+    training, selection = config["training"], config.get("selection")
     rows = ctx.train_rows()
     validation = ctx.validation_rows()
     if validation is not None:
-        return rows, validation, f"dataset {training['validation_dataset']}"
-    train, held = split_validation(rows, fraction=training.get("validation_split", 0.0), seed=training["seed"])
-    return train, held, f"{training.get('validation_split', 0.0):g} of the train rows (seed {training['seed']})"
+        validation_source = f"dataset {training['validation_dataset']}"
+    else:
+        rows, validation = split_validation(rows, fraction=training.get("validation_split", 0.0), seed=training["seed"])
+        validation_source = f"{training.get('validation_split', 0.0):g} of the train rows (seed {training['seed']})"
+    chosen: list[dict[str, Any]] = []
+    selection_source = ""
+    if selection is not None:
+        named = ctx.selection_rows()
+        if named is not None:
+            chosen, selection_source = named, f"dataset {selection['rows']}"
+        else:
+            rows, chosen = split_selection(rows, fraction=float(selection["rows"]), seed=training["seed"])
+            selection_source = f"{float(selection['rows']):g} of the train rows (seed {training['seed']})"
+        if len(chosen) > selection["max_rows"]:
+            selection_source += f", the first {selection['max_rows']} of {len(chosen)} (selection.max_rows)"
+            chosen = chosen[: selection["max_rows"]]
+    return TrainingRows(train=rows, validation=validation, validation_source=validation_source, selection=chosen,
+                        selection_source=selection_source)
 
 
 def finetune_step(ctx: FinetuneContext) -> TrainedAdapter:
     config = ctx.config
-    rows, validation, source = split = training_rows(ctx)
+    split = training_rows(ctx)
+    rows, validation = split.train, split.validation
     ctx.log(
         f"fine-tuning {ctx.base_model} on {', '.join(config['datasets']['train'])} ({len(rows)} rows; "
-        f"validation: {len(validation)} rows, {source})"
+        f"validation: {len(validation)} rows, {split.validation_source}"
+        + (f"; selection: {len(split.selection)} rows, {split.selection_source}" if config.get("selection") else "") + ")"
     )
     output = ctx.work_dir
     resume = ctx.attempt > 1
@@ -144,7 +179,7 @@ def finetune_step(ctx: FinetuneContext) -> TrainedAdapter:
         if output.exists():
             # A retried step starts clean; a resumed attempt keeps its checkpoints.
             for child in output.iterdir():
-                if not (resume and child.name == "checkpoints"):
+                if not (resume and child.name in ("checkpoints", "selection")):
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
         ensure_writable(output)  # before the model is loaded and trained, not after
     ctx.progress(0.0, "checking the data")
@@ -169,6 +204,7 @@ def finetune_step(ctx: FinetuneContext) -> TrainedAdapter:
             on_step=ctx.record_step, check_cancelled=ctx.check_cancelled,
             validation_rows=validation, checkpoint_dir=checkpoint_dir, on_checkpoint=ctx.store_checkpoint,
             resume=start_step is not None, log=ctx.log, inject_oom=injected_oom(),
+            **selection_hook(ctx, split.selection),
         )
         (outcome.adapter_dir / "run_config.json").write_text(json.dumps(config, indent=2))
     ctx.log(
@@ -179,6 +215,46 @@ def finetune_step(ctx: FinetuneContext) -> TrainedAdapter:
         + (f"; adapter of step {outcome.best_step} (best validation loss {outcome.best_val_loss:.4f})" if outcome.best_step else "")
     )
     return TrainedAdapter(outcome=outcome, base_model_info=local_model_info(base_path))
+
+
+def selection_rows_as_eval_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Train rows (question, context, answer) as the eval rows generation and scoring take (contexts, ground truth)."""
+    return [{"question": r["question"], "contexts": [r["context"]], "ground_truth": r["answer"]} for r in rows]
+
+
+def selection_hook(ctx: FinetuneContext, selection_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """finetune()'s selection arguments: at each point the adapter is saved (and published), the selection rows
+    answered with the current weights on this device, a scoring job added for the cpu queue; training goes on,
+    stopping early on the scores that have arrived (never waiting for the others)."""
+    from evaluation.generation import encode_eval_prompts, generate_answers
+    from evaluation.selection import early_stop
+
+    selection = ctx.config.get("selection")
+    if not selection or not selection_rows:
+        return {}
+    evaluation, training = ctx.config["evaluation"], ctx.config["training"]
+    prompt_format = ctx.config["model"].get("prompt_format", "auto")
+    rows = selection_rows_as_eval_rows(selection_rows)
+
+    def at_point(step: int, model, tokenizer) -> str | None:
+        import torch
+
+        adapter = ctx.work_dir / "selection" / f"step-{step}"
+        model.save_pretrained(adapter)
+        ctx.store_selection_adapter(adapter, step)
+        max_prompt = max(16, min(training["max_seq_length"], getattr(model.config, "max_position_embeddings", training["max_seq_length"]))
+                         - evaluation["max_new_tokens"])
+        prompts = encode_eval_prompts(tokenizer, rows, max_prompt_tokens=max_prompt, prompt_format=prompt_format)
+        ctx.progress(None, f"selection point at step {step}: answering {len(rows)} selection rows")
+        with torch.no_grad():
+            answers = generate_answers(model, tokenizer, prompts, batch_size=evaluation["batch_size"],
+                                       max_new_tokens=evaluation["max_new_tokens"], prompt_format=prompt_format)
+        samples = [{**row, "index": i, "answer": answer} for i, (row, answer) in enumerate(zip(rows, answers, strict=True))]
+        ctx.add_job("score_checkpoint", f"ckpt-{step}", {"step": step, "samples": samples})
+        ctx.log(f"selection point at step {step}: {len(samples)} answers sent to be scored on {selection['metric']}")
+        return early_stop(ctx.selection_points(), patience=selection["patience"], min_delta=selection["min_delta"])
+
+    return {"selection_every": selection["every"], "on_selection_point": at_point}
 
 
 def ensure_writable(directory: Path) -> None:

@@ -56,6 +56,11 @@ def job_rows(run):
 
 
 @register.simple_tag
+def selection(run):
+    return page_data.selection_summary(run)
+
+
+@register.simple_tag
 def timeline(run):
     return page_data.run_timeline(run)
 

@@ -31,6 +31,9 @@ SPECIAL = {
     "promotion.metric": "bleu_score",
     "promotion.datasets": ["ragas_eval"],
     "training.validation_dataset": "medical_qa_train",
+    "selection.metric": "bleu_score",
+    "selection.every": 25,
+    "selection.rows": 0.2,
 }
 
 
@@ -67,7 +70,7 @@ def non_default(path: str) -> Any:
 def generated_config(kind: str) -> dict[str, Any]:
     config: dict[str, Any] = {"kind": kind}
     for path in schema_leaf_paths():
-        if path == "kind" or (kind != "finetune" and (path.startswith(("training.", "promotion.")) or path == "datasets.train")):
+        if path == "kind" or (kind != "finetune" and (path.startswith(("training.", "selection.", "promotion.")) or path == "datasets.train")):
             continue
         if kind == "finetune" and path == "evaluation.answers":
             continue  # a fine-tune scores generated answers only

@@ -167,6 +167,22 @@ class Command(BaseCommand):
         finally:
             bar.close()
 
+    def _report_selection(self, run: PipelineRun) -> None:
+        from runs.page_data import selection_summary
+
+        summary = selection_summary(run)
+        if not summary or not summary["points"]:
+            return
+        self.stdout.write(f"checkpoint selection ({summary['metric']} on the selection rows, mean [95% interval] over rows):")
+        for point in summary["points"]:
+            shown = (f"{point['mean']:.4f} [{point['ci_low']:.4f}, {point['ci_high']:.4f}] over {point['n']}" if point["mean"] is not None
+                     else f"not measured ({point['state']})")
+            mark = "  <- chosen" if point["step"] == summary["chosen_step"] else ""
+            self.stdout.write(f"  step {point['step']:>6}: {shown}{mark}")
+        if summary["reason"]:
+            self.stdout.write(f"the adapter of {summary['reason']}")
+        self.stdout.write("")
+
     def _report(self, run: PipelineRun) -> None:
         from evaluation.significance import format_interval
 
@@ -205,6 +221,7 @@ class Command(BaseCommand):
                 pairs = max(c.n_pairs for c in comparisons.values())
                 self.stdout.write(f"(paired over up to {pairs} samples: bootstrap 95% interval of the mean difference, permutation test, Holm across metrics)")
             self.stdout.write("")
+        self._report_selection(run)
         promotion = run_promotion(run)
         if promotion is not None:
             alias = f", alias {promotion.alias}" if promotion.alias else ", no alias"
