@@ -5,7 +5,8 @@ shape that prompt asks for: every statement of an answer is one claim, every
 claim is supported by the context, and the generated question for
 answer_relevancy is the answer's first sentence turned into a question.
 Modes: "ok", "malformed" (answers that are not JSON), "slow" (sleeps past the
-client's timeout).
+client's timeout), "delayed" (sleeps `delay` seconds, then answers as "ok": a
+judge that takes its time, for tests that act while scoring is under way).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class JudgeServer:
                 length = int(self.headers.get("Content-Length", 0))
                 body = json.loads(self.rfile.read(length) or b"{}")
                 server.requests += 1
-                if server.mode == "slow":
+                if server.mode in ("slow", "delayed"):
                     time.sleep(server.delay)
                 prompt = "\n".join(str(m.get("content", "")) for m in body.get("messages", []))
                 content = "this is not json {" if server.mode == "malformed" else json.dumps(judge_answer(prompt))
