@@ -47,14 +47,24 @@ def send_job(*, func: Callable[..., None], queue: str, job_id: int, resends: int
     from redis.exceptions import RedisError
     from rq.exceptions import DuplicateJobError
 
-    try:
+    def enqueue() -> None:
         django_rq.get_queue(queue).enqueue_call(
             func, args=(job_id,), job_id=rq_job_id(job_id), unique=True,
             timeout=settings.RQ_QUEUES[queue]["DEFAULT_TIMEOUT"], result_ttl=86400, failure_ttl=7 * 86400,
             meta={"resends": resends},
         )
-    except DuplicateJobError:
-        log.info("job %s already queued; a second enqueue is harmless", job_id)
+
+    try:
+        try:
+            enqueue()
+        except DuplicateJobError:
+            if _held_by_rq(queue, job_id):
+                log.info("job %s already queued; a second enqueue is harmless", job_id)
+                return True
+            # The id is taken by an RQ job that ended (a database reset since, or another database on the same
+            # Redis): it will never run this job, so it makes way.
+            _delete_rq_job(queue, job_id)
+            enqueue()
     except RedisError as exc:
         log.warning(
             "could not send job %s to the %s queue (%s: %s); it stays queued in the database "
@@ -62,6 +72,29 @@ def send_job(*, func: Callable[..., None], queue: str, job_id: int, resends: int
         )
         return False
     return True
+
+
+def _held_by_rq(queue: str, job_id: int) -> bool:
+    import django_rq
+    from rq.exceptions import NoSuchJobError
+    from rq.job import Job as RqJob
+
+    try:
+        status = RqJob.fetch(rq_job_id(job_id), connection=django_rq.get_queue(queue).connection).get_status(refresh=True)
+    except NoSuchJobError:
+        return False
+    return getattr(status, "value", status) in RQ_WAITING_STATES
+
+
+def _delete_rq_job(queue: str, job_id: int) -> None:
+    import django_rq
+    from rq.exceptions import NoSuchJobError
+    from rq.job import Job as RqJob
+
+    try:
+        RqJob.fetch(rq_job_id(job_id), connection=django_rq.get_queue(queue).connection).delete()
+    except NoSuchJobError:
+        pass
 
 
 def remove_queued_jobs(*, jobs: Iterable[tuple[int, str]]) -> None:
