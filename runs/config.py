@@ -286,6 +286,36 @@ class SelectionConfig(Strict):
     max_rows: int = Field(64, ge=1, le=10_000)
 
 
+class SpaceRange(Strict):
+    """A numeric range to sample from (random, tpe): integers for an integer field, log-uniform with `log`."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SpaceRange:
+        if self.high <= self.low:
+            raise ValueError(f"high ({self.high:g}) must be above low ({self.low:g})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        return self
+
+
+SpaceValues = Annotated[list[Any], Field(min_length=1, max_length=100)]
+
+
+class SweepSettings(Strict):
+    """Many fine-tunes as one experiment: trials are child runs, chosen by Optuna, judged on their selection scores."""
+
+    method: Literal["grid", "random", "tpe"] = "tpe"
+    # {config path under training: [values] or {low, high, log}}, e.g. {"training.learning_rate": {"low": 1e-5, "high": 1e-3, "log": true}}
+    space: dict[Annotated[str, Field(min_length=1, max_length=200)], SpaceValues | SpaceRange] = Field(min_length=1, max_length=20)
+    trials: int = Field(8, ge=1, le=500)
+    parallel: int = Field(2, ge=1, le=64)  # child runs in flight at once
+    seed: int = Field(42, ge=0, le=2**32 - 1)
+
+
 class PromotionConfig(Strict):
     """The registry gate: the new version becomes `champion` only if it is significantly better on this metric."""
 
@@ -303,12 +333,13 @@ class RunConfig(Strict):
     """
 
     name: Printable = Field(min_length=1, max_length=200)
-    kind: Literal["finetune", "eval_only"]
+    kind: Literal["finetune", "eval_only", "sweep"]
     model: ModelConfig = Field(default_factory=ModelConfig)
     datasets: DatasetsConfig
     training: TrainingConfig | None = None
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     selection: SelectionConfig | None = None
+    sweep: SweepSettings | None = None
     promotion: PromotionConfig | None = None
 
 

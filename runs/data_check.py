@@ -110,8 +110,10 @@ def check_validated(config: dict[str, Any], *, on_training_device: bool) -> dict
 
     from .kinds import kind_named
 
-    if "data_check" not in kind_named(config["kind"]).sections:
+    checked = kind_named(config["kind"]).data_check_config(config)
+    if checked is None:
         return {"ok": True, "problems": [], "skipped": f"a {config['kind']} run trains nothing: there is no training data to check"}
+    config = checked
     try:
         return data_check(ConfigData(config), on_training_device=on_training_device)
     except Exception as exc:

@@ -24,6 +24,7 @@ class RunKind(models.TextChoices):
 
     FINETUNE = "finetune", "finetune"
     EVAL_ONLY = "eval_only", "eval_only"
+    SWEEP = "sweep", "sweep"
 
 
 class JobState(models.TextChoices):

@@ -33,7 +33,7 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from django.conf import settings
@@ -84,7 +84,7 @@ def run_job(job_id: int) -> None:
         check_model_reference(run.base_model)
         ctx = StepContext(run, job, step, graph)
         started = time.monotonic()
-        with Pulse(job_id, attempt) as pulse:
+        with _inline_device(step.queue), Pulse(job_id, attempt) as pulse:
             start_tracking(ctx)
             output = step.body(ctx) if step.body else None
             ctx.check_cancelled(now=True)
@@ -108,7 +108,11 @@ def run_job(job_id: int) -> None:
         if step_of is not None and step_of.on_demand:
             pass  # it fails only itself
         elif step_of is not None and step_of.tolerate_failure:
-            _sync(run.pk, kind_of(run).graph_of(run), message=f"{job.label} failed")
+            graph = kind_of(run).graph_of(run)
+            with transaction.atomic():
+                locked = _locked(run.pk)
+                _follow(run.pk, graph, job, state=JobState.FAILED)
+                _advance(locked, graph, message=f"{job.label} failed")
         else:
             run_fail(run_id=run.pk, reason=reason)
         raise
@@ -140,7 +144,16 @@ def _finish(ctx: StepContext, step: Step, output: Any) -> None:
             ctx.output = output
         if not job_finish(job_id=ctx.job_id, attempt=ctx.attempt, output=ctx.output):
             raise JobAbandoned(f"job {ctx.job.label} of run {ctx.run_id} was given to another attempt")
+        _follow(run.pk, ctx.graph, ctx.job, state=JobState.DONE)
         _advance(run, ctx.graph, message=f"{ctx.job.label} finished")
+
+
+def _follow(run_id: int, graph: Graph, job: Job, *, state: str) -> None:
+    """Inside the transaction that ended `job`: the jobs that follow it (Step.follows), keyed like it, sent after commit."""
+    for step in graph.followers(job.step):
+        added = job_add(run_id=run_id, step=step.name, key=job.key, queue=step.queue, payload={"followed": job.pk, "state": state})
+        if added is not None:
+            transaction.on_commit(lambda added=added: dispatch(job_id=added.pk, queue=added.queue, run_id=run_id))
 
 
 def _locked(run_id: int) -> PipelineRun:
@@ -189,9 +202,13 @@ def add_job(*, run_id: int, graph: Graph, step: str, key: str, payload: dict[str
     return job.pk if job is not None else None
 
 
-def add_child_run(*, run_id: int, graph: Graph, step: str, key: str, config: dict[str, Any], payload: dict[str, Any] | None = None) -> int:
+def add_child_run(
+    *, run_id: int, graph: Graph, step: str, key: str, config: dict[str, Any], payload: dict[str, Any] | None = None,
+    room: Callable[[list[Job]], bool] | None = None,
+) -> int | None:
     """Fan-out to a child run (a sweep's trial): the child is created (validated like any run, owned by the
-    parent's owner) with a job of the parent's `step` that waits for it; returns the child's id."""
+    parent's owner) with a job of the parent's `step` that waits for it; returns the child's id. `room(jobs)`,
+    asked with the parent locked, may refuse (None): two callers at once never both take the last place."""
     from .services import run_create
 
     spec = graph.step(step)
@@ -201,6 +218,8 @@ def add_child_run(*, run_id: int, graph: Graph, step: str, key: str, config: dic
         parent = PipelineRun.objects.select_for_update().only("pk", "owner", "status").get(pk=run_id)
         if parent.status in TERMINAL_STATUSES:
             raise JobAbandoned(f"run {run_id} is {parent.status}")
+        if room is not None and not room(list(Job.objects.filter(run_id=run_id))):
+            return None
         child = run_create(config=config, owner=parent.owner, parent_id=run_id)
         job_add(run_id=run_id, step=step, key=key, queue=spec.queue, payload=payload, child_id=child.pk)
     return child.pk
@@ -297,6 +316,7 @@ def child_ended(*, child_id: int) -> None:
         if not job_end_waiting(job_id=waiting.pk, succeeded=succeeded, output={"child": child_id, "status": child.status},
                                error="" if succeeded else f"child run #{child_id} ended {child.status}: {child.error}"):
             return
+        _follow(parent.pk, graph, waiting, state=JobState.DONE if succeeded else JobState.FAILED)
         step = graph.step(waiting.step)
         if not succeeded and not step.tolerate_failure:
             run_fail(run_id=parent.pk, reason=f"{waiting.label} failed: child run #{child_id} ended {child.status}")
@@ -341,9 +361,41 @@ _driven_lock = threading.Lock()
 WAIT_FOR_CHILDREN_SECONDS = 0.5
 
 
+# Inline, this process is the one gpu worker: one gpu job at a time (a sweep's trials run side by side in threads,
+# and loading two models at once in one process is not safe: Transformers builds them on a process-wide meta device).
+_inline_gpu = threading.Lock()
+
+
+@contextlib.contextmanager
+def _inline_device(queue: str) -> Iterator[None]:
+    if settings.JOBS_INLINE and queue == "gpu":
+        with _inline_gpu:
+            yield
+    else:
+        yield
+
+
+_preloaded = threading.Lock()
+_preload_done: list[bool] = []
+
+
+def _preload_once() -> None:
+    """The ML stack imported once, before any thread of this process runs a job: Transformers' lazy modules are not
+    safe to import from two threads at once (a sweep's trials run side by side inline)."""
+    if _preload_done:
+        return
+    with _preloaded:
+        if not _preload_done:
+            from .worker import preload
+
+            preload()
+            _preload_done.append(True)
+
+
 def drive_inline(run_id: int) -> None:
     """Run the run's queued jobs in this process, oldest first, until the run ends or nothing is left to do
     (embedded default). While its jobs wait for child runs (driven by threads of their own), it waits too."""
+    _preload_once()
     with _driven_lock:
         if run_id in _driven:
             log.info("run %s is driven by another thread of this process already", run_id)

@@ -252,3 +252,9 @@ def run_adapter_reference(run_id: int) -> str:
     """Where the run's adapter is in its directory and MLflow run: the chosen checkpoint's, or the fine-tune's."""
     chosen = Job.objects.filter(run_id=run_id, step="select", state=JobState.DONE).values_list("output", flat=True).first()
     return (chosen or {}).get("adapter") or "adapter"
+
+
+def run_sweep_winner(run_id: int) -> int | None:
+    """The winning trial (a child run) of a sweep whose pick is done; None otherwise."""
+    picked = Job.objects.filter(run_id=run_id, step="pick", state=JobState.DONE).values_list("output", flat=True).first()
+    return (picked or {}).get("winner")

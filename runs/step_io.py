@@ -47,6 +47,7 @@ from .selectors import (
     run_sample_scores,
     run_selection_points,
     run_step_fractions,
+    run_sweep_winner,
 )
 from .services import (
     job_set_checkpoint,
@@ -93,6 +94,9 @@ def run_dir(run_id: int) -> Path:
 def run_adapter_dir(run: PipelineRun) -> Path:
     """The run's adapter on this machine: the one its selection chose (`selection/step-N`), else the fine-tune's
     (`adapter`); local, or downloaded from its MLflow run (another gpu worker trained it)."""
+    winner = run_sweep_winner(run.pk)
+    if winner is not None:  # a sweep's adapter is its winning trial's
+        return run_adapter_dir(PipelineRun.objects.get(pk=winner))
     reference = run_adapter_reference(run.pk)
     local = run_dir(run.pk) / reference
     if (local / "adapter_config.json").exists():
@@ -284,7 +288,7 @@ class StepContext:
         """The checkpoints scored so far: the selection metric's mean, interval and rows measured, by step."""
         return run_selection_points(self.run_id, metric=self.config["selection"]["metric"])
 
-    def add_child_run(self, step: str, key: str, config: dict[str, Any], payload: dict[str, Any] | None = None) -> int:
+    def add_child_run(self, step: str, key: str, config: dict[str, Any], payload: dict[str, Any] | None = None) -> int | None:
         """Fan-out to a child run (a sweep's trial) that a job of `step` waits for; the child's id."""
         from . import pipeline
 
@@ -395,9 +399,11 @@ def start_tracking(ctx: StepContext) -> None:
     run = ctx.run
     if not run.mlflow_run_id:
         record = reproducibility_record(run)
+        parent = PipelineRun.objects.filter(pk=run.parent_id).values_list("mlflow_run_id", flat=True).first() if run.parent_id else ""
         experiment_id, mlflow_run_id = tracking.mlflow_start(
             run_id=run.pk, name=run.name, kind=run.kind, config=run.config,
-            tags={f"repro.{k}": v for k, v in tracking.flatten(record).items()},
+            # a sweep's trials nest under the sweep's MLflow run
+            tags={f"repro.{k}": v for k, v in tracking.flatten(record).items()} | ({"mlflow.parentRunId": parent} if parent else {}),
         )
         if run_set_mlflow_ids(run_id=run.pk, experiment_id=experiment_id, mlflow_run_id=mlflow_run_id):
             run_set_reproducibility(run_id=run.pk, record=record)

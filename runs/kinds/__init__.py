@@ -1,4 +1,4 @@
-"""The kinds of run, each declared once in its own module: fine-tune, eval-only.
+"""The kinds of run, each declared once in its own module: fine-tune, eval-only, sweep.
 
 Everything that differs by kind (config rules, the graph of jobs, status path,
 page sections, which config fields apply, which variant a run is about) is
@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING
 from .base import Kind
 from .eval_only import KIND as EVAL_ONLY
 from .finetune import KIND as FINETUNE
+from .sweep import KIND as SWEEP
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
     from ..models import PipelineRun
 
-KINDS: dict[str, Kind] = {kind.name: kind for kind in (FINETUNE, EVAL_ONLY)}
+KINDS: dict[str, Kind] = {kind.name: kind for kind in (FINETUNE, EVAL_ONLY, SWEEP)}
 
 
 def kind_named(name: str) -> Kind:

@@ -114,6 +114,8 @@ class Step:
     publish: Callable[[Any, Any], None] | None = None
     after: tuple[str, ...] = ()  # fan-in: this step's job is created once every job of these steps has ended
     spawned_by: str = ""  # fan-out: jobs of this step are added (keyed) by a running job of that step
+    # A job of this step is added, keyed like it, each time a job of step `follows` ends (a sweep's `tell` after each trial).
+    follows: str = ""
     # Jobs of this step are added on request by a service (an export of a completed fine-tune), also after the run
     # completed; nothing waits for them, and a failed one fails only itself.
     on_demand: bool = False
@@ -125,7 +127,11 @@ class Step:
 
     @property
     def spawned(self) -> bool:
-        return bool(self.spawned_by)
+        return bool(self.spawned_by or self.follows)
+
+    @property
+    def spawner(self) -> str:
+        return self.spawned_by or self.follows
 
 
 @dataclass(frozen=True)
@@ -152,7 +158,7 @@ class Graph:
             raise ValueError(f"a step appears twice in {names}")
         self._index.update({name: i for i, name in enumerate(names)})
         for step in self.steps:
-            unknown = [a for a in (*step.after, step.spawned_by) if a and a not in self._index]
+            unknown = [a for a in (*step.after, step.spawned_by, step.follows) if a and a not in self._index]
             if unknown:
                 raise ValueError(f"step {step.name} names unknown steps {unknown}")
             if any(self._index[a] >= self._index[step.name] for a in step.after):
@@ -167,6 +173,10 @@ class Graph:
     def position(self, name: str) -> int:
         return self._index[name]
 
+    def followers(self, name: str) -> list[Step]:
+        """The steps a job of `name` is followed by when it ends."""
+        return [s for s in self.steps if s.follows == name]
+
     @property
     def queues(self) -> dict[str, str]:
         return {s.name: s.queue for s in self.steps}
@@ -178,7 +188,7 @@ class Graph:
         mine = [j for j in jobs if j.step == step.name]
         ok = {JobState.DONE} | (FINISHED_STATES if step.tolerate_failure else set())
         if step.spawned:
-            return self._ended(self.step(step.spawned_by), jobs) and all(j.state in ok for j in mine)
+            return self._ended(self.step(step.spawner), jobs) and all(j.state in ok for j in mine)
         return bool(mine) and all(j.state in ok for j in mine)
 
     def ready(self, jobs: Iterable[JobView]) -> list[Step]:
@@ -257,6 +267,10 @@ class Kind:
     def model_label(self, config: Mapping[str, Any], base_model: str) -> str:
         """What produced the answers, for the dashboard."""
         return base_model
+
+    def data_check_config(self, config: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The fine-tune config whose data the check before launch reads (None: this kind trains nothing)."""
+        return None
 
     def config_applies(self, field: str, config: Mapping[str, Any]) -> bool:
         """Whether a config field (dotted path) plays a part in a run of this kind with this config."""

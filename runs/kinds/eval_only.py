@@ -30,6 +30,8 @@ class EvalOnlyConfig(RunConfig):
             raise ValueError("promotion: applies to kind finetune only (it gates the fine-tuned model); remove it for eval_only")
         if self.training is not None:
             raise ValueError("training: applies to kind finetune only; remove it for eval_only")
+        if self.sweep is not None:
+            raise ValueError("sweep: applies to kind sweep only; remove it for eval_only")
         if self.selection is not None:
             raise ValueError("selection: applies to kind finetune only (it chooses a checkpoint of the training); remove it for eval_only")
         if self.datasets.train:

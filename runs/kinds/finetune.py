@@ -66,6 +66,8 @@ class FinetuneConfig(RunConfig):
             raise ValueError(f"training.validation_dataset: {validation!r} is also in datasets.train; validation rows must be held out")
         if self.evaluation.answers != "generate":
             raise ValueError("evaluation.answers: a finetune run scores generated answers; use 'generate'")
+        if self.sweep is not None:
+            raise ValueError("sweep: applies to kind sweep only (many fine-tunes); remove it, or set kind: sweep")
         if self.selection is not None:
             self._selection_rules()
         if self.promotion is None:
@@ -144,6 +146,9 @@ class FinetuneKind(Kind):
     def graph(self, config: Mapping[str, Any], *, has_parent: bool = False) -> Graph:
         # A sweep's trial (a child run) leaves registration and promotion to its parent.
         return GRAPHS[(config.get("selection") is not None, has_parent)]
+
+    def data_check_config(self, config: Mapping[str, Any]) -> dict[str, Any] | None:
+        return dict(config)
 
     def main_variant(self, config: Mapping[str, Any]) -> str:
         return Variant.FINETUNED

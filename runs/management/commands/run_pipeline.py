@@ -153,19 +153,48 @@ class Command(BaseCommand):
         return owner
 
     def _follow(self, run_id: int, worker: threading.Thread | None) -> None:
-        bar = tqdm(total=100, desc=f"run #{run_id}", unit="%", bar_format="{l_bar}{bar}| {n}/{total}% [{elapsed}] {postfix}", file=sys.stderr)
+        layout = "{l_bar}{bar}| {n}/{total}% [{elapsed}] {postfix}"
+        bar = tqdm(total=100, desc=f"run #{run_id}", unit="%", bar_format=layout, file=sys.stderr)
+        trials: dict[int, tqdm] = {}  # a sweep's trials (child runs): a bar each, under the sweep's
         try:
             while True:
                 run = PipelineRun.objects.only("status", "progress", "stage").get(pk=run_id)
                 bar.update(run.progress - bar.n)
                 bar.set_postfix_str(f"{run.status}: {run.stage}"[:80])
+                for child in PipelineRun.objects.filter(parent_id=run_id).only("pk", "status", "progress", "stage").order_by("pk"):
+                    child_bar = trials.get(child.pk)
+                    if child_bar is None:
+                        child_bar = trials[child.pk] = tqdm(total=100, desc=f"  trial run #{child.pk}", unit="%", bar_format=layout,
+                                                            file=sys.stderr, position=len(trials) + 1, leave=True)
+                    child_bar.update(child.progress - child_bar.n)
+                    child_bar.set_postfix_str(f"{child.status}: {child.stage}"[:70])
                 if run.is_terminal and (worker is None or not worker.is_alive()):
                     break
                 if worker is not None and not worker.is_alive() and not run.is_terminal:
                     break
                 time.sleep(0.5)
         finally:
+            for child_bar in trials.values():
+                child_bar.close()
             bar.close()
+
+    def _report_sweep(self, run: PipelineRun) -> None:
+        from runs.sweeps import sweep_summary
+
+        summary = sweep_summary(run)
+        if not summary:
+            return
+        self.stdout.write(f"sweep ({summary['method']}, {len(summary['trials'])} of {summary['planned']} trials; objective: selection "
+                          f"{summary['metric']}):")
+        for trial in summary["trials"]:
+            score = trial["score"]
+            shown = f"{score['mean']:.4f} [{score['ci_low']:.4f}, {score['ci_high']:.4f}]" if score else "no selection score"
+            mark = "  <- winner" if summary["winner"] and trial["child"] == summary["winner"]["winner"] else ""
+            params = ", ".join(f"{p.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{p.split('.')[-1]}={v}" for p, v in trial["params"].items())
+            self.stdout.write(f"  trial {trial['trial']:>3} run #{trial['child']} {trial['status']:<9} {shown}  {params}{mark}")
+        if summary["winner"]:
+            self.stdout.write(f"winner: {summary['winner']['reason']}; the table above the winner's is its paired comparison on the eval sets")
+        self.stdout.write("")
 
     def _report_selection(self, run: PipelineRun) -> None:
         from runs.page_data import selection_summary
@@ -222,6 +251,7 @@ class Command(BaseCommand):
                 self.stdout.write(f"(paired over up to {pairs} samples: bootstrap 95% interval of the mean difference, permutation test, Holm across metrics)")
             self.stdout.write("")
         self._report_selection(run)
+        self._report_sweep(run)
         promotion = run_promotion(run)
         if promotion is not None:
             alias = f", alias {promotion.alias}" if promotion.alias else ", no alias"
