@@ -58,11 +58,25 @@ class JobOutputSerializer(serializers.ModelSerializer):
 
 class ComparisonOutputSerializer(serializers.ModelSerializer):
     dataset = serializers.CharField(source="dataset.name", default=None, allow_null=True)
+    min_detectable_difference = serializers.SerializerMethodField()
+    power_note = serializers.SerializerMethodField()
 
     class Meta:
         model = ScoreComparison
         fields = ["dataset", "metric", "n_pairs", "n_excluded", "base_mean", "finetuned_mean", "delta", "ci_low", "ci_high",
-                  "p_value", "p_adjusted", "verdict", "method"]
+                  "p_value", "p_adjusted", "verdict", "min_detectable_difference", "power_note", "method"]
+
+    @extend_schema_field(serializers.FloatField(allow_null=True))
+    def get_min_detectable_difference(self, comparison: ScoreComparison) -> float | None:
+        """The smallest mean paired difference this comparison's pairs detect 80% of the time at 5% significance
+        (statsmodels' paired t-test power, from the spread of its per-row differences)."""
+        return ((comparison.method or {}).get("power") or {}).get("mdd")
+
+    def get_power_note(self, comparison: ScoreComparison) -> str:
+        """"with 50 pairs this test detects ±0.031 or more 80% of the time" (empty when not measured)."""
+        from evaluation.power import describe
+
+        return describe((comparison.method or {}).get("power"))
 
 
 class PromotionOutputSerializer(serializers.ModelSerializer):
@@ -88,13 +102,28 @@ class RunDetailSerializer(RunListSerializer):
     checkpoint_step = serializers.SerializerMethodField()
     best_step = serializers.SerializerMethodField()
     selection = serializers.SerializerMethodField()
+    sweep = serializers.SerializerMethodField()
 
     class Meta(RunListSerializer.Meta):
         fields = [
             *RunListSerializer.Meta.fields, "config", "logs", "mlflow_experiment_id",
             "registered_model_name", "registered_model_version", "reproducibility", "heartbeat_at", "owner", "results",
-            "comparisons", "promotion", "attempts", "checkpoint_step", "best_step", "data_check", "jobs", "children", "selection",
+            "comparisons", "promotion", "attempts", "checkpoint_step", "best_step", "data_check", "jobs", "children", "selection", "sweep",
         ]
+
+    @extend_schema_field(serializers.JSONField(allow_null=True))
+    def get_sweep(self, run: PipelineRun) -> dict | None:
+        """A sweep's trials ({"trial", "child", "params", "status", "score": {"mean", "ci_low", "ci_high", "n", "step"}, "seconds"}),
+        the winner and why; with `?verdicts=1`, every trial's eval verdict Holm-adjusted across the trials. Null for other kinds."""
+        if not run.shows.get("sweep"):
+            return None
+        from .sweeps import sweep_summary, trial_verdicts
+
+        summary = sweep_summary(run)
+        request = self.context.get("request")
+        if summary is not None and request is not None and request.query_params.get("verdicts") in ("1", "true"):
+            summary["trial_verdicts"] = trial_verdicts(run)
+        return summary
 
     @extend_schema_field(serializers.JSONField(allow_null=True))
     def get_selection(self, run: PipelineRun) -> dict | None:
@@ -212,6 +241,11 @@ class RunCheckApi(APIView):
 
 class RunDetailApi(generics.RetrieveDestroyAPIView):
     serializer_class = RunDetailSerializer
+
+    @extend_schema(parameters=[OpenApiParameter("verdicts", OpenApiTypes.BOOL, description="a sweep: add every trial's eval verdict, "
+                                                "Holm-adjusted across the trials")])
+    def get(self, request: Request, *args, **kwargs) -> Response:
+        return super().get(request, *args, **kwargs)
 
     def get_queryset(self) -> QuerySet[PipelineRun]:
         return _detail_queryset(self.request.user)

@@ -27,7 +27,7 @@ from django.conf import settings
 from datasets_app.selectors import dataset_rows, datasets_by_names
 
 from .config import validate_config
-from .selectors import last_training_throughput
+from .selectors import last_training_throughput, latest_difference_spreads
 from .services import dataset_name_types
 
 QUEUE = "cpu"
@@ -97,6 +97,9 @@ class ConfigData:
 
     def throughput(self, device: str | None) -> dict[str, Any] | None:
         return last_training_throughput(base_model=self.base_model, device=device)
+
+    def difference_spreads(self) -> dict[str, dict[str, dict[str, Any]]]:
+        return latest_difference_spreads(self.config["datasets"]["eval"], self.config["evaluation"]["metrics"])
 
 
 def check_validated(config: dict[str, Any], *, on_training_device: bool) -> dict[str, Any]:
@@ -214,4 +217,14 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     seconds = estimate["seconds"]
     when = f"about {seconds / 60:.1f} min ({estimate['basis']})" if seconds is not None else estimate["basis"]
     lines.append(f"optimizer steps: {estimate['steps']}, {estimate['tokens']} tokens to train; training time: {when}")
+    for dataset, by_metric in (report.get("power") or {}).items():
+        for metric, power in by_metric.items():
+            seen = (f"detects a mean difference of ±{power['mdd']:.3f} or more 80% of the time at 5% ({power['basis']}); "
+                    + ", ".join(f"{n} rows for ±{t}" for t, n in (power.get("rows_for") or {}).items() if n) if power.get("mdd") is not None
+                    else power["basis"])
+            lines.append(f"power of {dataset} ({power['n']} pairs) on {metric}: {seen}")
+    if report.get("selection"):
+        selection = report["selection"]
+        lines.append(f"selection rows {selection['rows']} ({selection['source']}); asking a question of the train / validation / eval rows: "
+                     + " / ".join(str(selection["overlap"][k]["rows"]) for k in ("train", "validation", "eval")))
     return lines

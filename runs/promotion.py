@@ -101,17 +101,22 @@ class GateDecision:
 class Compared:
     comparisons: dict[str, dict[str, PairedComparison]]
     decision: GateDecision | None
+    power: dict[str, dict[str, dict[str, Any]]]  # {dataset: {metric: evaluation.power.power_report}}
 
 
 def compare_and_gate(ctx: StepContext) -> Compared:
     """The compare step: fine-tuned vs base (evaluation/steps.py), then the gate's decision for the new version."""
+    from evaluation.power import difference_spread, power_report
     from evaluation.steps import compare_step
 
     comparisons = compare_step(ctx)
+    power = {dataset: {metric: power_report(n=n, sd=sd) for metric, (n, sd) in
+                       ((m, difference_spread(pairs)) for m, pairs in by_metric.items())}
+             for dataset, by_metric in ctx.paired_scores().items()}
     run = ctx.run
     run.refresh_from_db(fields=["registered_model_name", "registered_model_version"])
     gated = bool(run.registered_model_name and run.config.get("promotion") and run.parent_id is None)
-    return Compared(comparisons=comparisons, decision=gate_decision(run=run, comparisons=comparisons) if gated else None)
+    return Compared(comparisons=comparisons, decision=gate_decision(run=run, comparisons=comparisons) if gated else None, power=power)
 
 
 def champion_comparisons(run: PipelineRun, datasets: list[str]) -> dict[str, dict[str, PairedComparison]] | None:

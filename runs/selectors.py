@@ -258,3 +258,16 @@ def run_sweep_winner(run_id: int) -> int | None:
     """The winning trial (a child run) of a sweep whose pick is done; None otherwise."""
     picked = Job.objects.filter(run_id=run_id, step="pick", state=JobState.DONE).values_list("output", flat=True).first()
     return (picked or {}).get("winner")
+
+
+def latest_difference_spreads(datasets: list[str], metrics: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """{dataset: {metric: {"sd", "run_id"}}}: the spread of the per-row paired differences (fine-tuned - base) of the
+    latest comparison that measured it, for each eval dataset and metric (what the eval set's power is estimated from)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    rows = (ScoreComparison.objects.filter(dataset__name__in=datasets, metric__in=metrics).order_by("-id")
+            .values_list("dataset__name", "metric", "run_id", "method")[:2000])
+    for dataset, metric, run_id, method in rows:
+        spread = ((method or {}).get("power") or {}).get("sd_difference")
+        if spread is not None and metric not in out.get(dataset, {}):
+            out.setdefault(dataset, {})[metric] = {"sd": spread, "run_id": run_id}
+    return out

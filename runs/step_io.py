@@ -165,6 +165,11 @@ class StepContext:
     def eval_questions(self) -> list[str]:
         return [r["question"] for s in self.eval_sets() for r in s.rows]
 
+    def difference_spreads(self) -> dict[str, dict[str, dict[str, Any]]]:
+        from .selectors import latest_difference_spreads
+
+        return latest_difference_spreads(self.config["datasets"]["eval"], self.config["evaluation"]["metrics"])
+
     def throughput(self, device: str | None) -> dict[str, Any] | None:
         return last_training_throughput(base_model=self.base_model, device=device, before_run=self.run_id)
 
@@ -587,7 +592,8 @@ def store_comparisons(ctx: StepContext, compared: Compared) -> None:
          "finetuned_mean": c.finetuned_mean, "delta": c.delta, "ci_low": c.ci_low, "ci_high": c.ci_high, "p_value": c.p_value,
          "p_adjusted": c.p_adjusted, "verdict": str(c.verdict),
          "method": {"interval": f"paired bootstrap ({c.ci_method})", "test": "paired permutation test, Holm across metrics",
-                    "resamples": c.resamples, "seed": c.seed, "confidence": c.confidence}}
+                    "resamples": c.resamples, "seed": c.seed, "confidence": c.confidence,
+                    "power": compared.power.get(dataset, {}).get(metric)}}
         for dataset, by_metric in compared.comparisons.items() for metric, c in by_metric.items()
     ])
     decision = compared.decision

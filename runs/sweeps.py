@@ -152,10 +152,10 @@ def _start_trial(ctx: StepContext, study) -> int | None:
                               payload={"optuna_trial": trial.number, "params": trial.params},
                               room=lambda jobs: _room(config, jobs))
     except Exception:
-        study.tell(trial, state=_failed())
+        _tell(study, trial.number, None)
         raise
     if child is None:
-        study.tell(trial, state=_failed())
+        _tell(study, trial.number, None)
         return None
     ctx.log(f"trial {trial.number} started as run #{child}: " + ", ".join(f"{p}={v}" for p, v in trial.params.items()))
     return child
@@ -167,10 +167,21 @@ def _room(config: Mapping[str, Any], jobs: list[Job]) -> bool:
     return len(trials) < total_trials(config) and len(in_flight) < config["sweep"]["parallel"]
 
 
-def _failed():
+def _tell(study, number: int, value: float | None) -> None:
+    """Tell Optuna a trial's value (None: failed). The grid sampler would call `study.stop()` when its grid is used up,
+    which Optuna refuses outside `optimize` (ask-and-tell has no loop to stop): the telling is done with a sampler
+    that does nothing after a trial, then the sweep's own is put back."""
+    import optuna
     from optuna.trial import TrialState
 
-    return TrialState.FAIL
+    sampler, study.sampler = study.sampler, optuna.samplers.RandomSampler()
+    try:
+        if value is None:
+            study.tell(number, state=TrialState.FAIL)
+        else:
+            study.tell(number, value)
+    finally:
+        study.sampler = sampler
 
 
 def plan_step(ctx: StepContext) -> dict[str, Any]:
@@ -198,12 +209,8 @@ def tell_step(ctx: StepContext) -> dict[str, Any]:
     number = trial_job.payload["optuna_trial"]
     study = open_study(ctx.run)
     score = trial_score(trial_job.child_id, ctx.config["selection"]["metric"]) if trial_job.child_id and trial_job.state == JobState.DONE else None
-    already = study.trials[number].state.is_finished()
-    if not already:
-        if score is None:
-            study.tell(number, state=_failed())
-        else:
-            study.tell(number, score["mean"])
+    if not study.trials[number].state.is_finished():
+        _tell(study, number, None if score is None else score["mean"])
     ended = Job.objects.filter(run_id=ctx.run_id, step="trial", state__in=[JobState.DONE, JobState.FAILED, JobState.CANCELLED]).count()
     run_update_progress(run_id=ctx.run_id, progress=1 + int(85 * ended / max(total_trials(ctx.config), 1)),
                         stage=f"{ended} of {total_trials(ctx.config)} trials ended")

@@ -47,6 +47,8 @@ class DataCheckContext(Protocol):
     def build_progress(self) -> Callable[[int, int], None]: ...
     # tokens/s, run id and device of the last fine-tune of this base model (on `device` when given), or None
     def throughput(self, device: str | None) -> dict[str, Any] | None: ...
+    # {dataset: {metric: {"sd", "run_id"}}}: the spread of an earlier comparison's paired differences (for the eval sets' power)
+    def difference_spreads(self) -> dict[str, dict[str, dict[str, Any]]]: ...
 
 
 class FinetuneContext(DataCheckContext, Protocol):
@@ -111,16 +113,18 @@ def data_check(ctx: DataCheckContext, *, on_training_device: bool, rows: Trainin
     config = ctx.config
     training = config["training"]
     split = rows or training_rows(ctx)
+    eval_sets = ctx.eval_sets()
     tokenizer = load_tokenizer(resolve_model_path(ctx.base_model, progress=ctx.build_progress()))
     device = pick_device(training.get("precision", "auto"))[0] if on_training_device else None
     selecting = config.get("selection") is not None
     report = check_data(
-        tokenizer=tokenizer, train_rows=split.train, validation_rows=split.validation, eval_sets={s.name: s.rows for s in ctx.eval_sets()},
+        tokenizer=tokenizer, train_rows=split.train, validation_rows=split.validation, eval_sets={s.name: s.rows for s in eval_sets},
         training=training, prompt_format=config["model"].get("prompt_format", "auto"),
         allow_overlap=config["evaluation"].get("allow_overlap", False), throughput=ctx.throughput(device),
         selection_rows=split.selection if selecting else None, selection_source=split.selection_source,
     )
     report["validation"] = {"rows": len(split.validation), "source": split.validation_source}
+    report["power"] = eval_set_power(ctx, eval_sets)
     report["base_model"] = ctx.base_model
     return report
 
@@ -134,6 +138,23 @@ class TrainingRows:
     validation_source: str
     selection: list[dict[str, Any]]  # [] without selection
     selection_source: str
+
+
+def eval_set_power(ctx: DataCheckContext, eval_sets: Sequence[EvalRows]) -> dict[str, dict[str, Any]]:
+    """How small a difference each eval set can see, per metric, before launch: its number of pairs and the spread of
+    an earlier run's paired differences on it (evaluation/power.py)."""
+    from evaluation.power import power_report
+
+    spreads = ctx.difference_spreads()
+    out: dict[str, dict[str, Any]] = {}
+    for eval_set in eval_sets:
+        for metric in ctx.config["evaluation"]["metrics"]:
+            known = spreads.get(eval_set.name, {}).get(metric)
+            report = power_report(n=len(eval_set.rows), sd=known["sd"] if known else None)
+            report["basis"] = (f"the spread of run #{known['run_id']}'s paired differences" if known
+                               else "not estimated: no earlier run compared fine-tuned and base on this set and metric")
+            out.setdefault(eval_set.name, {})[metric] = report
+    return out
 
 
 def training_rows(ctx: DataCheckContext) -> TrainingRows:

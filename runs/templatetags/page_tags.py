@@ -56,6 +56,13 @@ def job_rows(run):
 
 
 @register.simple_tag
+def sweep(run):
+    from runs.sweeps import sweep_summary
+
+    return sweep_summary(run)
+
+
+@register.simple_tag
 def selection(run):
     return page_data.selection_summary(run)
 

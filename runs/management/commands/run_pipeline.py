@@ -22,6 +22,7 @@ from django.db import connection
 from tqdm import tqdm
 
 from evaluation.metric_names import RETRIEVAL_METRICS
+from evaluation.power import describe
 from evaluation.significance import format_p_value
 from runs.config import ConfigError, parse_yaml
 from runs.models import PipelineRun, RunStatus, ordered_variants
@@ -238,7 +239,9 @@ class Command(BaseCommand):
                         cells += ["-", "-", "-"]
                     else:
                         note = " (retrieval: same for both models)" if row["metric"] in RETRIEVAL_METRICS else ""
-                        cells += [format_interval(c.delta, c.ci_low, c.ci_high), format_p_value(c.p_adjusted), f"{c.verdict}{note}"]
+                        detects = describe((c.method or {}).get("power")) if c.verdict == "no significant difference" else ""
+                        cells += [format_interval(c.delta, c.ci_low, c.ci_high), format_p_value(c.p_adjusted),
+                                  f"{c.verdict}{note}" + (f" ({detects})" if detects and not note else "")]
                 lines.append(cells)
             widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
             self.stdout.write("")
