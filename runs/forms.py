@@ -102,13 +102,20 @@ FIELDS: tuple[FormField, ...] = (
     FormField("selection_patience", "selection.patience", "Selection patience",
               "Stop training after N scored checkpoints in a row without a better score (blank: never stop early)."),
     FormField("selection_min_delta", "selection.min_delta", "Selection min delta"),
+    FormField("sweep_method", "sweep.method", "Sweep method", "grid (every point of lists), random or tpe (Optuna)."),
+    FormField("sweep_space", "sweep.space", "Search space",
+              "YAML, a training config path per line: a list of values, or {low, high, log: true} for random and tpe; e.g. "
+              "training.learning_rate: {low: 1.0e-5, high: 1.0e-3, log: true} and training.lora.r: [4, 8, 16]."),
+    FormField("sweep_trials", "sweep.trials", "Trials"),
+    FormField("sweep_parallel", "sweep.parallel", "Trials at once"),
+    FormField("sweep_seed", "sweep.seed", "Sweep seed"),
     FormField("promotion_metric", "promotion.metric", "Promotion metric", "The version becomes champion only if significantly better on it (blank: the first metric)."),
     FormField("promotion_datasets", "promotion.datasets", "Promotion datasets", "all, or eval dataset names separated by commas."),
     FormField("promotion_min_delta", "promotion.min_delta", "Promotion minimum gain"),
 )
 BY_PATH = {f.path: f for f in FIELDS}
 # Sections that only exist in some configs: the judge when a URL or model is given, training for fine-tunes.
-OPTIONAL_SECTIONS = ("evaluation.judge", "training", "selection", "promotion")
+OPTIONAL_SECTIONS = ("evaluation.judge", "training", "selection", "sweep", "promotion")
 # Text fields for "a word or a list of names" config values, with the word.
 LIST_OR_WORD = {"target_modules": "all-linear", "promotion_datasets": "all"}
 # Text fields for "a word or a number" config values: a number when it reads as one (selection every epoch or every N
@@ -196,6 +203,8 @@ def build_field(spec: FormField) -> forms.Field:
         return forms.ChoiceField(choices=[("", "— off —"), *((m, m) for m in ALL_METRICS)], **common)
     if spec.name in WORD_OR_NUMBER:
         return forms.CharField(max_length=100, **common)
+    if spec.name == "sweep_space":
+        return forms.CharField(max_length=20_000, widget=forms.Textarea(attrs={"rows": 4, "spellcheck": "false"}), **{**common, "initial": ""})
     if spec.name in LIST_OR_WORD:
         return forms.CharField(max_length=2000, **common)
     choices = _literal_choices(annotation)
@@ -260,12 +269,20 @@ class RunForm(forms.Form):
         return form
 
     def _by_section(self, *, basic: bool) -> dict[str, list[forms.BoundField]]:
-        out: dict[str, list[forms.BoundField]] = {"model": [], "training": [], "evaluation": [], "judge": [], "selection": [], "promotion": []}
+        out: dict[str, list[forms.BoundField]] = {"model": [], "training": [], "evaluation": [], "judge": [], "selection": [], "sweep": [],
+                                                  "promotion": []}
         for spec in FIELDS:
             if spec.basic == basic and spec.name not in SPECIAL_FIELDS:
                 section = "judge" if spec.path.startswith("evaluation.judge.") else spec.path.split(".")[0]
                 out[section].append(self[spec.name])
         return out
+
+    @property
+    def kind_sections(self) -> dict[str, list[str]]:
+        """Which config sections each kind uses (the page shows a section's fields only for a kind that uses it)."""
+        from .kinds import KINDS
+
+        return {name: list(kind.config_sections) for name, kind in KINDS.items()}
 
     @property
     def basic_sections(self) -> dict[str, list[forms.BoundField]]:
@@ -454,7 +471,17 @@ def field_for_error(path: str) -> str | None:
     return below[0].name if below else None
 
 
+def _space_from_text(text: str) -> Any:
+    """The search space typed as YAML (a mapping); what does not parse is passed on for the schema to refuse by name."""
+    try:
+        return parse_yaml(text, source="sweep.space")
+    except ConfigError:
+        return text
+
+
 def _form_to_value(spec: FormField, value: Any) -> Any:
+    if spec.name == "sweep_space":
+        return _space_from_text(value) if isinstance(value, str) and value.strip() else None
     if spec.name in WORD_OR_NUMBER and isinstance(value, str):
         try:
             return WORD_OR_NUMBER[spec.name](value.strip())
@@ -485,6 +512,8 @@ def to_config(data: dict[str, Any]) -> dict[str, Any]:
         config.get("evaluation", {}).pop("judge", None)
     if not (config.get("selection") or {}).get("metric"):
         config.pop("selection", None)  # no metric chosen: selection is off
+    if not (config.get("sweep") or {}).get("space"):
+        config.pop("sweep", None)  # no space: no sweep section (a sweep without one is refused by name)
     _drop_sections_of_other_kinds(config)
     return config
 
@@ -496,7 +525,7 @@ def _drop_sections_of_other_kinds(config: dict[str, Any]) -> None:
     spec = KINDS.get(config.get("kind", ""))
     if spec is None:
         return
-    for section in ("training", "selection", "promotion", "datasets.train"):
+    for section in ("training", "selection", "sweep", "promotion", "datasets.train"):
         if not spec.config_applies(section, config):
             *parents, leaf = section.split(".")
             node = config
@@ -533,6 +562,10 @@ def initial_from_config(config: dict[str, Any]) -> dict[str, Any]:
             value = ", ".join(value)
         if spec.name == "selection_metric" and not _get(config, "selection")[1]:
             value = ""  # no selection section: off
+        if spec.name == "sweep_space":
+            import yaml
+
+            value = yaml.safe_dump(value, sort_keys=False, default_flow_style=None).strip() if isinstance(value, dict) and value else ""
         initial[spec.name] = value
     return initial
 

@@ -354,8 +354,13 @@
     var form = document.getElementById("run-form");
     if (!form) return;
     var kind = form.querySelector('input[name="kind"]:checked');
-    var finetune = !kind || kind.value === "finetune";
-    form.querySelectorAll("[data-finetune-only]").forEach(function (el) { el.style.display = finetune ? "" : "none"; });
+    // Each kind's config sections (runs/kinds/): a section's fields show only for a kind that uses it.
+    var sections = readJSON("kind-sections") || {};
+    var uses = (kind && sections[kind.value]) || sections.finetune || [];
+    form.querySelectorAll("[data-section]").forEach(function (el) {
+      el.style.display = uses.some(function (s) { return s === el.dataset.section || s.indexOf(el.dataset.section + ".") === 0; }) ? "" : "none";
+    });
+    var finetune = uses.indexOf("training") >= 0;
     var url = form.querySelector('[name="judge_base_url"]');
     var model = form.querySelector('[name="judge_model"]');
     var judged = !!(url && model && url.value.trim() && model.value.trim());

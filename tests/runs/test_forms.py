@@ -34,6 +34,8 @@ SPECIAL = {
     "selection.metric": "bleu_score",
     "selection.every": 25,
     "selection.rows": 0.2,
+    "sweep.space": {"training.learning_rate": [0.001, 0.002]},
+    "sweep.method": "random",
 }
 
 
@@ -70,7 +72,8 @@ def non_default(path: str) -> Any:
 def generated_config(kind: str) -> dict[str, Any]:
     config: dict[str, Any] = {"kind": kind}
     for path in schema_leaf_paths():
-        if path == "kind" or (kind != "finetune" and (path.startswith(("training.", "selection.", "promotion.")) or path == "datasets.train")):
+        if path == "kind" or path.startswith("sweep.") or (kind != "finetune" and (path.startswith(("training.", "selection.", "promotion."))
+                                                                                     or path == "datasets.train")):
             continue
         if kind == "finetune" and path == "evaluation.answers":
             continue  # a fine-tune scores generated answers only
