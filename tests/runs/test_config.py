@@ -29,7 +29,7 @@ def test_defaults_are_filled_in():
         ({"training": {"batch_size": "eight"}}, "training.batch_size", "valid integer"),
         ({"training": {"lora": {"r": 100000}}}, "training.lora.r", "less than or equal to 256"),
         ({"training": {"lora": {"rank": 8}}}, "training.lora.rank", "unknown key"),
-        ({"kind": "pretrain"}, "kind", "'finetune' or 'eval_only'"),
+        ({"kind": "pretrain"}, "kind", "'finetune', 'eval_only' or 'sweep'"),
         ({"evaluation": {"metrics": ["bleu", "rouge_score"]}}, "evaluation.metrics", "unknown metric(s) bleu"),
         ({"evaluation": {"metrics": ["faithfulness"]}}, "evaluation", "need an LLM judge"),
         ({"evaluation": {"answers": "dataset"}}, "evaluation.answers", "finetune run scores generated answers"),

@@ -13,10 +13,16 @@ from .factories import make_run
 # code under test (each kind's path, runs/kinds/):
 #     pending -> training -> evaluating -> completed     (kind finetune)
 #     pending -> evaluating -> completed                 (kind eval_only)
+#     pending -> training -> evaluating -> completed     (kind sweep: trials train, then the winner's claim)
 #     any non-terminal -> failed | cancelled;  terminal: completed, failed, cancelled
 STATUSES = ["pending", "training", "evaluating", "completed", "failed", "cancelled"]
 DESIGN_MACHINE = {
     "finetune": {
+        ("pending", "training"), ("training", "evaluating"), ("evaluating", "completed"),
+        ("pending", "failed"), ("training", "failed"), ("evaluating", "failed"),
+        ("pending", "cancelled"), ("training", "cancelled"), ("evaluating", "cancelled"),
+    },
+    "sweep": {
         ("pending", "training"), ("training", "evaluating"), ("evaluating", "completed"),
         ("pending", "failed"), ("training", "failed"), ("evaluating", "failed"),
         ("pending", "cancelled"), ("training", "cancelled"), ("evaluating", "cancelled"),
