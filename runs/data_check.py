@@ -128,15 +128,18 @@ def _failed_while(exc: BaseException) -> str | None:
 
 
 def check_config(config: Any, *, owner) -> dict[str, Any]:
-    """Validate `config` for `owner` (ConfigError as run creation raises it) and return its data check report.
+    """Validate `config` for `owner` (ConfigError as run creation raises it) and return its data check report,
+    with `run_estimate`: how long the whole run takes on this machine, stage by stage (runs/estimates.py).
 
     Raises DataCheckFailed when the base model or a dataset cannot be read, and
     DataCheckUnavailable when, in served mode, no cpu worker answers in time.
     """
+    from .estimates import plan_for_config
+
     validated = validate_config(config, known_datasets=dataset_name_types(owner))
-    if settings.JOBS_INLINE:
-        return check_validated(validated, on_training_device=True)
-    return _check_on_worker(validated)
+    report = check_validated(validated, on_training_device=True) if settings.JOBS_INLINE else _check_on_worker(validated)
+    # How long the whole run takes here, from the paces this machine measured (the report's `estimate` is training's).
+    return {**report, "run_estimate": plan_for_config(validated)}
 
 
 def data_check_job(config: dict[str, Any]) -> dict[str, Any]:
@@ -206,4 +209,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     seconds = estimate["seconds"]
     when = f"about {seconds / 60:.1f} min ({estimate['basis']})" if seconds is not None else estimate["basis"]
     lines.append(f"optimizer steps: {estimate['steps']}, {estimate['tokens']} tokens to train; training time: {when}")
+    run = report.get("run_estimate")
+    if run:
+        lines.append(f"the whole run on this machine: about {run['seconds'] / 60:.1f} min (each stage at a pace measured here)"
+                     if run["seconds"] is not None else f"the whole run on this machine: {run['basis']}")
     return lines

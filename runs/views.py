@@ -53,6 +53,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     return render(request, "runs/dashboard.html", {
         "page": page, "rows": page_data.dashboard_rows(list(page.object_list)), "status": status, "kind": kind, "statuses": RunStatus.values,
         "kinds": list(KINDS), "q": search, "sort": sort, "sorts": page_data.DASHBOARD_SORTS, "query": query.urlencode(),
+        "default_plan": page_data.default_run_plan() if not page.paginator.count and not (search or status or kind) else None,
     })
 
 
@@ -107,7 +108,6 @@ def run_new(request: HttpRequest) -> HttpResponse:
 def _data_check(form: RunForm) -> dict:
     """The form's config through the data check (runs/data_check.py): {"report"} or {"error"}."""
     from .data_check import DataCheckFailed, DataCheckUnavailable, check_config
-
     try:
         return {"report": check_config(form.config, owner=form.user)}
     except ConfigError as exc:
@@ -330,8 +330,14 @@ def compare(request: HttpRequest) -> HttpResponse:
     if not ids:
         messages.info(request, "Pick two or more runs on the dashboard, then Compare.")
         return redirect("dashboard")
-    ids = list(dict.fromkeys(ids))[:12]
+    ids = list(dict.fromkeys(ids))[:12]  # in the order the user ticked them (the dashboard keeps it in `runs`)
     runs = sorted(page_data.compare_queryset(run_visible_to(request.user)).filter(pk__in=ids), key=lambda run: ids.index(run.pk))
     if not runs:
         raise Http404("no such runs")
-    return render(request, "runs/compare.html", page_data.compare_data(runs))
+    ref, error = request.GET.get("ref", "").strip(), ""
+    if ref and not any(str(run.pk) == ref for run in runs):
+        error = f"ref: {ref[:20]!r} is not one of the compared runs ({', '.join(f'#{run.pk}' for run in runs)}); the first ticked run is the reference."
+    reference = next((run for run in runs if str(run.pk) == ref), runs[0])
+    context = {**page_data.compare_data([reference, *(run for run in runs if run is not reference)]), "order": ",".join(str(run.pk) for run in runs),
+               "ref_error": error}
+    return render(request, "runs/compare.html", context, status=400 if error else 200)

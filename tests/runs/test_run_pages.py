@@ -108,6 +108,25 @@ def test_compare_keeps_base_scores_beside_the_fine_tuned_ones(logged_in, user):
         assert f">{unused}<" not in page
 
 
+def test_a_gain_is_coloured_only_by_its_paired_verdict_on_the_dashboard_and_results(logged_in, user):
+    from runs.models import ScoreComparison
+
+    run = scored_run(user)
+    dataset = Dataset.objects.get(name="ragas_eval")
+    comparison = ScoreComparison.objects.create(run=run, dataset=dataset, metric="rouge_score", n_pairs=2, delta=0.2, ci_low=-0.1, ci_high=0.5,
+                                                p_adjusted=0.6, verdict="no significant difference")
+    row = logged_in.get("/").content.decode().split(f'id="run-row-{run.pk}"')[1].split("</tr>")[0]
+    assert '<div class="delta ">+0.2000 vs base <span class="hint">(no significant difference)</span>' in row
+    assert "delta-pos" not in logged_in.get(f"/runs/{run.pk}/results/").content.decode()
+    comparison.verdict = "better"
+    comparison.save()
+    assert '<div class="delta delta-pos">+0.2000 vs base <span class="hint">(better)</span>' in logged_in.get("/").content.decode()
+    results = logged_in.get(f"/runs/{run.pk}/results/").content.decode()
+    assert '<td class="num delta-pos">+0.2000' in results
+    assert '"differences": [{"metric": "rouge_score", "delta": 0.2, "ci_low": -0.1, "ci_high": 0.5, "verdict": "better", "n_pairs": 2}]' in results
+    assert 'class="chart diff-chart"' in results
+
+
 def test_dashboard_headline_says_the_variant_and_its_gain(logged_in, user):
     scored_run(user)
     eval_run = scored_run(user, kind="eval_only")
