@@ -152,7 +152,9 @@ def _total(stages: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _steps(graph: Graph) -> list:
-    return [step for step in graph.steps if not step.on_demand]
+    """The steps a run's time is the sum of: not on-demand ones (an export), and not spawned ones (their number is
+    decided while the run goes, and they run beside the step that adds them)."""
+    return [step for step in graph.steps if not step.on_demand and not step.spawned]
 
 
 def plan_for_config(config: Mapping[str, Any]) -> dict[str, Any]:

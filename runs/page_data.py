@@ -235,6 +235,12 @@ def run_job_rows(run: PipelineRun, *, now: datetime | None = None) -> list[dict[
     return rows
 
 
+def run_sections_key(run: PipelineRun) -> str:
+    """What the run page's late sections (data check, playground, registry card) depend on, as one string: the page
+    sends its key with each poll, and the status fragment sends the sections along when the key has changed."""
+    return f"{run.status}:{int(bool(run.data_check))}:{run.registered_model_name}:{run.registered_model_version}"
+
+
 def mlflow_ui_links(run: PipelineRun) -> dict[str, str]:
     """Links into the MLflow UI: MLFLOW_UI_URL, an http tracking server, or the local `make mlflow-ui`.
 

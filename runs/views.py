@@ -89,8 +89,8 @@ def run_new(request: HttpRequest) -> HttpResponse:
                 except ConfigError as exc:  # e.g. a dataset deleted since validation
                     form.add_config_errors(exc)
                 else:
-                    # Gone from the run page once the run ends (static/js/app.js).
-                    messages.success(request, f"Run #{run.pk} created and queued.", extra_tags="until-run-ends")
+                    # Gone from the run page once the run starts (static/js/app.js); a reload does not show it again.
+                    messages.success(request, f"Run #{run.pk} created and queued.", extra_tags="until-run-starts")
                     return redirect("run-detail", pk=run.pk)
     else:
         initial = default_initial()
@@ -126,6 +126,7 @@ def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
     run = run_for_page(request.user, pk)
     return render(request, "runs/run_detail.html", {
         "run": run, "links": mlflow_links(run), "promotion": run_promotion(run), "playground": _playground_box(run, request.GET),
+        "sections_key": page_data.run_sections_key(run),
     })
 
 
@@ -210,7 +211,11 @@ def run_playground_job(request: HttpRequest, pk: int, job_id: str) -> HttpRespon
 @login_required
 def run_status(request: HttpRequest, pk: int) -> HttpResponse:
     run = run_for_page(request.user, pk, related=("events", "jobs"))
-    return _poll_response(request, "runs/_run_status.html", {"run": run, "links": mlflow_links(run)}, run)
+    context = {"run": run, "links": mlflow_links(run)}
+    key = page_data.run_sections_key(run)
+    if request.GET.get("sections", key) != key:  # the page's late sections are behind: they come along, out of band
+        context.update(oob_sections=True, sections_key=key, promotion=run_promotion(run), playground=_playground_box(run, {}))
+    return _poll_response(request, "runs/_run_status.html", context, run)
 
 
 @login_required

@@ -151,22 +151,25 @@
 
   // A filled marker is a verdict of the paired test (better or worse, Holm-adjusted); a hollow one is not (no
   // significant difference, too few pairs): only a verdict is coloured, as in the tables.
+  // Several runs on one chart are told apart by the marker's shape (and the legend), never by a colour.
   var verdictColors = { better: "#1a7f37", worse: "#c4320a" };
+  var runSymbols = ["circle", "square", "diamond", "triangle-up", "star", "hexagon", "cross", "x", "pentagon", "hourglass", "bowtie"];
 
   function differencePlot(el, categories, series) {
-    // series: [{name, color (optional: else the verdict's colour), delta: [...], low: [...], high: [...], verdict: [...], n_pairs: [...]}]
+    // series: [{name, delta: [...], low: [...], high: [...], verdict: [...], n_pairs: [...]}]
     function missing(v) { return v === null || v === undefined; }
-    var traces = series.map(function (s) {
-      var colors = s.verdict.map(function (v) { return s.color || verdictColors[v] || "#667085"; });
+    var traces = series.map(function (s, i) {
+      var colors = s.verdict.map(function (v) { return verdictColors[v] || "#667085"; });
+      var shape = runSymbols[i % runSymbols.length];
       return {
         type: "scatter", mode: "markers", name: s.name, y: categories, x: s.delta, showlegend: series.length > 1,
         error_x: {
-          type: "data", symmetric: false, visible: true, thickness: 1.6, width: 5, color: s.color || "#475467",
+          type: "data", symmetric: false, visible: true, thickness: 1.6, width: 5, color: "#475467",
           array: s.delta.map(function (d, j) { return missing(d) || missing(s.high[j]) ? 0 : s.high[j] - d; }),
           arrayminus: s.delta.map(function (d, j) { return missing(d) || missing(s.low[j]) ? 0 : d - s.low[j]; }),
         },
         marker: { size: 11, color: colors, line: { width: 2, color: colors },
-          symbol: s.verdict.map(function (v) { return verdictColors[v] ? "circle" : "circle-open"; }) },
+          symbol: s.verdict.map(function (v) { return verdictColors[v] ? shape : shape + "-open"; }) },
         customdata: s.delta.map(function (d, j) {
           return [missing(s.low[j]) ? "n/a" : s.low[j].toFixed(4), missing(s.high[j]) ? "n/a" : s.high[j].toFixed(4), s.verdict[j] || "not compared", s.n_pairs[j]];
         }),
@@ -227,9 +230,8 @@
     var diffEl = document.getElementById("compare-diff-chart");
     var diff = readJSON("compare-diff-data");
     if (diffEl && diff && window.Plotly && diff.categories.length) {
-      differencePlot(diffEl, diff.categories, diff.runs.map(function (run, i) {
-        return { name: run.run + " − " + diff.reference, color: runColors[(i + 1) % runColors.length], delta: run.delta, low: run.low, high: run.high,
-          verdict: run.verdict, n_pairs: run.n_pairs };
+      differencePlot(diffEl, diff.categories, diff.runs.map(function (run) {
+        return { name: run.run + " − " + diff.reference, delta: run.delta, low: run.low, high: run.high, verdict: run.verdict, n_pairs: run.n_pairs };
       }));
     }
     var lossEl = document.getElementById("compare-loss-chart");
@@ -265,7 +267,7 @@
       actions.insertBefore(link, actions.firstChild);
     }
     if (live.dataset.status !== "pending") {  // "created and queued" is news until the run starts
-      document.querySelectorAll('.messages [data-tags~="until-run-ends"]').forEach(function (li) {
+      document.querySelectorAll('.messages [data-tags~="until-run-starts"]').forEach(function (li) {
         var list = li.parentNode; li.remove();
         if (list && !list.children.length) list.remove();
       });
