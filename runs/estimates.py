@@ -37,11 +37,11 @@ from .kinds.base import FINISHED_STATES, Graph, Kind
 from .models import Job, JobState, PipelineRun
 from .selectors import measured_jobs
 
-# (pace figure, work figure it was measured over, the unit's name, this run's work key, the figure is seconds per unit)
+# (pace figure, work figure it was measured over, the unit's name and plural, this run's work key, the figure is seconds per unit)
 PACES = (
-    ("step_seconds", "steps", "optimizer step", "optimizer_steps", True),
-    ("answers_per_second", "answers", "answer", "answers_generated", False),
-    ("samples_per_second", "samples", "answer scored", "answers_scored", False),
+    ("step_seconds", "steps", ("optimizer step", "optimizer steps"), "optimizer_steps", True),
+    ("answers_per_second", "answers", ("answer", "answers"), "answers_generated", False),
+    ("samples_per_second", "samples", ("answer scored", "answers scored"), "answers_scored", False),
 )
 MODEL_PACES = frozenset({"step_seconds", "answers_per_second"})  # paces that depend on the model
 
@@ -66,7 +66,7 @@ def run_work(config: Mapping[str, Any], *, kind: Kind, rows: Mapping[str, int], 
     return {"optimizer_steps": optimizer_steps, "answers_generated": eval_rows * generated, "answers_scored": eval_rows * max(generated, 1)}
 
 
-def _pace_of(figures: Mapping[str, Any]) -> tuple[str, str, str, str, bool] | None:
+def _pace_of(figures: Mapping[str, Any]) -> tuple[str, str, tuple[str, str], str, bool] | None:
     return next((p for p in PACES if figures.get(p[0]) and figures.get(p[1])), None)
 
 
@@ -85,10 +85,10 @@ def _comparable(job: Mapping[str, Any], *, base_model: str, metrics: list[str], 
     return sorted(figures.get("metrics") or []) == sorted(metrics)
 
 
-def _pace_text(figures: Mapping[str, Any], pace: tuple[str, str, str, str, bool]) -> str:
-    key, _, unit, _, per_unit = pace
+def _pace_text(figures: Mapping[str, Any], pace: tuple[str, str, tuple[str, str], str, bool]) -> str:
+    key, _, (unit, units), _, per_unit = pace
     value = float(figures[key])
-    return f"{value:.3g} s per {unit}" if per_unit else f"{value:.3g} {unit}s/s"
+    return f"{value:.3g} s per {unit}" if per_unit else f"{value:.3g} {units}/s"
 
 
 def stage_from(job: Mapping[str, Any], work: Mapping[str, int | None]) -> tuple[float | None, str]:
@@ -98,13 +98,13 @@ def stage_from(job: Mapping[str, Any], work: Mapping[str, int | None]) -> tuple[
     pace = _pace_of(figures)
     if pace is None:
         return max(job["seconds"] - _build_seconds(figures), 0.0), f"as long as it took {where}"
-    key, done_key, unit, work_key, per_unit = pace
+    key, done_key, names, work_key, per_unit = pace
     units = work.get(work_key)
     if units is None:
-        return None, f"the number of {unit}s is not known yet"
+        return None, f"the number of {names[1]} is not known yet"
     seconds_per_unit = float(figures[key]) if per_unit else 1.0 / float(figures[key])
     overhead = max(job["seconds"] - _build_seconds(figures) - seconds_per_unit * float(figures[done_key]), 0.0)
-    basis = f"{units} {unit}{'s' if units != 1 else ''} at {_pace_text(figures, pace)}, measured by {where}"
+    basis = f"{units} {names[units != 1]} at {_pace_text(figures, pace)}, measured by {where}"
     if overhead >= 1:
         basis += f", plus {overhead:.0f} s of loading and saving as there"
     return units * seconds_per_unit + overhead, basis

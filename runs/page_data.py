@@ -132,21 +132,21 @@ def job_timing(job: Job, *, trains: bool, history: list[dict[str, Any]], now: da
     a model build: its build steps; a training job: its optimizer steps per second; any other job: its progress over
     the time it has run. {"seconds", "basis", "building", "build"}; seconds is None when nothing is measured yet."""
     build = model_build(job)
-    out: dict[str, Any] = {"seconds": None, "basis": "", "building": False, "build": build}
+    out: dict[str, Any] = {"seconds": None, "basis": "", "pace": "", "building": False, "build": build}
     if job.state != JobState.RUNNING:
         return out
     if build and not build["done"]:
-        return {**out, "seconds": build["eta_seconds"], "basis": build["eta_basis"], "building": True}
+        return {**out, "seconds": build["eta_seconds"], "basis": build["eta_basis"], "pace": "the build's pace", "building": True}
     if trains:
         rate, total = _history_rate(history), (job.figures or {}).get("total_steps")
         if rate and total:
             left = max(int(total) - int(history[-1]["step"]), 0)
-            return {**out, "seconds": left / rate["steps_per_second"],
+            return {**out, "seconds": left / rate["steps_per_second"], "pace": f"at {rate['steps_per_second']:.2f} steps/s",
                     "basis": f"{left} training steps left at {rate['steps_per_second']:.2f} steps/s (steps {rate['from']}-{rate['to']})"}
         return {**out, "basis": "no estimate yet: from the second training step"}
     elapsed = _seconds(job.started_at, now)
-    if elapsed and 0 < job.progress < 1:
-        return {**out, "seconds": elapsed * (1 - job.progress) / job.progress,
+    if elapsed and elapsed >= 1 and 0 < job.progress < 1:
+        return {**out, "seconds": elapsed * (1 - job.progress) / job.progress, "pace": f"{job.progress:.0%} in {elapsed:.0f} s",
                 "basis": f"this job's own pace: {job.progress:.0%} done in {elapsed:.0f} s"}
     return {**out, "basis": "no estimate yet: no progress measured"}
 
@@ -222,7 +222,8 @@ def run_job_rows(run: PipelineRun, *, now: datetime | None = None) -> list[dict[
         rows.append({
             "label": job.label, "step_label": graph.step(job.step).label if graph.has(job.step) else job.step, "state": job.state,
             "progress": round(100 * (1.0 if job.state == JobState.DONE else job.progress or 0.0)), "stage": job.stage,
-            "eta_seconds": timing["seconds"], "eta_basis": timing["basis"], "build": timing["build"], "building": timing["building"],
+            "eta_seconds": timing["seconds"], "eta_basis": timing["basis"], "eta_pace": timing["pace"], "build": timing["build"],
+            "building": timing["building"],
             "attempts": job.attempts, "worker": job.worker, "queue": job.queue or "—", "seconds": _seconds(job.started_at, end),
             "device": figures.get("device", ""), "dtype": figures.get("dtype", ""), "peak_memory_bytes": _peak_memory(job),
             "peak_rss_bytes": figures.get("peak_rss_bytes"), "rss_growth_bytes": figures.get("rss_growth_bytes"),

@@ -114,3 +114,10 @@ def test_any_other_job_estimates_from_its_own_progress_over_its_time(user):
     rows = page_data.run_job_rows(PipelineRun.objects.get(pk=run.pk), now=now)
     assert rows[1]["eta_seconds"] == pytest.approx(90) and rows[1]["eta_basis"] == "this job's own pace: 25% done in 30 s"
     assert rows[0]["eta_seconds"] is None  # done
+
+
+def test_each_basis_names_its_units_in_plain_words(user):
+    earlier = measured_run(user)
+    stages = {s["step"]: s for s in estimates.plan_for_config(validate_config(finetune_config()))["stages"]}
+    assert stages["generate"]["basis"].startswith(f"6 answers at 4 answers/s, measured by run #{earlier.pk} on cpu")
+    assert stages["score"]["basis"].startswith(f"6 answers scored at 2 answers scored/s, measured by run #{earlier.pk}")

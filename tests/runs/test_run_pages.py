@@ -110,7 +110,7 @@ def test_the_jobs_table_shows_each_jobs_own_eta_and_the_memory_it_measured(logge
     generating = {"step": "generate", "state": "running", "attempts": 1, "progress": 0.5, "started_at": now - timedelta(seconds=10)}
     run = beating_run(user, status="evaluating", started_at=now - timedelta(seconds=90), jobs=(done, generating))
     page = logged_in.get(f"/runs/{run.pk}/status/").content.decode()
-    assert "built local:tiny-llama in 1 min 01 s" in page and "3.0\xa0GB" in page and "+1.0\xa0GB by this job" in page
+    assert "model built in 1 min 01 s" in page and "3.0\xa0GB" in page and "+1.0\xa0GB by this job" in page
     assert "this job&#x27;s own pace: 50% done in 10 s" in page and "when it ends" in page
 
 
