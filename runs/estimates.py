@@ -115,8 +115,12 @@ def _model_used(work: Mapping[str, int | None]) -> bool:
 
 
 def model_built_here(base_model: str) -> bool:
-    """Whether a `local:` model is already built in this server's MODELS_DIR (any other reference: True, nothing to build)."""
-    if not base_model.startswith("local:"):
+    """Whether a `local:` model is already built where the run's jobs will run (any other reference: True, nothing to
+    build). Known only in the embedded default, where they run in this process; in served mode the workers' disks are
+    not this server's, so no build is predicted (a build that happens still shows, with its own pace)."""
+    from django.conf import settings
+
+    if not base_model.startswith("local:") or not settings.JOBS_INLINE:
         return True
     from training.tiny_model import local_model_dir
 

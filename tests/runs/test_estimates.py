@@ -76,6 +76,9 @@ def test_a_model_not_built_here_adds_its_measured_build(user, settings, tmp_path
     assert build["label"] == "building local:tiny-llama (first use)" and build["seconds"] == 40
     # the build's time is not counted again in the fine-tune's loading time
     assert next(s for s in plan["stages"] if s["step"] == "finetune")["seconds"] == pytest.approx(3 * 0.5 + 15)
+    # served mode: the workers' disks are not this server's, so no build is predicted
+    settings.JOBS_INLINE = False
+    assert not any(s["label"].startswith("building") for s in estimates.plan_for_config(validate_config(finetune_config()))["stages"])
 
 
 def test_while_training_the_run_eta_is_the_training_jobs_own_pace_plus_the_measured_stages_left(user):
