@@ -108,6 +108,7 @@ def run_new(request: HttpRequest) -> HttpResponse:
 def _data_check(form: RunForm) -> dict:
     """The form's config through the data check (runs/data_check.py): {"report"} or {"error"}."""
     from .data_check import DataCheckFailed, DataCheckUnavailable, check_config
+
     try:
         return {"report": check_config(form.config, owner=form.user)}
     except ConfigError as exc:
