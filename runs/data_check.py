@@ -209,8 +209,4 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     seconds = estimate["seconds"]
     when = f"about {seconds / 60:.1f} min ({estimate['basis']})" if seconds is not None else estimate["basis"]
     lines.append(f"optimizer steps: {estimate['steps']}, {estimate['tokens']} tokens to train; training time: {when}")
-    run = report.get("run_estimate")
-    if run:
-        lines.append(f"the whole run on this machine: about {run['seconds'] / 60:.1f} min (each stage at a pace measured here)"
-                     if run["seconds"] is not None else f"the whole run on this machine: {run['basis']}")
     return lines

@@ -224,3 +224,10 @@ def remaining_for_run(run: PipelineRun, jobs: list[Job], *, own: Mapping[int, di
             else:
                 stages.append(prior)
     return _total(stages)
+
+
+def plan_line(plan: Mapping[str, Any]) -> str:
+    """The plan as one line of text (`run_pipeline --check`)."""
+    if plan["seconds"] is None:
+        return f"the whole run on this machine: {plan['basis']}"
+    return f"the whole run on this machine: about {plan['seconds'] / 60:.1f} min (each stage at a pace measured here)"

@@ -17,6 +17,13 @@ def signed(value) -> str:
 
 
 @register.filter
+def delta_class(value) -> str:
+    """Nothing: a bare difference of means is not coloured, whatever its sign (the paired test's verdict beside it is,
+    `verdict_class`). Kept so a template that still asks for it stays honest."""
+    return ""
+
+
+@register.filter
 def verdict_class(verdict) -> str:
     """The colour of a paired comparison's verdict (Holm-adjusted): better green, worse red. Nothing else is coloured:
     not a bare difference of means, not "no significant difference", not "too few pairs"."""

@@ -111,7 +111,7 @@ def test_the_estimate_uses_the_last_run_of_the_same_base_model_on_the_same_devic
     assert f"run #{earlier.pk} on cpu" in report["estimate"]["basis"]
 
 
-def test_the_check_says_how_long_the_whole_run_takes_here_from_measured_paces(api, client, user, tiny_model):
+def test_the_check_says_how_long_the_whole_run_takes_here_from_measured_paces(api, client, user, tiny_model, tmp_path):
     from .test_estimates import measured_run
 
     before = api.post("/api/runs/check/", finetune_config(), format="json").json()["run_estimate"]
@@ -125,6 +125,12 @@ def test_the_check_says_how_long_the_whole_run_takes_here_from_measured_paces(ap
     post = {k: ("on" if v is True else v) for k, v in initial_from_config(validate_config(finetune_config())).items() if v not in (None, False)}
     html = client.post("/runs/new/", {**post, "action": "check"}, HTTP_HX_REQUEST="true").content.decode()
     assert "How long this run takes here" in html and "About 31 s on this machine" in html and f"measured by run #{earlier.pk}" in html
+
+    config_file = tmp_path / "check.yaml"
+    config_file.write_text(yaml.safe_dump(finetune_config()))
+    out = io.StringIO()
+    call_command("run_pipeline", str(config_file), "--check", "--user", user.username, stdout=out)
+    assert "the whole run on this machine: about 0.5 min (each stage at a pace measured here)" in out.getvalue().splitlines()
 
 
 @pytest.fixture

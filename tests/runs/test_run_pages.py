@@ -173,7 +173,7 @@ def test_a_gain_is_coloured_only_by_its_paired_verdict_on_the_dashboard_and_resu
     comparison.save()
     assert '<div class="delta delta-pos">+0.2000 vs base <span class="hint">(better)</span>' in logged_in.get("/").content.decode()
     results = logged_in.get(f"/runs/{run.pk}/results/").content.decode()
-    assert '<td class="num delta-pos">+0.2000' in results
+    assert '<td class="num ">+0.2000<div class="significance verdict-better">' in results  # the verdict is coloured (app.css), the bare number not
     assert '"differences": [{"metric": "rouge_score", "delta": 0.2, "ci_low": -0.1, "ci_high": 0.5, "verdict": "better", "n_pairs": 2}]' in results
     assert 'class="chart diff-chart"' in results
 
