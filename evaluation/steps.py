@@ -86,6 +86,7 @@ class ScoreContext(Protocol):
     def progress(self, fraction: float | None, stage: str) -> None: ...
     def log(self, line: str) -> None: ...
     def check_cancelled(self) -> None: ...
+    def record_figures(self, figures: dict[str, Any]) -> None: ...  # what this step measured (its pace, for time estimates)
 
 
 def generate_step(ctx: GenerateContext) -> Generated:
@@ -156,6 +157,7 @@ def score_step(ctx: ScoreContext) -> list[ScoredSet]:
     if not groups:
         raise RuntimeError("nothing to score: no samples were generated")
     produced: list[ScoredSet] = []
+    began = time.monotonic()
     for number, group in enumerate(groups):
         ctx.check_cancelled()
         ctx.progress(number / len(groups), f"scoring {group.variant} answers for {group.dataset} ({len(group.samples)} samples)")
@@ -165,6 +167,9 @@ def score_step(ctx: ScoreContext) -> list[ScoredSet]:
         summary = ", ".join(f"{m}={a['value']:.4f}" if a["value"] is not None else f"{m}=not measured" for m, a in aggregates.items())
         failed = {m: a["failure_reasons"] for m, a in aggregates.items() if a["n_failed"]}
         ctx.log(f"scored {group.variant} on {group.dataset}: {summary}" + (f"; not measured: {failed}" if failed else ""))
+    seconds, samples = time.monotonic() - began, sum(len(group.samples) for group in groups)
+    ctx.record_figures({"samples": samples, "metrics": sorted(evaluation["metrics"]), "scoring_seconds": round(seconds, 3),
+                        "samples_per_second": round(samples / seconds, 3) if seconds > 0 else None})
     return produced
 
 

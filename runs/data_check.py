@@ -139,15 +139,18 @@ def _failed_while(exc: BaseException) -> str | None:
 
 
 def check_config(config: Any, *, owner) -> dict[str, Any]:
-    """Validate `config` for `owner` (ConfigError as run creation raises it) and return its data check report.
+    """Validate `config` for `owner` (ConfigError as run creation raises it) and return its data check report,
+    with `run_estimate`: how long the whole run takes on this machine, stage by stage (runs/estimates.py).
 
     Raises DataCheckFailed when the base model or a dataset cannot be read, and
     DataCheckUnavailable when, in served mode, no cpu worker answers in time.
     """
+    from .estimates import plan_for_config
+
     validated = validate_config(config, known_datasets=dataset_name_types(owner))
-    if settings.JOBS_INLINE:
-        return check_validated(validated, on_training_device=True)
-    return _check_on_worker(validated)
+    report = check_validated(validated, on_training_device=True) if settings.JOBS_INLINE else _check_on_worker(validated)
+    # How long the whole run takes here, from the paces this machine measured (the report's `estimate` is training's).
+    return {**report, "run_estimate": plan_for_config(validated)}
 
 
 def data_check_job(config: dict[str, Any]) -> dict[str, Any]:

@@ -93,21 +93,85 @@ def _peak_memory(job: Job | None) -> int | None:
     return figures.get("peak_memory_bytes") or figures.get("peak_rss_bytes")
 
 
-def run_live_stats(run: PipelineRun, *, now: datetime | None = None) -> dict[str, Any]:
-    """Elapsed time, speed, ETA, device and peak memory, from what the run's jobs have recorded so far.
+def _timed_history(run: PipelineRun) -> list[dict[str, Any]]:
+    return [h for h in (run.train_history or []) if isinstance(h, dict) and h.get("step") is not None]
 
+
+def _history_rate(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Steps/s and tokens/s between the first and the latest recorded step (the trainer's own clock), or None."""
+    if len(history) < 2 or history[0].get("elapsed_seconds") is None or history[-1].get("elapsed_seconds") is None:
+        return None
+    first, last = history[0], history[-1]
+    span = float(last["elapsed_seconds"]) - float(first["elapsed_seconds"])
+    if span <= 0 or last["step"] <= first["step"]:
+        return None
+    tokens = (last["tokens"] - first["tokens"]) / span if last.get("tokens") is not None and first.get("tokens") is not None else None
+    return {"steps_per_second": (last["step"] - first["step"]) / span, "tokens_per_second": tokens, "from": first["step"], "to": last["step"]}
+
+
+def model_build(job: Job) -> dict[str, Any] | None:
+    """The first-use build of a local: model that this job did (runs/step_io.py `build_progress`), as the page shows it:
+    its own progress, time and, while it goes, an ETA from its own pace. None when the job built nothing."""
+    build = (job.figures or {}).get("model_build")
+    if not isinstance(build, dict):
+        return None
+    step, total, seconds = int(build.get("step") or 0), int(build.get("total") or 0), float(build.get("seconds") or 0.0)
+    out = {"model": build.get("model", ""), "step": step, "total": total, "seconds": seconds, "done": bool(build.get("done")),
+           "percent": round(100 * step / total) if total else 0, "eta_seconds": None, "eta_basis": ""}
+    if not out["done"] and job.state == JobState.RUNNING:
+        if step > 0 and seconds > 0 and total:
+            out["eta_seconds"] = (total - step) * seconds / step
+            out["eta_basis"] = f"the build's own pace: {step} of {total} in {seconds:.0f} s"
+        else:
+            out["eta_basis"] = "no estimate yet: the build has just begun"
+    return out
+
+
+def job_timing(job: Job, *, trains: bool, history: list[dict[str, Any]], now: datetime) -> dict[str, Any]:
+    """A running job's own ETA, from its own measured pace, and what that pace is:
+    a model build: its build steps; a training job: its optimizer steps per second; any other job: its progress over
+    the time it has run. {"seconds", "basis", "building", "build"}; seconds is None when nothing is measured yet."""
+    build = model_build(job)
+    out: dict[str, Any] = {"seconds": None, "basis": "", "pace": "", "building": False, "build": build}
+    if job.state != JobState.RUNNING:
+        return out
+    if build and not build["done"]:
+        return {**out, "seconds": build["eta_seconds"], "basis": build["eta_basis"], "pace": "the build's pace", "building": True}
+    if trains:
+        rate, total = _history_rate(history), (job.figures or {}).get("total_steps")
+        if rate and total:
+            left = max(int(total) - int(history[-1]["step"]), 0)
+            return {**out, "seconds": left / rate["steps_per_second"], "pace": f"at {rate['steps_per_second']:.2f} steps/s",
+                    "basis": f"{left} training steps left at {rate['steps_per_second']:.2f} steps/s (steps {rate['from']}-{rate['to']})"}
+        return {**out, "basis": "no estimate yet: from the second training step"}
+    elapsed = _seconds(job.started_at, now)
+    if elapsed and elapsed >= 1 and 0 < job.progress < 1:
+        return {**out, "seconds": elapsed * (1 - job.progress) / job.progress, "pace": f"{job.progress:.0%} in {elapsed:.0f} s",
+                "basis": f"this job's own pace: {job.progress:.0%} done in {elapsed:.0f} s"}
+    return {**out, "basis": "no estimate yet: no progress measured"}
+
+
+def run_live_stats(run: PipelineRun, *, now: datetime | None = None) -> dict[str, Any]:
+    """Elapsed time, speed, ETAs, device and peak memory, from what the run's jobs have recorded so far.
+
+    Two ETAs, each with its basis: the training job's (its own steps/s) and the run's (every stage left, at the
+    pace this machine measured: runs/estimates.py), or "no estimate yet"; never a constant. A model build on first
+    use is shown as a build (`build`), with its own progress and pace, apart from training.
     `not_recorded` names each figure the run does not record (yet), so the page can say so.
     """
+    from .estimates import remaining_for_run
+
     now = now or timezone.now()
     jobs = list(run.jobs.all())
     training = _training_job(run, jobs)
     figures = (training.figures or {}) if training else {}
-    history = [h for h in (run.train_history or []) if isinstance(h, dict) and h.get("step") is not None]
+    history = _timed_history(run)
     last = history[-1] if history else {}
     stats: dict[str, Any] = {
         "elapsed_seconds": _seconds(run.started_at, run.finished_at or now),
         "steps": int(last["step"]) if last else None, "total_steps": figures.get("total_steps"), "steps_per_second": None,
-        "tokens_per_second": None, "speed_basis": "", "eta_seconds": None, "eta_basis": "",
+        "tokens_per_second": None, "speed_basis": "", "eta_seconds": None, "eta_basis": "", "eta_stages": [],
+        "training_eta_seconds": None, "training_eta_basis": "", "build": None,
         "device": figures.get("device") or last.get("device") or "", "dtype": figures.get("dtype") or "",
         "peak_memory_bytes": _peak_memory(training), "peak_memory_basis": "", "not_recorded": [],
     }
@@ -116,22 +180,19 @@ def run_live_stats(run: PipelineRun, *, now: datetime | None = None) -> dict[str
         stats.update(steps=figures.get("steps", stats["steps"]), total_steps=figures.get("steps"), tokens_per_second=figures["tokens_per_second"],
                      speed_basis="measured by the trainer over its training loop")
         stats["steps_per_second"] = 1 / figures["step_seconds"] if figures.get("step_seconds") else None
-    elif len(history) >= 2 and history[0].get("elapsed_seconds") is not None and last.get("elapsed_seconds") is not None:
-        span = float(last["elapsed_seconds"]) - float(history[0]["elapsed_seconds"])
-        if span > 0:
-            stats["steps_per_second"] = (last["step"] - history[0]["step"]) / span
-            if last.get("tokens") is not None and history[0].get("tokens") is not None:
-                stats["tokens_per_second"] = (last["tokens"] - history[0]["tokens"]) / span
-            stats["speed_basis"] = "between the first and the latest step"
+    else:
+        rate = _history_rate(history)
+        if rate:
+            stats.update(steps_per_second=rate["steps_per_second"], tokens_per_second=rate["tokens_per_second"],
+                         speed_basis="between the first and the latest step")
 
     if not run.is_terminal:
-        remaining_steps = (stats["total_steps"] - stats["steps"]) if stats["total_steps"] and stats["steps"] is not None else None
-        if run.status == RunStatus.TRAINING and remaining_steps is not None and stats["steps_per_second"]:
-            stats["eta_seconds"] = remaining_steps / stats["steps_per_second"]
-            stats["eta_basis"] = "end of training, at the current speed"
-        elif run.progress >= 5 and stats["elapsed_seconds"]:
-            stats["eta_seconds"] = stats["elapsed_seconds"] * (100 - run.progress) / run.progress
-            stats["eta_basis"] = "end of the run, a rough guess from the progress so far"
+        own = {job.pk: job_timing(job, trains=job is training, history=history, now=now) for job in jobs}
+        stats["build"] = next((t["build"] for t in own.values() if t["building"]), None)
+        if training is not None and training.pk in own and not own[training.pk]["building"]:
+            stats["training_eta_seconds"], stats["training_eta_basis"] = own[training.pk]["seconds"], own[training.pk]["basis"]
+        remaining = remaining_for_run(run, jobs, own=own, now=now)
+        stats.update(eta_seconds=remaining["seconds"], eta_basis=remaining["basis"], eta_stages=remaining["stages"])
 
     if stats["peak_memory_bytes"] is not None:
         stats["peak_memory_basis"] = ("the GPU's peak allocation while training" if figures.get("peak_memory_bytes")
@@ -147,23 +208,38 @@ def run_live_stats(run: PipelineRun, *, now: datetime | None = None) -> dict[str
 
 
 def run_job_rows(run: PipelineRun, *, now: datetime | None = None) -> list[dict[str, Any]]:
-    """The run's jobs for its page: each step (and key) with its state, progress, attempts, worker, time and figures."""
+    """The run's jobs for its page: each step (and key) with its state, its own progress and ETA (with the pace it
+    comes from), a model build it is doing, attempts, worker, time, speed and the memory it measured."""
     now = now or timezone.now()
     graph = run.spec.graph_of(run)
+    jobs = list(run.jobs.all())
+    training, history = _training_job(run, jobs), _timed_history(run)
     rows = []
-    for job in run.jobs.all():
+    for job in jobs:
         figures = job.figures or {}
         end = job.finished_at or (now if job.state == JobState.RUNNING else None)
+        timing = job_timing(job, trains=job is training, history=history, now=now)
         rows.append({
             "label": job.label, "step_label": graph.step(job.step).label if graph.has(job.step) else job.step, "state": job.state,
             "progress": round(100 * (1.0 if job.state == JobState.DONE else job.progress or 0.0)), "stage": job.stage,
+            "eta_seconds": timing["seconds"], "eta_basis": timing["basis"], "eta_pace": timing["pace"], "build": timing["build"],
+            "building": timing["building"],
             "attempts": job.attempts, "worker": job.worker, "queue": job.queue or "—", "seconds": _seconds(job.started_at, end),
             "device": figures.get("device", ""), "dtype": figures.get("dtype", ""), "peak_memory_bytes": _peak_memory(job),
+            "peak_rss_bytes": figures.get("peak_rss_bytes"), "rss_growth_bytes": figures.get("rss_growth_bytes"),
+            "gpu_peak_bytes": figures.get("peak_memory_bytes"),
             "speed": (f"{figures['tokens_per_second']:.0f} tokens/s" if figures.get("tokens_per_second")
-                      else f"{figures['answers_per_second']:.2f} answers/s" if figures.get("answers_per_second") else ""),
+                      else f"{figures['answers_per_second']:.2f} answers/s" if figures.get("answers_per_second")
+                      else f"{figures['samples_per_second']:.2f} answers scored/s" if figures.get("samples_per_second") else ""),
             "error": job.error, "child": job.child_id,
         })
     return rows
+
+
+def run_sections_key(run: PipelineRun) -> str:
+    """What the run page's late sections (data check, playground, registry card) depend on, as one string: the page
+    sends its key with each poll, and the status fragment sends the sections along when the key has changed."""
+    return f"{run.status}:{int(bool(run.data_check))}:{run.registered_model_name}:{run.registered_model_version}"
 
 
 def mlflow_ui_links(run: PipelineRun) -> dict[str, str]:
@@ -182,6 +258,20 @@ def mlflow_ui_links(run: PipelineRun) -> dict[str, str]:
     if ui and run.registered_model_name:
         links["model"] = f"{ui}/#/models/{run.registered_model_name}/versions/{run.registered_model_version}"
     return links
+
+
+def default_run_plan() -> dict[str, Any] | None:
+    """What the default fine-tune (configs/finetune_rag_qa.yaml, `make run`) has to do and how long it takes here, from
+    this machine's measured paces (runs/estimates.py): the dashboard's first-run invitation. None if the file will not load."""
+    from .config import ConfigError, parse_yaml, validate_config
+    from .estimates import plan_for_config
+
+    path = settings.BASE_DIR / "configs" / "finetune_rag_qa.yaml"
+    try:
+        config = validate_config(parse_yaml(path.read_text(encoding="utf-8"), source=str(path)))
+    except (OSError, ConfigError):
+        return None
+    return {"base_model": config["model"]["base"], **plan_for_config(config)}
 
 
 # --- results page ------------------------------------------------------------------
@@ -225,6 +315,10 @@ def results_chart(tables: list[dict[str, Any]]) -> dict[str, Any]:
             "metrics": metrics,
             "variants": {v: [(row["cells"].get(v) or {}).get("value") for row in table["rows"]] for v in table["variants"]},
             "model_independent": [row["model_independent"] for row in table["rows"]],
+            # fine-tuned − base with the paired comparison's 95% interval: the error bars of the difference chart
+            "differences": [{"metric": row["metric"], "delta": row["comparison"].delta, "ci_low": row["comparison"].ci_low,
+                             "ci_high": row["comparison"].ci_high, "verdict": row["comparison"].verdict, "n_pairs": row["comparison"].n_pairs}
+                            for row in table["rows"] if row.get("comparison") is not None and not row["model_independent"]],
         }
     return chart
 
@@ -419,11 +513,13 @@ def paired_with_reference(runs: list[PipelineRun]) -> dict[str, Any]:
     lacks the dataset the rows are paired unchecked, and a note says so.
 
     Returns {"reference": run or None, "cells": {(dataset, metric, run pk): cell},
-    "refused": {(dataset, run pk): message}, "messages": [refusals], "unchecked": [notes]}.
+    "refused": {(dataset, run pk): message}, "messages": [refusals], "unchecked": [notes],
+    "rows": {(dataset, run pk): the eval row indices that run scored}}.
     A cell: {"n_pairs", "n_excluded", "delta", "ci_low", "ci_high", "interval", "p_adjusted",
     "p_text", "verdict", "verdict_class"}.
     """
-    out: dict[str, Any] = {"reference": runs[0] if len(runs) > 1 else None, "cells": {}, "refused": {}, "messages": [], "unchecked": []}
+    out: dict[str, Any] = {"reference": runs[0] if len(runs) > 1 else None, "cells": {}, "refused": {}, "messages": [], "unchecked": [],
+                           "rows": {}}
     if len(runs) < 2:
         return out
     from evaluation.significance import compare_metrics, format_interval, format_p_value, pair_by_index
@@ -435,8 +531,11 @@ def paired_with_reference(runs: list[PipelineRun]) -> dict[str, Any]:
         mine = run_sample_scores(reference, dataset_name=dataset, variant=reference.main_variant)
         if not mine:
             continue
+        out["rows"][(dataset, reference.pk)] = frozenset(i for scores in mine.values() for i in scores)
         for other in others:
             theirs = run_sample_scores(other, dataset_name=dataset, variant=other.main_variant)
+            if theirs:
+                out["rows"][(dataset, other.pk)] = frozenset(i for scores in theirs.values() for i in scores)
             metrics = sorted(set(mine) & set(theirs))
             if not metrics:
                 continue
@@ -462,28 +561,58 @@ def paired_with_reference(runs: list[PipelineRun]) -> dict[str, Any]:
     return out
 
 
-def compare_data(runs: list[PipelineRun]) -> dict[str, Any]:
-    """Scores of several runs side by side (base kept beside fine-tuned), each run's paired difference from
-    the first run (`paired_with_reference`), loss curves, config differences.
+def _row_span(rows: frozenset[int]) -> str:
+    """0-9 for ten rows in a row, else their count."""
+    return f"rows {min(rows)}-{max(rows)}" if rows and max(rows) - min(rows) + 1 == len(rows) else f"{len(rows)} chosen rows"
 
-    The runs come with their results prefetched (`compare_queryset`).
+
+def different_rows(runs: list[PipelineRun], rows: dict[tuple[str, int], frozenset[int]], counts: dict[tuple[str, int], int]) -> list[str]:
+    """A warning per eval dataset that the runs scored on different rows (a different number, or other rows):
+    their means are then not comparable, and only the paired row (the rows both scored) compares like with like.
+
+    `rows`: the row indices each run scored (from its samples); `counts`: rows per run from its results, where
+    a run kept no samples.
+    """
+    warnings = []
+    for dataset in sorted({d for d, _ in (*rows, *counts)}):
+        seen = {run.pk: rows.get((dataset, run.pk)) for run in runs if (dataset, run.pk) in rows or (dataset, run.pk) in counts}
+        sizes = {pk: len(r) if r is not None else counts[(dataset, pk)] for pk, r in seen.items()}
+        known = [r for r in seen.values() if r is not None]
+        if len(sizes) < 2 or (len(set(sizes.values())) == 1 and len(set(known)) <= 1):
+            continue
+        parts = [f"#{pk} {sizes[pk]} row{'s' if sizes[pk] != 1 else ''}" + (f" ({_row_span(seen[pk])})" if seen[pk] else "") for pk in sizes]
+        warnings.append(f"{dataset}: these runs scored different rows ({', '.join(parts)}). Their means are over different questions and "
+                        "do not compare; the paired row below uses only the rows both runs scored.")
+    return warnings
+
+
+def compare_data(runs: list[PipelineRun]) -> dict[str, Any]:
+    """Scores of several runs side by side (base kept beside fine-tuned, with the rows each mean is over), each run's
+    paired difference from the first run, the reference (`paired_with_reference`), a warning where the runs scored
+    different rows, charts (means; paired differences with their 95% intervals), loss curves, config differences.
+
+    No run is called "best" on unpaired means: the paired verdict says which scored higher, and only a verdict is
+    coloured. The runs come with their results and comparisons prefetched (`compare_queryset`).
     """
     keys = sorted({(r.dataset.name if r.dataset else "", r.metric) for run in runs for r in run.results.all()})
     variants = ordered_variants(r.variant for run in runs for r in run.results.all())
     paired = paired_with_reference(runs)
+    counts: dict[tuple[str, int], int] = {}
     rows = []
     for dataset, metric in keys:
         cells = []
         for run in runs:
-            values = {r.variant: r.value for r in run.results.all() if (r.dataset.name if r.dataset else "") == dataset and r.metric == metric}
+            results = {r.variant: r for r in run.results.all() if (r.dataset.name if r.dataset else "") == dataset and r.metric == metric}
+            values = {variant: r.value for variant, r in results.items()}
             main = run.main_variant
             delta = values["finetuned"] - values["base"] if values.get("finetuned") is not None and values.get("base") is not None else None
+            own = next((c for c in run.comparisons.all() if (c.dataset.name if c.dataset else "") == dataset and c.metric == metric), None)
+            n = (results[main].n_scored + results[main].n_failed) if main in results else None
+            if n is not None:
+                counts[(dataset, run.pk)] = max(counts.get((dataset, run.pk), 0), n)
             cells.append({"main": main, "value": values.get(main), "base": values.get("base") if main != "base" else None,
-                          "delta": delta, "values": values})
-        measured = [c["value"] for c in cells if c["value"] is not None]
-        best = max(measured) if len(set(measured)) > 1 else None
-        for cell in cells:
-            cell["best"] = best is not None and cell["value"] == best
+                          "delta": delta, "values": values, "verdict": own.verdict if own and delta is not None else "",
+                          "n": results[main].n_scored if main in results else None})
         for run, cell in zip(runs, cells, strict=True):
             cell["paired"] = paired["cells"].get((dataset, metric, run.pk))
             cell["refused"] = (dataset, run.pk) in paired["refused"]
@@ -495,21 +624,35 @@ def compare_data(runs: list[PipelineRun]) -> dict[str, Any]:
         })
         row = rows[-1]
         row["rowspan"] = 1 + row["has_base"] + (row["has_base"] and row["has_delta"]) + row["has_paired"]
+    labels = [f"#{run.pk} {run.name}" for run in runs]
     chart = {
-        "runs": [f"#{run.pk} {run.name}" for run in runs],
-        "panels": [{"title": f"{row['dataset']} · {row['metric']}", "values": {v: [c["values"].get(v) for c in row["cells"]] for v in variants}}
-                   for row in rows],
+        "runs": labels,
+        "panels": [{"title": f"{row['dataset']} · {row['metric']}", "values": {v: [c["values"].get(v) for c in row["cells"]] for v in variants},
+                    "n": [c["n"] for c in row["cells"]]} for row in rows],
+    }
+    differences = [row for row in rows if not row["model_independent"] and any(c["paired"] for c in row["cells"])]
+    paired_chart = {
+        "reference": labels[0] if paired["reference"] else "",
+        "categories": [f"{row['dataset']} · {row['metric']}" for row in differences],
+        "runs": [{"run": label, "delta": [(row["cells"][i]["paired"] or {}).get("delta") for row in differences],
+                  "low": [(row["cells"][i]["paired"] or {}).get("ci_low") for row in differences],
+                  "high": [(row["cells"][i]["paired"] or {}).get("ci_high") for row in differences],
+                  "verdict": [(row["cells"][i]["paired"] or {}).get("verdict", "") for row in differences],
+                  "n_pairs": [(row["cells"][i]["paired"] or {}).get("n_pairs") for row in differences]}
+                 for i, label in enumerate(labels) if i > 0],
     }
     losses = [{"run": f"#{run.pk} {run.name}", "steps": [h["step"] for h in run.train_history if isinstance(h, dict) and h.get("loss") is not None],
                "loss": [h["loss"] for h in run.train_history if isinstance(h, dict) and h.get("loss") is not None]}
               for run in runs if run.train_history]
     return {"runs": runs, "mains": [VARIANT_LABELS[run.main_variant] for run in runs], "rows": rows, "chart": chart, "losses": losses,
-            "diff": config_differences(runs), "reference": paired["reference"], "pairing_refused": paired["messages"],
-            "pairing_unchecked": paired["unchecked"]}
+            "paired_chart": paired_chart, "diff": config_differences(runs), "reference": paired["reference"],
+            "pairing_refused": paired["messages"], "pairing_unchecked": paired["unchecked"],
+            "different_rows": different_rows(runs, paired["rows"], counts)}
 
 
 def compare_queryset(qs):
-    return qs.prefetch_related(Prefetch("results", queryset=RunResult.objects.select_related("dataset")))
+    return qs.prefetch_related(Prefetch("results", queryset=RunResult.objects.select_related("dataset")),
+                               Prefetch("comparisons", queryset=ScoreComparison.objects.select_related("dataset")))
 
 
 # --- dashboard ---------------------------------------------------------------------
@@ -533,27 +676,32 @@ def dashboard_order(qs, *, search: str = "", sort: str = "-created"):
     return qs.order_by(*fields.get(sort, fields["-created"]))
 
 
-def headline(run: PipelineRun, limit: int = 2, *, results: list[tuple[str, str, str, float | None]] | None = None) -> list[dict[str, Any]]:
-    """Up to `limit` metrics of the run's first eval dataset: the main variant's score and, for a fine-tune, its gain over base.
+def headline(run: PipelineRun, limit: int = 2, *, results: list[tuple[str, str, str, float | None, str]] | None = None) -> list[dict[str, Any]]:
+    """Up to `limit` metrics of the run's first eval dataset: the main variant's score and, for a fine-tune, its gain over
+    base with the paired comparison's verdict (what the page colours: never the sign of a bare difference).
 
-    `results`: the run's (dataset name, metric, variant, value) rows (`selectors.dashboard_related`);
-    without them, the run's prefetched results. Model-independent metrics come last.
+    `results`: the run's (dataset name, metric, variant, value, verdict) rows (`selectors.dashboard_related`);
+    without them, the run's prefetched results and comparisons. Model-independent metrics come last.
     """
     if results is None:
-        results = [(r.dataset.name if r.dataset else "", r.metric, r.variant, r.value) for r in run.results.all()]
+        verdicts = {(c.dataset.name if c.dataset else "", c.metric): c.verdict for c in run.comparisons.all()}
+        results = [(r.dataset.name if r.dataset else "", r.metric, r.variant, r.value, verdicts.get((r.dataset.name if r.dataset else "", r.metric), ""))
+                   for r in run.results.all()]
     if not results:
         return []
-    first = min(dataset for dataset, _, _, _ in results)
-    values = {(metric, variant): value for dataset, metric, variant, value in results if dataset == first}
+    first = min(row[0] for row in results)
+    values = {(metric, variant): value for dataset, metric, variant, value, _ in results if dataset == first}
+    verdicts = {metric: verdict for dataset, metric, _, _, verdict in results if dataset == first and verdict}
     main = run.main_variant
     configured = [m for m in (run.config.get("evaluation") or {}).get("metrics", []) if (m, main) in values]
     configured.sort(key=lambda m: m in MODEL_INDEPENDENT_METRICS)
     out = []
     for metric in configured[:limit]:
         value, base = values.get((metric, main)), values.get((metric, "base"))
+        delta = value - base if main == "finetuned" and value is not None and base is not None else None
         out.append({
-            "metric": metric, "value": value, "variant": VARIANT_LABELS[main], "dataset": first,
-            "delta": value - base if main == "finetuned" and value is not None and base is not None else None,
+            "metric": metric, "value": value, "variant": VARIANT_LABELS[main], "dataset": first, "delta": delta,
+            "verdict": verdicts.get(metric, "") if delta is not None else "", "model_independent": metric in MODEL_INDEPENDENT_METRICS,
         })
     return out
 

@@ -4,7 +4,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
-from django.db.models import Exists, OuterRef, QuerySet, Value
+from django.db.models import Exists, OuterRef, QuerySet, Subquery, Value
 from django.shortcuts import get_object_or_404
 
 from .models import (
@@ -47,6 +47,21 @@ def last_training_throughput(*, base_model: str, device: str | None, before_run:
             continue
         return {"tokens_per_second": float(speed), "run_id": run_id, "device": figures.get("device") or "unknown"}
     return None
+
+
+def measured_jobs(*, steps: list[str], exclude_run: int | None = None, scan: int = 120) -> list[dict[str, Any]]:
+    """The latest finished jobs of these steps on this database's workers, newest first, with what they measured:
+    {"step", "run_id", "base_model", "figures", "seconds"} (seconds: the job's wall time, claim to finish).
+
+    The rates a time estimate is built from (runs/estimates.py); one query, at most `scan` rows.
+    """
+    jobs = Job.objects.filter(step__in=steps, state=JobState.DONE, started_at__isnull=False, finished_at__isnull=False)
+    if exclude_run is not None:
+        jobs = jobs.exclude(run_id=exclude_run)
+    rows = jobs.order_by("-finished_at").values_list("step", "run_id", "run__base_model", "figures", "started_at", "finished_at")[:scan]
+    return [{"step": step, "run_id": run_id, "base_model": base_model, "figures": figures or {},
+             "seconds": max((finished - started).total_seconds(), 0.0)}
+            for step, run_id, base_model, figures, started, finished in rows]
 
 
 def run_generated_samples(run: PipelineRun, *, dataset_name: str) -> list[SampleResult]:
@@ -123,7 +138,8 @@ def dashboard_runs(user, *, status: str = "", kind: str = "") -> QuerySet[Pipeli
 def dashboard_related(run_ids: list[int]) -> dict[str, dict[int, list]]:
     """The train and eval dataset names and the results of a page of runs, as plain values, in two queries.
 
-    {"train": {run id: [name, ...]}, "eval": {...}, "results": {run id: [(dataset name, metric, variant, value), ...]}};
+    {"train": {run id: [name, ...]}, "eval": {...}, "results": {run id: [(dataset name, metric, variant, value, verdict), ...]}}
+    (verdict: the paired comparison's of that dataset and metric, "" when none);
     names in the datasets' own order (kind, name). Plain values rather than prefetched managers:
     a row reads a handful of fields, and building 25 managers and model instances per page cost
     more than the queries themselves.
@@ -137,9 +153,11 @@ def dashboard_related(run_ids: list[int]) -> dict[str, dict[int, list]]:
     )
     for role, run_id, _, name in sorted(train.order_by().union(eval_.order_by(), all=True)):
         out[role].setdefault(run_id, []).append(name)
-    results = RunResult.objects.filter(run_id__in=run_ids).order_by()
-    for run_id, dataset, metric, variant, value in results.values_list("run_id", "dataset__name", "metric", "variant", "value"):
-        out["results"].setdefault(run_id, []).append((dataset or "", metric, variant, value))
+    # The paired comparison's verdict rides along in the same query: a headline gain is coloured by it, never by its sign.
+    verdict = ScoreComparison.objects.filter(run=OuterRef("run"), dataset=OuterRef("dataset"), metric=OuterRef("metric")).values("verdict")[:1]
+    results = RunResult.objects.filter(run_id__in=run_ids).order_by().annotate(verdict=Subquery(verdict))
+    for run_id, dataset, metric, variant, value, decided in results.values_list("run_id", "dataset__name", "metric", "variant", "value", "verdict"):
+        out["results"].setdefault(run_id, []).append((dataset or "", metric, variant, value, decided or ""))
     return out
 
 

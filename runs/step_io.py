@@ -363,6 +363,9 @@ class StepContext:
             if moment - last[0] >= LIVE_UPDATE_SECONDS or step == total:
                 last[0] = moment
                 name = self.base_model.removeprefix("local:")
+                # The build's own progress and time, apart from the job's: the page shows it as a build, with its own rate.
+                self.record_figures({"model_build": {"model": self.base_model, "step": step, "total": total,
+                                                     "seconds": round(moment - began[0], 3), "done": step == total}})
                 self.progress(None, f"building {self.base_model} on first use: {describe_progress(name, step, total)}")
             if step == total:
                 message = f"{self.base_model} built in {moment - began[0]:.0f}s; {self.step.label} goes on"

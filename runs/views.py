@@ -53,6 +53,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     return render(request, "runs/dashboard.html", {
         "page": page, "rows": page_data.dashboard_rows(list(page.object_list)), "status": status, "kind": kind, "statuses": RunStatus.values,
         "kinds": list(KINDS), "q": search, "sort": sort, "sorts": page_data.DASHBOARD_SORTS, "query": query.urlencode(),
+        "default_plan": page_data.default_run_plan() if not page.paginator.count and not (search or status or kind) else None,
     })
 
 
@@ -88,8 +89,8 @@ def run_new(request: HttpRequest) -> HttpResponse:
                 except ConfigError as exc:  # e.g. a dataset deleted since validation
                     form.add_config_errors(exc)
                 else:
-                    # Gone from the run page once the run ends (static/js/app.js).
-                    messages.success(request, f"Run #{run.pk} created and queued.", extra_tags="until-run-ends")
+                    # Gone from the run page once the run starts (static/js/app.js); a reload does not show it again.
+                    messages.success(request, f"Run #{run.pk} created and queued.", extra_tags="until-run-starts")
                     return redirect("run-detail", pk=run.pk)
     else:
         initial = default_initial()
@@ -126,6 +127,7 @@ def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
     run = run_for_page(request.user, pk)
     return render(request, "runs/run_detail.html", {
         "run": run, "links": mlflow_links(run), "promotion": run_promotion(run), "playground": _playground_box(run, request.GET),
+        "sections_key": page_data.run_sections_key(run),
     })
 
 
@@ -210,7 +212,11 @@ def run_playground_job(request: HttpRequest, pk: int, job_id: str) -> HttpRespon
 @login_required
 def run_status(request: HttpRequest, pk: int) -> HttpResponse:
     run = run_for_page(request.user, pk, related=("events", "jobs"))
-    return _poll_response(request, "runs/_run_status.html", {"run": run, "links": mlflow_links(run)}, run)
+    context = {"run": run, "links": mlflow_links(run)}
+    key = page_data.run_sections_key(run)
+    if request.GET.get("sections", key) != key:  # the page's late sections are behind: they come along, out of band
+        context.update(oob_sections=True, sections_key=key, promotion=run_promotion(run), playground=_playground_box(run, {}))
+    return _poll_response(request, "runs/_run_status.html", context, run)
 
 
 @login_required
@@ -330,8 +336,14 @@ def compare(request: HttpRequest) -> HttpResponse:
     if not ids:
         messages.info(request, "Pick two or more runs on the dashboard, then Compare.")
         return redirect("dashboard")
-    ids = list(dict.fromkeys(ids))[:12]
+    ids = list(dict.fromkeys(ids))[:12]  # in the order the user ticked them (the dashboard keeps it in `runs`)
     runs = sorted(page_data.compare_queryset(run_visible_to(request.user)).filter(pk__in=ids), key=lambda run: ids.index(run.pk))
     if not runs:
         raise Http404("no such runs")
-    return render(request, "runs/compare.html", page_data.compare_data(runs))
+    ref, error = request.GET.get("ref", "").strip(), ""
+    if ref and not any(str(run.pk) == ref for run in runs):
+        error = f"ref: {ref[:20]!r} is not one of the compared runs ({', '.join(f'#{run.pk}' for run in runs)}); the first ticked run is the reference."
+    reference = next((run for run in runs if str(run.pk) == ref), runs[0])
+    context = {**page_data.compare_data([reference, *(run for run in runs if run is not reference)]), "order": ",".join(str(run.pk) for run in runs),
+               "ref_error": error}
+    return render(request, "runs/compare.html", context, status=400 if error else 200)

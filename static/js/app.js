@@ -147,6 +147,46 @@
     }, axes)), plotConfig);
   }
 
+  // --- differences with their 95% intervals, as error bars ----------------------------------
+
+  // A filled marker is a verdict of the paired test (better or worse, Holm-adjusted); a hollow one is not (no
+  // significant difference, too few pairs): only a verdict is coloured, as in the tables.
+  // Several runs on one chart are told apart by the marker's shape (and the legend), never by a colour.
+  var verdictColors = { better: "#1a7f37", worse: "#c4320a" };
+  var runSymbols = ["circle", "square", "diamond", "triangle-up", "star", "hexagon", "cross", "x", "pentagon", "hourglass", "bowtie"];
+
+  function differencePlot(el, categories, series) {
+    // series: [{name, delta: [...], low: [...], high: [...], verdict: [...], n_pairs: [...]}]
+    function missing(v) { return v === null || v === undefined; }
+    var traces = series.map(function (s, i) {
+      var colors = s.verdict.map(function (v) { return verdictColors[v] || "#667085"; });
+      var shape = runSymbols[i % runSymbols.length];
+      return {
+        type: "scatter", mode: "markers", name: s.name, y: categories, x: s.delta, showlegend: series.length > 1,
+        error_x: {
+          type: "data", symmetric: false, visible: true, thickness: 1.6, width: 5, color: "#475467",
+          array: s.delta.map(function (d, j) { return missing(d) || missing(s.high[j]) ? 0 : s.high[j] - d; }),
+          arrayminus: s.delta.map(function (d, j) { return missing(d) || missing(s.low[j]) ? 0 : d - s.low[j]; }),
+        },
+        marker: { size: 11, color: colors, line: { width: 2, color: colors },
+          symbol: s.verdict.map(function (v) { return verdictColors[v] ? shape : shape + "-open"; }) },
+        customdata: s.delta.map(function (d, j) {
+          return [missing(s.low[j]) ? "n/a" : s.low[j].toFixed(4), missing(s.high[j]) ? "n/a" : s.high[j].toFixed(4), s.verdict[j] || "not compared", s.n_pairs[j]];
+        }),
+        hovertemplate: "%{y}<br>%{x:+.4f}, 95% CI [%{customdata[0]}, %{customdata[1]}]<br><b>%{customdata[2]}</b> (%{customdata[3]} pairs)<extra>" + (s.name || "") + "</extra>",
+      };
+    });
+    var height = Math.max(160, categories.length * (26 + 16 * series.length) + 90);
+    el.style.height = height + "px";
+    el.style.minHeight = height + "px";
+    Plotly.react(el, traces, layout({
+      height: height, scattermode: "group", margin: { l: 10, r: 30, t: 30, b: 50 },
+      xaxis: { title: { text: "difference (95% interval)" }, zeroline: true, zerolinecolor: "#111827", zerolinewidth: 1.5, automargin: true },
+      yaxis: { type: "category", automargin: true, autorange: "reversed" },
+      legend: { orientation: "h", x: 0, y: 1.02, yanchor: "bottom" },
+    }), plotConfig);
+  }
+
   function drawResults() {
     var data = readJSON("results-chart-data");
     if (!data || !window.Plotly) return;
@@ -162,6 +202,16 @@
       });
       smallMultiples(el, panels, { columns: 4, panelHeight: 200 });
     });
+    document.querySelectorAll(".diff-chart").forEach(function (el) {
+      var table = data[el.dataset.dataset];
+      var rows = (table && table.differences) || [];
+      if (!rows.length) { emptyNote(el, "No paired comparison recorded (it comes with the compare job)."); return; }
+      clearNote(el);
+      differencePlot(el, rows.map(function (r) { return r.metric; }), [{
+        name: "fine-tuned − base", delta: rows.map(function (r) { return r.delta; }), low: rows.map(function (r) { return r.ci_low; }),
+        high: rows.map(function (r) { return r.ci_high; }), verdict: rows.map(function (r) { return r.verdict; }), n_pairs: rows.map(function (r) { return r.n_pairs; }),
+      }]);
+    });
   }
 
   function drawCompare() {
@@ -176,6 +226,13 @@
         // One column: the run labels of a second column would sit on the first one's bars.
         smallMultiples(el, panels, { columns: 1, horizontal: true, showCategories: true, panelHeight: Math.max(120, 30 * data.runs.length * Object.keys(data.panels[0].values).length + 50) });
       }
+    }
+    var diffEl = document.getElementById("compare-diff-chart");
+    var diff = readJSON("compare-diff-data");
+    if (diffEl && diff && window.Plotly && diff.categories.length) {
+      differencePlot(diffEl, diff.categories, diff.runs.map(function (run) {
+        return { name: run.run + " − " + diff.reference, delta: run.delta, low: run.low, high: run.high, verdict: run.verdict, n_pairs: run.n_pairs };
+      }));
     }
     var lossEl = document.getElementById("compare-loss-chart");
     var losses = readJSON("compare-loss-data");
@@ -209,8 +266,8 @@
       link.className = "button"; link.id = "results-link"; link.href = resultsUrl; link.textContent = "Results";
       actions.insertBefore(link, actions.firstChild);
     }
-    if (live.dataset.terminal === "true") {
-      document.querySelectorAll('.messages [data-tags~="until-run-ends"]').forEach(function (li) {
+    if (live.dataset.status !== "pending") {  // "created and queued" is news until the run starts
+      document.querySelectorAll('.messages [data-tags~="until-run-starts"]').forEach(function (li) {
         var list = li.parentNode; li.remove();
         if (list && !list.children.length) list.remove();
       });
@@ -248,14 +305,33 @@
 
   // --- dashboard: Compare needs two ticked runs -------------------------------------------
 
-  function syncCompare() {
+  // The runs in the order they were ticked: the first is the reference the others are paired with. The form
+  // sends it as `runs`; without this script the boxes alone are sent, in page order.
+  var tickOrder = [];
+
+  function syncCompare(event) {
     var form = document.getElementById("compare-form");
     if (!form) return;
-    var ticked = form.querySelectorAll('input[name="run"]:checked').length;
+    var checked = Array.prototype.filter.call(form.querySelectorAll('input[name="run"]'), function (b) { return b.checked; })
+      .map(function (b) { return b.value; });
+    var box = event && event.target && event.target.name === "run" ? event.target : null;
+    if (box) {
+      tickOrder = tickOrder.filter(function (v) { return v !== box.value; });
+      if (box.checked) tickOrder.push(box.value);
+    }
+    // Boxes ticked some other way (the browser restoring a page) follow in page order.
+    tickOrder = tickOrder.filter(function (v) { return checked.indexOf(v) >= 0; })
+      .concat(checked.filter(function (v) { return tickOrder.indexOf(v) < 0; }));
+    var order = document.getElementById("compare-order");
+    if (order) order.value = tickOrder.join(",");
+    var ticked = tickOrder.length;
     var button = document.getElementById("compare-button");
     var hint = document.getElementById("compare-hint");
     if (button) button.disabled = ticked < 2;
-    if (hint) hint.textContent = ticked < 2 ? "Tick two or more runs to compare them (" + ticked + " ticked)." : ticked + " runs ticked.";
+    if (hint) {
+      hint.textContent = ticked < 2 ? "Tick two or more runs to compare them (" + ticked + " ticked); the first you tick is the reference."
+        : "Reference: #" + tickOrder[0] + " (ticked first); paired with it: " + tickOrder.slice(1).map(function (v) { return "#" + v; }).join(", ") + ".";
+    }
   }
 
   // --- the New run form ---------------------------------------------------------------------
@@ -387,7 +463,7 @@
   document.addEventListener("htmx:afterSettle", drawAll);
   document.addEventListener("change", function (event) {
     if (event.target.closest("#run-form")) syncRunForm(event);
-    if (event.target.closest("#compare-form")) syncCompare();
+    if (event.target.closest("#compare-form")) syncCompare(event);
     if (event.target.id === "loss-log-scale") drawLoss();
   });
   document.addEventListener("input", function (event) {

@@ -25,8 +25,8 @@ def logged_in(client, user):
     return client
 
 
-def scored(owner, scores: dict[str, list[float | None]], *, kind="finetune", sha=SHA, name=None):
-    """A completed run with hand-made per-sample scores of its main variant on ragas_eval
+def scored(owner, scores: dict[str, list[float | None]], *, kind="finetune", sha=SHA, name=None, rows=range(N)):
+    """A completed run with hand-made per-sample scores of its main variant on ragas_eval, on the eval rows `rows`
     (a fine-tune's base answers score 0.9 everywhere: pairing them instead would show)."""
     run = make_run(owner, kind=kind, status="completed")
     if name:
@@ -41,10 +41,10 @@ def scored(owner, scores: dict[str, list[float | None]], *, kind="finetune", sha
     samples = []
     for variant, by_metric in variants.items():
         for metric, values in by_metric.items():
-            measured = [v for v in values if v is not None]
+            measured = [values[i] for i in rows if values[i] is not None]
             RunResult.objects.create(run=run, dataset=dataset, variant=variant, metric=metric,
-                                     value=sum(measured) / len(measured), n_scored=len(measured))
-        for i in range(N):
+                                     value=sum(measured) / len(measured), n_scored=len(measured), n_failed=len(rows) - len(measured))
+        for i in rows:
             samples.append({
                 "dataset": dataset, "variant": variant, "index": i, "question": f"question {i}", "contexts": ["ctx"],
                 "ground_truth": "truth", "answer": f"{variant} answer {i}",
@@ -141,3 +141,47 @@ def test_a_single_run_has_no_paired_row(logged_in, user):
     data = compared(run)
     assert data["reference"] is None and not any(row["has_paired"] for row in data["rows"])
     assert "paired by row" not in logged_in.get(f"/compare/?runs={run.pk}").content.decode()
+
+
+def test_the_reference_is_the_first_ticked_or_the_one_chosen_and_a_bad_choice_names_ref(logged_in, user):
+    low = scored(user, {"rouge_score": BASELINE}, name="low")
+    high = scored(user, {"rouge_score": [b + 0.3 + w for b, w in zip(BASELINE, WOBBLE, strict=True)]}, name="high")
+    # the dashboard sends the boxes in page order (newest first) and, from app.js, the order they were ticked as `runs`
+    page = logged_in.get(f"/compare/?runs={low.pk},{high.pk}&run={high.pk}&run={low.pk}").content.decode()
+    assert f"− #{low.pk}, paired by row" in page and "<strong>better</strong>" in page
+    assert f'<option value="{low.pk}" selected>' in page
+    # chosen on the page: `ref`, the tick order kept for the next choice
+    page = logged_in.get(f"/compare/?runs={low.pk},{high.pk}&ref={high.pk}").content.decode()
+    assert f"− #{high.pk}, paired by row" in page and "<strong>worse</strong>" in page
+    assert f'name="runs" value="{low.pk},{high.pk}"' in page
+    response = logged_in.get(f"/compare/?runs={low.pk},{high.pk}&ref=99999")
+    assert response.status_code == 400
+    assert f"ref: &#x27;99999&#x27; is not one of the compared runs (#{low.pk}, #{high.pk})" in response.content.decode()
+    assert logged_in.get(f"/compare/?runs={low.pk},{high.pk}&ref=x%00y").status_code == 400
+
+
+def test_runs_that_scored_different_rows_are_warned_about_and_not_ranked(logged_in, user):
+    fifty = scored(user, {"rouge_score": BASELINE}, name="all-rows")
+    ten = scored(user, {"rouge_score": BASELINE}, name="ten-rows", rows=range(10))
+    other_ten = scored(user, {"rouge_score": BASELINE}, name="other-ten", rows=range(10, 20))
+    data = compared(fifty, ten, other_ten)
+    [warning] = data["different_rows"]
+    assert warning.startswith(f"ragas_eval: these runs scored different rows (#{fifty.pk} 20 rows (rows 0-19), #{ten.pk} 10 rows (rows 0-9), "
+                              f"#{other_ten.pk} 10 rows (rows 10-19))")
+    assert paired_cell(data, "rouge_score", ten)["paired"]["n_pairs"] == 10  # only the rows both scored
+    page = logged_in.get(f"/compare/?runs={fifty.pk},{ten.pk},{other_ten.pk}").content.decode()
+    assert "Different rows." in page and "n=20" in page and "n=10" in page and "cell-best" not in page
+    # the same rows: no warning
+    assert compared(fifty, scored(user, {"rouge_score": BASELINE}))["different_rows"] == []
+
+
+def test_the_paired_differences_chart_carries_each_interval(user):
+    reference = scored(user, {"rouge_score": BASELINE, "exact_match": [0.0] * N})
+    shifted = scored(user, {"rouge_score": [b + 0.3 + w for b, w in zip(BASELINE, WOBBLE, strict=True)], "exact_match": [0.0] * N})
+    data = compared(reference, shifted)
+    chart = data["paired_chart"]
+    assert chart["reference"] == f"#{reference.pk} {reference.name}" and chart["categories"] == ["ragas_eval · exact_match", "ragas_eval · rouge_score"]
+    [series] = chart["runs"]
+    cell = paired_cell(data, "rouge_score", shifted)["paired"]
+    assert series["run"] == f"#{shifted.pk} {shifted.name}" and series["verdict"] == ["no significant difference", "better"]
+    assert (series["delta"][1], series["low"][1], series["high"][1], series["n_pairs"][1]) == (cell["delta"], cell["ci_low"], cell["ci_high"], N)

@@ -111,6 +111,28 @@ def test_the_estimate_uses_the_last_run_of_the_same_base_model_on_the_same_devic
     assert f"run #{earlier.pk} on cpu" in report["estimate"]["basis"]
 
 
+def test_the_check_says_how_long_the_whole_run_takes_here_from_measured_paces(api, client, user, tiny_model, tmp_path):
+    from .test_estimates import measured_run
+
+    before = api.post("/api/runs/check/", finetune_config(), format="json").json()["run_estimate"]
+    assert before["seconds"] is None and before["basis"].startswith("no estimate yet") and "fine-tuning" in before["missing"]
+    earlier = measured_run(user)
+    estimate = api.post("/api/runs/check/", finetune_config(), format="json").json()["run_estimate"]
+    assert estimate["seconds"] == pytest.approx(16.5 + 3 + 4.5 + 5 + 1 + 1) and estimate["work"]["optimizer_steps"] == 3
+    assert f"measured by run #{earlier.pk} on cpu" in estimate["stages"][0]["basis"]
+
+    client.force_login(user)
+    post = {k: ("on" if v is True else v) for k, v in initial_from_config(validate_config(finetune_config())).items() if v not in (None, False)}
+    html = client.post("/runs/new/", {**post, "action": "check"}, HTTP_HX_REQUEST="true").content.decode()
+    assert "How long this run takes here" in html and "About 31 s on this machine" in html and f"measured by run #{earlier.pk}" in html
+
+    config_file = tmp_path / "check.yaml"
+    config_file.write_text(yaml.safe_dump(finetune_config()))
+    out = io.StringIO()
+    call_command("run_pipeline", str(config_file), "--check", "--user", user.username, stdout=out)
+    assert "the whole run on this machine: about 0.5 min (each stage at a pace measured here)" in out.getvalue().splitlines()
+
+
 @pytest.fixture
 def overlapping_train_set(user):
     """A train dataset of the user's whose first question is a ragas_eval question."""

@@ -166,7 +166,8 @@ def test_clone_prefills_the_form(logged_in, user):
 def test_results_page_shows_difference_unmeasured_reasons_and_samples(logged_in, user):
     run = scored_run(user)
     page = logged_in.get(f"/runs/{run.pk}/results/").content.decode()
-    assert "+0.2000" in page and "delta-pos" in page
+    # a difference without a paired verdict is not coloured: neither green for +0.2 nor red
+    assert "+0.2000" in page and "delta-pos" not in page and "delta-neg" not in page
     assert "not measured" in page and "timeout ×2" in page
     assert "question 1" in page and "results-chart-data" in page
     worst = logged_in.get(f"/runs/{run.pk}/results/?sort=rouge_score:finetuned&order=asc&worst=1").content.decode()
@@ -226,14 +227,14 @@ def test_results_csv_linked_from_the_results_page_has_every_column_and_row(logge
     assert rows[3][-6:] == no_comparison  # the base row has none
 
 
-def test_compare_highlights_the_best_and_diffs_configs(logged_in, user):
+def test_compare_calls_no_run_best_on_its_mean_and_diffs_configs(logged_in, user):
     a, b = scored_run(user), scored_run(user)
     b.config = {**b.config, "name": "other"}
     b.save()
     RunResult.objects.filter(run=b, variant="finetuned", metric="rouge_score").update(value=0.9)
     page = logged_in.get(f"/compare/?runs={a.pk},{b.pk}").content.decode()
-    assert page.count("cell-best") == 1
-    assert '<td class="num cell-best">0.9000</td>' in page
+    assert "cell-best" not in page and "best" not in page.split('<table class="compare">')[1].split("</table>")[0]
+    assert '<td class="num">0.9000 <span class="hint n-rows">n=2</span></td>' in page
     assert "Config differences" in page and ">name<" in page and ">other<" in page
     assert logged_in.get("/compare/").status_code == 302
 

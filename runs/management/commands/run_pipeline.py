@@ -143,6 +143,10 @@ class Command(BaseCommand):
             self.stdout.write(line)
         if report["problems"]:
             raise CommandError(f"{config}: the data check refuses it: " + "; ".join(f"{p['field']}: {p['message']}" for p in report["problems"]))
+        if report.get("run_estimate"):
+            from runs.estimates import plan_line
+
+            self.stdout.write(plan_line(report["run_estimate"]))
         self.stdout.write(self.style.SUCCESS(f"{config}: the data check passes"))
 
     def _owner(self, username: str):
