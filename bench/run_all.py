@@ -31,6 +31,8 @@ BENCHMARKS = {
     "scoring": ["bench/bench_scoring.py"],
     "web": ["bench/bench_web.py"],
     "orchestration": ["bench/bench_orchestration.py"],
+    "selection": ["bench/bench_selection.py"],
+    "sweep": ["bench/bench_sweep.py"],
 }
 
 
@@ -100,6 +102,19 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                          "baseline": f"inline {e2e['inline']}", "ratio": p["ratio"], "target": ""})
         rows.append({"benchmark": "5 orchestration", "figure": "enqueue-to-start p50, s", "ours": o["enqueue_to_start_seconds"]["p50"],
                      "baseline": None, "ratio": None, "target": o["targets"]["enqueue_to_start_p50"]})
+    if s := results.get("selection"):
+        t = s["seconds_to_adapter"]
+        rows.append({"benchmark": "7 selection", "figure": "fine-tune start -> adapter, selection every N steps vs none (served)",
+                     "ours": t["served_selection"], "baseline": f"no selection {t['served_no_selection']}", "ratio": s["ratio_selection_vs_none"],
+                     "target": s["targets"]["selection_vs_none"]})
+        rows.append({"benchmark": "7 selection", "figure": "scoring overlapped (served) vs inside training (blocking)", "ours": t["served_selection"],
+                     "baseline": f"blocking {t['inline_blocking_selection']}", "ratio": s["ratio_overlapped_vs_blocking"],
+                     "target": s["targets"]["overlapped_vs_blocking"] + f"; same checkpoint and scores: {s['targets']['same_choice_and_scores']}"})
+    if w := results.get("sweep"):
+        rows.append({"benchmark": "8 sweep", "figure": "4 trials, parallel 2: two gpu workers vs one, seconds", "ours": w["two_gpu_workers"]["seconds"],
+                     "baseline": f"one worker {w['one_gpu_worker']['seconds']}", "ratio": w["ratio_two_vs_one"], "target": w["targets"]["two_vs_one"]})
+        rows.append({"benchmark": "8 sweep", "figure": "the sweep's bookkeeping / its trials' time", "ours": w["overhead_fraction"], "baseline": None,
+                     "ratio": None, "target": w["targets"]["overhead"]})
     return rows
 
 

@@ -87,10 +87,16 @@ def wait_for(condition, seconds: float = 300) -> None:
 
 @pytest.mark.pipeline
 @pytest.mark.django_db(transaction=True)
-def test_a_grid_sweep_runs_its_trials_and_makes_the_claim_with_the_winner_alone(user, tiny_model, client):
-    sweep = created(user, sweep_config())
-    drive_inline(sweep.pk)
-    sweep.refresh_from_db()
+def test_a_grid_sweep_from_yaml_runs_its_trials_and_makes_the_claim_with_the_winner_alone(user, tiny_model, client, tmp_path, capsys):
+    import yaml
+    from django.core.management import call_command
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep_config()))
+    call_command("run_pipeline", str(path), "--user", user.username)
+    printed = capsys.readouterr().out
+    assert "sweep (grid, 4 of 4 trials; objective: selection rouge_score)" in printed and "<- winner" in printed
+    sweep = PipelineRun.objects.get(kind="sweep")
     assert sweep.status == "completed", sweep.logs
     children = list(PipelineRun.objects.filter(parent=sweep).order_by("pk"))
     assert len(children) == 4 and {c.status for c in children} == {"completed"}
