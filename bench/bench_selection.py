@@ -60,6 +60,35 @@ def environment(args: argparse.Namespace, var_dir: Path) -> dict[str, str]:
     }
 
 
+def served_bench(args: argparse.Namespace, name: str, model: str) -> tuple[dict[str, str], Any]:
+    """A benchmark's own database (created afresh, migrated), Redis queues emptied, var dir, the model built outside
+    every timing, and an API client: (the environment for its worker processes, the client)."""
+    from bench.bench_web import ensure_database
+
+    var_dir = ROOT / "var" / "bench" / name
+    var_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **environment(args, var_dir)}
+    os.environ.update(environment(args, var_dir))
+    ensure_database(args.database_url, drop=True)
+    import django
+
+    django.setup()
+    import django_rq
+    from django.contrib.auth import get_user_model
+    from django.core.management import call_command
+    from rest_framework.test import APIClient
+
+    from training.local_models import resolve_model_path
+
+    call_command("migrate", verbosity=0)
+    resolve_model_path(model)
+    django_rq.get_connection("cpu").flushdb()  # the bench's own Redis database: RQ ids restart with the database
+    user, _ = get_user_model().objects.get_or_create(username=f"bench-{name}")
+    client = APIClient()
+    client.force_authenticate(user)
+    return env, client
+
+
 def adapter_known_seconds(run_id: int) -> dict[str, Any]:
     """The fine-tune job's start -> the adapter known (select's end, or the fine-tune's), and the run's whole time."""
     from runs.models import Job, PipelineRun
@@ -123,31 +152,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    from bench.bench_web import ensure_database
-
     started = time.monotonic()
-    var_dir = ROOT / "var" / "bench" / "selection"
-    var_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **environment(args, var_dir)}
-    os.environ.update(environment(args, var_dir))
-    ensure_database(args.database_url, drop=True)
-    import django
-
-    django.setup()
-    import django_rq
-    from django.contrib.auth import get_user_model
-    from django.core.management import call_command
-    from rest_framework.test import APIClient
-
-    from training.local_models import resolve_model_path
-
-    call_command("migrate", verbosity=0)
-    resolve_model_path(args.model)  # built once, outside every timing
-    for name in ("gpu", "cpu"):
-        django_rq.get_queue(name).empty()
-    user, _ = get_user_model().objects.get_or_create(username="bench-selection")
-    client = APIClient()
-    client.force_authenticate(user)
+    env, client = served_bench(args, "selection", args.model)
     print(f"bench 7, selection: {args.model}, {args.steps} steps, a selection point every {args.every} steps, "
           "served (1 gpu + 1 cpu worker) with and without selection, inline with selection", flush=True)
     workers = [start_worker("gpu", env), start_worker("cpu", env)]

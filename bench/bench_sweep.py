@@ -22,9 +22,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import ROOT, print_table, ratio, verdict, write_json  # noqa: E402
+from bench._common import print_table, ratio, verdict, write_json  # noqa: E402
 from bench.bench_orchestration import start_worker, stop, wait_for_workers  # noqa: E402
-from bench.bench_selection import environment  # noqa: E402
+from bench.bench_selection import served_bench  # noqa: E402
 
 DEFAULT_DB = "postgres://postgres@127.0.0.1:5432/mlops_bench_sweep"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/13"
@@ -74,32 +74,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    from bench.bench_web import ensure_database
-
     started = time.monotonic()
-    var_dir = ROOT / "var" / "bench" / "sweep"
-    var_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **environment(args, var_dir)}
-    os.environ.update(environment(args, var_dir))
-    ensure_database(args.database_url, drop=True)
-    import django
-
-    django.setup()
-    import django_rq
-    from django.contrib.auth import get_user_model
-    from django.core.management import call_command
-    from rest_framework.test import APIClient
-
-    from training.local_models import resolve_model_path
-
-    call_command("migrate", verbosity=0)
-    resolve_model_path("local:tiny-llama")
-    for name in ("gpu", "cpu"):
-        django_rq.get_queue(name).empty()
-    django_rq.get_connection("cpu").flushdb()
-    user, _ = get_user_model().objects.get_or_create(username="bench-sweep")
-    client = APIClient()
-    client.force_authenticate(user)
+    env, client = served_bench(args, "sweep", "local:tiny-llama")
     gpu_env = {**env, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     cpu_env = {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     print(f"bench 8, sweep: 4 trials (grid), parallel 2, local:tiny-llama; gpu workers train on {args.threads} CPU thread(s) each", flush=True)

@@ -254,27 +254,27 @@ def iter_batches(examples: Sequence[Example], *, batch_size: int, seed: int, epo
         yield [examples[i] for i in indices]
 
 
-def split_validation(rows: Sequence[dict], *, fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train rows, validation rows): a seeded shuffle, `fraction` of the rows held out, disjoint by position.
+def _seeded_split(rows: Sequence[dict], *, fraction: float, seed: int, salt: str) -> tuple[list[dict], list[dict]]:
+    """(kept rows, held-out rows): a seeded shuffle, `fraction` of the rows held out, disjoint by position.
 
     At least one row is held out when fraction > 0 and there are two rows or more; order within each part is kept.
+    The salt gives each split its own shuffle.
     """
     if fraction <= 0 or len(rows) < 2:
         return list(rows), []
     count = min(len(rows) - 1, max(1, round(len(rows) * fraction)))
     order = list(range(len(rows)))
-    random.Random(f"validation-split:{seed}").shuffle(order)
+    random.Random(f"{salt}:{seed}").shuffle(order)
     held = set(order[:count])
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def split_validation(rows: Sequence[dict], *, fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train rows, validation rows), held out for the validation loss."""
+    return _seeded_split(rows, fraction=fraction, seed=seed, salt="validation-split")
 
 
 def split_selection(rows: Sequence[dict], *, fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """(train rows, selection rows): like split_validation, with a shuffle of its own, so the rows chosen to score
     checkpoints by do not depend on the validation split's; disjoint from the rows it leaves for training."""
-    if fraction <= 0 or len(rows) < 2:
-        return list(rows), []
-    count = min(len(rows) - 1, max(1, round(len(rows) * fraction)))
-    order = list(range(len(rows)))
-    random.Random(f"selection-split:{seed}").shuffle(order)
-    held = set(order[:count])
-    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+    return _seeded_split(rows, fraction=fraction, seed=seed, salt="selection-split")
