@@ -22,6 +22,7 @@ from evaluation.steps import generate_step, score_step
 from training.steps import finetune_step
 
 from ..config import PromotionConfig, RunConfig, TrainingConfig
+from ..export import AT_END_STEP, ON_DEMAND_STEP, export_figures, export_step, publish_export, store_export
 from ..models import RunKind, RunStatus, Variant, ordered_variants
 from ..promotion import compare_and_gate, promote_step, register_step
 from ..step_io import (
@@ -85,7 +86,13 @@ def _compare(after: tuple[str, ...]) -> Step:
 
 PROMOTE = Step("promote", CPU, EVALUATING, promote_step, "the registry's alias", after=("compare",), on_lost=RETRY, weight=1)
 
-GRAPH = Graph((FINETUNE, REGISTER, GENERATE, SCORE, _compare(("score", "register")), PROMOTE))
+# Exports (runs/export.py): on request once the run completed, or (config `export`) as the run's last step.
+EXPORT = Step(ON_DEMAND_STEP, GPU, EVALUATING, export_step, "export", publish=publish_export, store=store_export, figures=export_figures,
+              on_demand=True, on_lost=RETRY, weight=0)
+EXPORT_AT_END = Step(AT_END_STEP, GPU, EVALUATING, export_step, "export (config)", publish=publish_export, store=store_export,
+                     figures=export_figures, after=("promote",), on_lost=RETRY, weight=10)
+GRAPH = Graph((FINETUNE, REGISTER, GENERATE, SCORE, _compare(("score", "register")), PROMOTE, EXPORT))
+GRAPH_WITH_EXPORT = Graph((*GRAPH.steps, EXPORT_AT_END))
 # A sweep's trial: its parent registers and promotes the winner only.
 TRIAL_GRAPH = Graph((FINETUNE, GENERATE, SCORE, _compare(("score",))))
 
@@ -96,10 +103,12 @@ class FinetuneKind(Kind):
     config_model = FinetuneConfig
     path = (RunStatus.PENDING, TRAINING, EVALUATING, RunStatus.COMPLETED)
     sections = frozenset({"training", "data_check", "overlap", "playground", "registry"})
-    config_sections = ("name", "kind", "model", "datasets", "training", "evaluation", "promotion")
+    config_sections = ("name", "kind", "model", "datasets", "training", "evaluation", "promotion", "export")
 
     def graph(self, config: Mapping[str, Any], *, has_parent: bool = False) -> Graph:
-        return TRIAL_GRAPH if has_parent else GRAPH
+        if has_parent:
+            return TRIAL_GRAPH
+        return GRAPH_WITH_EXPORT if config.get("export") else GRAPH
 
     def main_variant(self, config: Mapping[str, Any]) -> str:
         return Variant.FINETUNED

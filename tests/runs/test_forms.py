@@ -67,7 +67,7 @@ def non_default(path: str) -> Any:
 def generated_config(kind: str) -> dict[str, Any]:
     config: dict[str, Any] = {"kind": kind}
     for path in schema_leaf_paths():
-        if path == "kind" or (kind != "finetune" and (path.startswith(("training.", "promotion.")) or path == "datasets.train")):
+        if path == "kind" or (kind != "finetune" and (path.startswith(("training.", "promotion.", "export.")) or path == "datasets.train")):
             continue
         if kind == "finetune" and path == "evaluation.answers":
             continue  # a fine-tune scores generated answers only
