@@ -510,12 +510,17 @@ def log_transformers_model(*, tracking_uri: str, run_id: str, folder: Path, exam
     signature = infer_signature([example_prompt], ["an answer"], params=None)
     client = MlflowClient(tracking_uri=tracking_uri)
     run = client.get_run(run_id)
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    # A pipeline of the folder's model and tokenizer (MLflow's local-checkpoint path does not support Transformers 5's task table).
+    generator = pipeline("text-generation", model=AutoModelForCausalLM.from_pretrained(str(folder)),
+                         tokenizer=AutoTokenizer.from_pretrained(str(folder)))
     with _LOG_LOCK, using_tracking_uri(tracking_uri):
         logged = client.create_logged_model(experiment_id=run.info.experiment_id, name=name, source_run_id=run_id,
                                             model_type="merged-lora-transformers")
         info = Model.log(
             artifact_path=None, name=name, flavor=mlflow.transformers, run_id=run_id, model_id=logged.model_id,
-            transformers_model=str(folder), task="text-generation", model_config=inference, signature=signature,
+            transformers_model=generator, task="text-generation", model_config=inference, signature=signature,
             input_example=None, pip_requirements=requirements, model_card=None,
         )
     return info.model_uri
