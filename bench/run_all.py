@@ -31,6 +31,7 @@ BENCHMARKS = {
     "scoring": ["bench/bench_scoring.py"],
     "web": ["bench/bench_web.py"],
     "orchestration": ["bench/bench_orchestration.py"],
+    "export": ["bench/bench_export.py"],
 }
 
 
@@ -100,6 +101,16 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                          "baseline": f"inline {e2e['inline']}", "ratio": p["ratio"], "target": ""})
         rows.append({"benchmark": "5 orchestration", "figure": "enqueue-to-start p50, s", "ours": o["enqueue_to_start_seconds"]["p50"],
                      "baseline": None, "ratio": None, "target": o["targets"]["enqueue_to_start_p50"]})
+    if x := results.get("export"):
+        for part, t in x["timings"].items():
+            rows.append({"benchmark": "7 export", "figure": f"{part} seconds, {x['model']} ({t['bytes'] / 1e6:.0f} MB written)", "ours": t["seconds"],
+                         "baseline": f"disk-bound {t['disk_seconds']} s at {t['disk_mb_s']} MB/s", "ratio": t["ratio_vs_disk"],
+                         "target": "(distance to the disk's limit)"})
+        for c in x["checks"].values():
+            worst = ", ".join(f"{m} {v['delta']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}] {v['verdict']}"
+                              for m, v in c["metrics"].items() if v["ci_low"] is not None and v["verdict"] != "equivalent")
+            rows.append({"benchmark": "7 export", "figure": f"{c['label']}: answers identical to the adapter's", "ours": f"{c['identical']}/{c['rows']}",
+                         "baseline": None, "ratio": c["identical_share"], "target": f"{c['verdict']}" + (f" ({worst})" if worst else "")})
     return rows
 
 
