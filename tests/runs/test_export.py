@@ -186,3 +186,23 @@ def test_a_full_disk_fails_the_export_only_and_leaves_nothing_half_written(tmp_p
     # The disk has room again: the next export works.
     job = wait_for_job(api.post(f"/api/runs/{run.pk}/export/", {"merged": True}, format="json").json()["job"])
     assert job.state == "done" and job.key == "2"
+
+
+def test_another_architecture_gets_no_gguf_with_a_clear_message_and_its_merged_weights_all_the_same(tmp_path, tiny_model, user, api, settings):
+    """A GPT-2 base (a folder under MLOPS_MODEL_PATHS): fine-tuned, then exported with a GGUF asked for."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    base = tmp_path / "models" / "tiny-gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=len(tokenizer), n_positions=512,
+                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    settings.MLOPS_MODEL_PATHS = [str(tmp_path / "models")]
+    run = finetuned(tmp_path, user, {**CONFIG, "name": "export-gpt2", "model": {"base": str(base)}})
+    job = wait_for_job(api.post(f"/api/runs/{run.pk}/export/", {"merged": True, "gguf": "q8_0"}, format="json").json()["job"])
+    assert job.state == "done", job.error
+    export = ModelExport.objects.get(run=run)
+    assert export.gguf_message == "GGUF export is not supported for GPT2LMHeadModel" and export.gguf_file == ""
+    assert [(c.form, c.verdict) for c in export.checks.all()] == [("merged", "equivalent")]
+    assert export.registered_model_version and export.archive_sha256
+    assert api.get(f"/api/runs/{run.pk}/exports/{export.pk}/gguf/").status_code == 404
