@@ -14,7 +14,7 @@ from rest_framework.views import APIView
 
 from .api_schema import RunConfigInputSerializer, config_request_examples
 from .exports import results_csv
-from .models import Job, PipelineRun, PromotionDecision, RunResult, RunStatus, SampleResult, ScoreComparison, Variant
+from .models import Job, ModelExport, PipelineRun, PromotionDecision, RunResult, RunStatus, SampleResult, ScoreComparison, Variant
 from .playground import MAX_CONTEXT_CHARS, MAX_CONTEXTS, MAX_NEW_TOKENS_CAP, MAX_QUESTION_CHARS, MAX_TEMPERATURE
 from .selectors import run_visible_to
 from .services import (
@@ -103,12 +103,13 @@ class RunDetailSerializer(RunListSerializer):
     best_step = serializers.SerializerMethodField()
     selection = serializers.SerializerMethodField()
     sweep = serializers.SerializerMethodField()
+    exports = serializers.SerializerMethodField()
 
     class Meta(RunListSerializer.Meta):
         fields = [
             *RunListSerializer.Meta.fields, "config", "logs", "mlflow_experiment_id",
             "registered_model_name", "registered_model_version", "reproducibility", "heartbeat_at", "owner", "results",
-            "comparisons", "promotion", "attempts", "checkpoint_step", "best_step", "data_check", "jobs", "children", "selection", "sweep",
+            "comparisons", "promotion", "attempts", "checkpoint_step", "best_step", "data_check", "jobs", "children", "selection", "sweep", "exports",
         ]
 
     @extend_schema_field(serializers.JSONField(allow_null=True))
@@ -159,6 +160,13 @@ class RunDetailSerializer(RunListSerializer):
         """The step whose adapter the fine-tune kept (null: the last step's, or not a fine-tune)."""
         return next(((j.output or {}).get("best_step") for j in run.jobs.all() if "best_step" in (j.output or {})), None)
 
+    @extend_schema_field(serializers.ListField(child=serializers.DictField()))
+    def get_exports(self, run: PipelineRun) -> list[dict]:
+        """The run's model exports (runs/export.py): files, sha256s, the registered `.merged` version, and each form's check."""
+        from .export_views import ModelExportOutputSerializer
+
+        return ModelExportOutputSerializer(run.model_exports.all(), many=True).data
+
     @extend_schema_field(PromotionOutputSerializer(allow_null=True))
     def get_promotion(self, run: PipelineRun) -> dict | None:
         """The latest decision about the run's registered version (prefetched, newest last)."""
@@ -179,6 +187,7 @@ def _detail_queryset(user) -> QuerySet[PipelineRun]:
         Prefetch("promotion_decisions", queryset=PromotionDecision.objects.select_related("by").order_by("at", "id")),
         Prefetch("jobs", queryset=Job.objects.order_by("id")),
         Prefetch("children", queryset=PipelineRun.objects.only("pk", "parent_id")),
+        Prefetch("model_exports", queryset=ModelExport.objects.prefetch_related("checks").order_by("created_at", "id")),
     )
 
 

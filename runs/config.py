@@ -325,6 +325,21 @@ class PromotionConfig(Strict):
     min_delta: float = Field(0.0, ge=0.0, le=1000.0)
 
 
+class ExportConfig(Strict):
+    """Export the fine-tuned model as the run's last step (runs/export.py): merged weights and/or a GGUF, each checked."""
+
+    merged: bool = False  # the adapter merged into the base, a Transformers folder registered as <model>.merged
+    gguf: Literal["none", "f16", "q8_0"] = "none"  # a GGUF of the merged weights (Llama family)
+    # The export check's equivalence margin: a mean metric difference within +-margin counts as none (TOST).
+    margin: float = Field(0.01, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _asks_for_something(self) -> ExportConfig:
+        if not self.merged and self.gguf == "none":
+            raise ValueError("export: asks for nothing; set merged: true, gguf: f16 or q8_0, or both (or remove export)")
+        return self
+
+
 class RunConfig(Strict):
     """The whole config schema, every kind's sections (the New run form and the OpenAPI schema read it).
 
@@ -341,6 +356,7 @@ class RunConfig(Strict):
     selection: SelectionConfig | None = None
     sweep: SweepSettings | None = None
     promotion: PromotionConfig | None = None
+    export: ExportConfig | None = None
 
 
 class ConfigError(Exception):

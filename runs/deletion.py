@@ -39,6 +39,12 @@ def run_delete(*, run_id: int, by) -> None:
         if run.registered_model_name:
             for version in tracking.versions_of_run(run.registered_model_name, run.mlflow_run_id):
                 tracking.delete_version(run.registered_model_name, version)
+        if run.config.get("datasets", {}).get("train"):  # a fine-tune's exports: its <model>.merged versions
+            from .export import merged_model_name
+
+            name = merged_model_name(run)
+            for version in tracking.versions_of_run(name, run.mlflow_run_id):
+                tracking.delete_version(name, version)
         tracking.delete_run(run.mlflow_run_id)
     shutil.rmtree(run_dir(run_id), ignore_errors=True)
     run_delete_rows(run_id=run_id)
@@ -51,6 +57,11 @@ def _check_deletable(run: PipelineRun) -> None:
     active = list(PipelineRun.objects.filter(parent_id=run.pk).exclude(status__in=TERMINAL_STATUSES).values_list("pk", flat=True)[:5])
     if active:
         raise RunNotDeletable(f"run {run.pk} still has running children ({', '.join(f'#{pk}' for pk in active)}): cancel them first")
+    from .export import running_export
+
+    exporting = running_export(run)
+    if exporting is not None:
+        raise RunNotDeletable(f"run {run.pk} is exporting ({exporting.label} is {exporting.state}): wait for the export to end, then delete it")
     if run.registered_model_name:
         champion = tracking.champion_version(run.registered_model_name)
         if champion is not None and champion[0] == run.registered_model_version:

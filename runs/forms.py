@@ -112,10 +112,14 @@ FIELDS: tuple[FormField, ...] = (
     FormField("promotion_metric", "promotion.metric", "Promotion metric", "The version becomes champion only if significantly better on it (blank: the first metric)."),
     FormField("promotion_datasets", "promotion.datasets", "Promotion datasets", "all, or eval dataset names separated by commas."),
     FormField("promotion_min_delta", "promotion.min_delta", "Promotion minimum gain"),
+    FormField("export_merged", "export.merged", "Export merged weights",
+              "At the end of the run: the adapter merged into the base, registered as <model>.merged, checked against the adapter."),
+    FormField("export_gguf", "export.gguf", "Export GGUF", "At the end of the run: a GGUF of the merged weights (Llama family), checked too."),
+    FormField("export_margin", "export.margin", "Export check margin", "A mean metric difference within this counts as none (equivalence test)."),
 )
 BY_PATH = {f.path: f for f in FIELDS}
 # Sections that only exist in some configs: the judge when a URL or model is given, training for fine-tunes.
-OPTIONAL_SECTIONS = ("evaluation.judge", "training", "selection", "sweep", "promotion")
+OPTIONAL_SECTIONS = ("evaluation.judge", "training", "selection", "sweep", "promotion", "export")
 # Text fields for "a word or a list of names" config values, with the word.
 LIST_OR_WORD = {"target_modules": "all-linear", "promotion_datasets": "all"}
 # Text fields for "a word or a number" config values: a number when it reads as one (selection every epoch or every N
@@ -270,7 +274,7 @@ class RunForm(forms.Form):
 
     def _by_section(self, *, basic: bool) -> dict[str, list[forms.BoundField]]:
         out: dict[str, list[forms.BoundField]] = {"model": [], "training": [], "evaluation": [], "judge": [], "selection": [], "sweep": [],
-                                                  "promotion": []}
+                                                  "promotion": [], "export": []}
         for spec in FIELDS:
             if spec.basic == basic and spec.name not in SPECIAL_FIELDS:
                 section = "judge" if spec.path.startswith("evaluation.judge.") else spec.path.split(".")[0]
@@ -514,6 +518,9 @@ def to_config(data: dict[str, Any]) -> dict[str, Any]:
         config.pop("selection", None)  # no metric chosen: selection is off
     if not (config.get("sweep") or {}).get("space"):
         config.pop("sweep", None)  # no space: no sweep section (a sweep without one is refused by name)
+    export = config.get("export") or {}
+    if not export.get("merged") and export.get("gguf", "none") == "none":
+        config.pop("export", None)  # nothing asked: no export step
     _drop_sections_of_other_kinds(config)
     return config
 
@@ -525,7 +532,7 @@ def _drop_sections_of_other_kinds(config: dict[str, Any]) -> None:
     spec = KINDS.get(config.get("kind", ""))
     if spec is None:
         return
-    for section in ("training", "selection", "sweep", "promotion", "datasets.train"):
+    for section in ("training", "selection", "sweep", "promotion", "export", "datasets.train"):
         if not spec.config_applies(section, config):
             *parents, leaf = section.split(".")
             node = config

@@ -283,3 +283,72 @@ class PromotionDecision(models.Model):
 
     def __str__(self) -> str:
         return f"{self.model_name}/{self.model_version}: {self.decision}"
+
+
+class ModelExport(models.Model):
+    """An export of a completed fine-tune's model (runs/export.py): the merged weights, a GGUF, and the check of each form.
+
+    Written once, by the export job that made it (in the transaction that finishes
+    the job); the job row says whether an export is queued, running or failed.
+    """
+
+    run = models.ForeignKey(PipelineRun, on_delete=models.CASCADE, related_name="model_exports")
+    job = models.OneToOneField(Job, null=True, blank=True, on_delete=models.SET_NULL, related_name="model_export")
+    label = models.CharField(max_length=100, help_text="The job that made it (export:2).")
+    merged = models.BooleanField(help_text="The merged Transformers folder was asked for (kept, registered, downloadable).")
+    gguf = models.CharField(max_length=8, blank=True, help_text="The GGUF type asked for (f16, q8_0), or blank.")
+    margin = models.FloatField(help_text="The equivalence margin of the check (a metric difference within it counts as none).")
+    folder = models.CharField(max_length=1000, help_text="Where the worker wrote the files (under the run's directory).")
+    merged_dtype = models.CharField(max_length=16, blank=True)
+    merged_bytes = models.BigIntegerField(null=True, blank=True)
+    archive_sha256 = models.CharField(max_length=64, blank=True, help_text="sha256 of the merged folder's download (a tar).")
+    archive_bytes = models.BigIntegerField(null=True, blank=True)
+    gguf_file = models.CharField(max_length=200, blank=True)
+    gguf_sha256 = models.CharField(max_length=64, blank=True)
+    gguf_bytes = models.BigIntegerField(null=True, blank=True)
+    gguf_message = models.TextField(blank=True, help_text="Why no GGUF was written (an architecture without a GGUF writer).")
+    registered_model_name = models.CharField(max_length=300, blank=True)
+    registered_model_version = models.CharField(max_length=32, blank=True)
+    mlflow_model_uri = models.CharField(max_length=500, blank=True, help_text="The logged transformers model (models:/<id>).")
+    verdict = models.CharField(max_length=16, blank=True, help_text="The check's verdict over every form.")
+    figures = models.JSONField(default=dict, blank=True, help_text="Seconds of each part, sizes, tensor types.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.label} of run {self.run_id}"
+
+    @property
+    def registered_model(self) -> str:
+        return f"{self.registered_model_name}/{self.registered_model_version}" if self.registered_model_name else ""
+
+
+class ExportCheck(models.Model):
+    """One exported form (merged, or GGUF) asked the eval questions again: agreement with the adapter, and TOST per metric."""
+
+    export = models.ForeignKey(ModelExport, on_delete=models.CASCADE, related_name="checks")
+    form = models.CharField(max_length=8, help_text="merged or gguf")
+    label = models.CharField(max_length=64, help_text="merged (float32), GGUF q8_0")
+    rows = models.PositiveIntegerField()
+    identical = models.PositiveIntegerField(help_text="Rows whose greedy answer is the adapter's, to the character.")
+    verdict = models.CharField(max_length=16)
+    # [{"dataset", "metric", "n_pairs", "n_excluded", "adapter_mean", "export_mean", "delta", "ci_low", "ci_high",
+    #   "p_value", "margin", "verdict", "method"}]
+    comparisons = models.JSONField(default=list)
+    # [{"dataset", "index", "answer", "scores"}]: every row's answer from this form, in row order.
+    answers = models.JSONField(default=list)
+    seconds = models.FloatField(null=True, blank=True)
+    device = models.CharField(max_length=32, blank=True)
+
+    class Meta:
+        ordering = ["export_id", "id"]
+        constraints = [models.UniqueConstraint(fields=["export", "form"], name="unique_check_per_export_form")]
+
+    def __str__(self) -> str:
+        return f"{self.label}: {self.identical}/{self.rows} identical, {self.verdict}"
+
+    @property
+    def identical_share(self) -> float | None:
+        return self.identical / self.rows if self.rows else None

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import views
+from . import export_views, views
 
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
@@ -16,6 +16,10 @@ urlpatterns = [
     path("runs/<int:pk>/playground/", views.run_playground, name="run-playground"),
     path("runs/<int:pk>/playground/<str:job_id>/", views.run_playground_job, name="run-playground-job"),
     path("runs/<int:pk>/samples.csv", views.run_samples_csv, name="run-samples-csv"),
+    path("runs/<int:pk>/export/", export_views.run_export_view, name="run-export"),
+    path("runs/<int:pk>/exports/", export_views.run_exports_fragment, name="run-exports"),
+    path("runs/<int:pk>/exports/<int:export_id>/<str:form>/differences/", export_views.run_export_differences, name="run-export-differences"),
+    path("runs/<int:pk>/exports/<int:export_id>/download/<str:what>/", export_views.run_export_download, name="run-export-download"),
     path("compare/", views.compare, name="compare"),
     path("registry/", views.registry, name="registry"),
 ]

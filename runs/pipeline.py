@@ -288,6 +288,16 @@ def _after_abandon(run_id: int) -> None:
     status = PipelineRun.objects.values_list("status", flat=True).filter(pk=run_id).first()
     if status in (RunStatus.FAILED, RunStatus.CANCELLED):
         _best_effort(run_id, "delete unrecorded registered versions", lambda: forget_unrecorded_versions(run_id))
+        _best_effort(run_id, "delete unrecorded exports", lambda: _forget_exports(run_id))
+
+
+def _forget_exports(run_id: int) -> None:
+    """A run whose config export (export_at_end) registered, then failed or was cancelled before recording it."""
+    from .export import forget_unrecorded_exports
+
+    run = PipelineRun.objects.get(pk=run_id)
+    if run.mlflow_run_id and (run.config.get("datasets") or {}).get("train"):
+        forget_unrecorded_exports(run)
 
 
 def _cancel_quietly(run_id: int, message: str) -> None:

@@ -29,8 +29,10 @@ from .models import (
     RETRYABLE_STATUSES,
     TERMINAL_STATUSES,
     UNFINISHED_JOB_STATES,
+    ExportCheck,
     Job,
     JobState,
+    ModelExport,
     PipelineRun,
     PromotionDecision,
     RunEvent,
@@ -404,6 +406,18 @@ def job_requeue_lost(*, job_id: int, attempt: int, message: str) -> bool:
 def job_touch_queued(*, job_id: int) -> None:
     """A queued job sent again: it waits from now (the reaper's grace period starts again)."""
     Job.objects.filter(pk=job_id, state=JobState.QUEUED).update(heartbeat_at=timezone.now())
+
+
+# --- exports of a completed fine-tune's model (runs/export.py)
+
+
+def export_record(*, run_id: int, job_id: int, label: str, fields: dict[str, Any], checks: list[dict[str, Any]]) -> ModelExport:
+    """An export and the check of each of its forms, stored once by the job that made them (a retried store replaces them)."""
+    with transaction.atomic():
+        ModelExport.objects.filter(job_id=job_id).delete()
+        export = ModelExport.objects.create(run_id=run_id, job_id=job_id, label=label[:100], **fields)
+        ExportCheck.objects.bulk_create([ExportCheck(export=export, **check) for check in checks])
+    return export
 
 
 # --- deleting a run

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import api
+from . import api, export_views
 
 urlpatterns = [
     path("runs/", api.RunListCreateApi.as_view(), name="api-runs"),
@@ -17,4 +17,6 @@ urlpatterns = [
     path("runs/<int:pk>/demote/", api.RunDemoteApi.as_view(), name="api-run-demote"),
     path("runs/<int:pk>/generate/", api.RunGenerateApi.as_view(), name="api-run-generate"),
     path("runs/<int:pk>/generate/<str:job_id>/", api.RunGenerateJobApi.as_view(), name="api-run-generate-job"),
+    path("runs/<int:pk>/export/", export_views.RunModelExportApi.as_view(), name="api-run-model-export"),
+    path("runs/<int:pk>/exports/<int:export_id>/<str:what>/", export_views.RunModelExportDownloadApi.as_view(), name="api-run-export-download"),
 ]

@@ -16,6 +16,7 @@ from django.views.decorators.http import require_POST
 
 from . import page_data, playground
 from .config import ConfigError
+from .export_views import exports_box
 from .exports import samples_csv
 from .forms import RunForm, YamlConfigForm, default_initial, initial_from_config
 from .kinds import KINDS
@@ -128,6 +129,7 @@ def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
     return render(request, "runs/run_detail.html", {
         "run": run, "links": mlflow_links(run), "promotion": run_promotion(run), "playground": _playground_box(run, request.GET),
         "sections_key": page_data.run_sections_key(run),
+        "exports": exports_box(run),
     })
 
 

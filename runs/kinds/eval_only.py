@@ -36,6 +36,8 @@ class EvalOnlyConfig(RunConfig):
             raise ValueError("selection: applies to kind finetune only (it chooses a checkpoint of the training); remove it for eval_only")
         if self.datasets.train:
             raise ValueError("datasets.train: applies to kind finetune only; remove it for eval_only")
+        if self.export is not None:
+            raise ValueError("export: applies to kind finetune only (it exports the fine-tuned model); remove it for eval_only")
         return self
 
 

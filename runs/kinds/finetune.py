@@ -29,6 +29,7 @@ from evaluation.steps import generate_step, score_checkpoint_step, score_step, s
 from training.steps import finetune_step
 
 from ..config import PromotionConfig, RunConfig, TrainingConfig
+from ..export import AT_END_STEP, ON_DEMAND_STEP, export_figures, export_step, publish_export, store_export
 from ..models import RunKind, RunStatus, Variant, ordered_variants
 from ..promotion import compare_and_gate, promote_step, register_step
 from ..step_io import (
@@ -115,9 +116,16 @@ SCORE = Step("score", CPU, EVALUATING, score_step, "scoring", publish=publish_sc
              after=("generate",), on_lost=RETRY, weight=10)
 PROMOTE = Step("promote", CPU, EVALUATING, promote_step, "the registry's alias", after=("compare",), on_lost=RETRY, weight=1)
 
+# Exports (runs/export.py): on request once the run completed, or (config `export`) as the run's last step.
+EXPORT = Step(ON_DEMAND_STEP, GPU, EVALUATING, export_step, "export", publish=publish_export, store=store_export, figures=export_figures,
+              on_demand=True, on_lost=RETRY, weight=0)
+EXPORT_AT_END = Step(AT_END_STEP, GPU, EVALUATING, export_step, "export (config)", publish=publish_export, store=store_export,
+                     figures=export_figures, after=("promote",), on_lost=RETRY, weight=10)
 
-def _graph(*, selection: bool, trial: bool) -> Graph:
-    """The fine-tune's graph: what generation and registration wait for is the adapter, the chosen one with selection."""
+
+def _graph(*, selection: bool, trial: bool, export: bool) -> Graph:
+    """The fine-tune's graph: what generation and registration wait for is the adapter, the chosen one with selection.
+    A sweep's trial (a child run) leaves registration, promotion and export to its parent."""
     adapter = ("select",) if selection else ("finetune",)
     steps = [FINETUNE, *((SCORE_CHECKPOINT, SELECT) if selection else ())]
     if not trial:
@@ -128,11 +136,12 @@ def _graph(*, selection: bool, trial: bool) -> Graph:
                       publish=publish_comparisons, store=store_comparisons, after=("score",) if trial else ("score", "register"),
                       on_lost=RETRY, weight=1))
     if not trial:
-        steps.append(PROMOTE)
+        steps += [PROMOTE, EXPORT, *((EXPORT_AT_END,) if export else ())]
     return Graph(tuple(steps))
 
 
-GRAPHS = {(selection, trial): _graph(selection=selection, trial=trial) for selection in (False, True) for trial in (False, True)}
+GRAPHS = {(selection, trial, export): _graph(selection=selection, trial=trial, export=export)
+          for selection in (False, True) for trial in (False, True) for export in (False, True)}
 
 
 class FinetuneKind(Kind):
@@ -141,11 +150,10 @@ class FinetuneKind(Kind):
     config_model = FinetuneConfig
     path = (RunStatus.PENDING, TRAINING, EVALUATING, RunStatus.COMPLETED)
     sections = frozenset({"training", "data_check", "overlap", "playground", "registry"})
-    config_sections = ("name", "kind", "model", "datasets", "training", "evaluation", "selection", "promotion")
+    config_sections = ("name", "kind", "model", "datasets", "training", "evaluation", "selection", "promotion", "export")
 
     def graph(self, config: Mapping[str, Any], *, has_parent: bool = False) -> Graph:
-        # A sweep's trial (a child run) leaves registration and promotion to its parent.
-        return GRAPHS[(config.get("selection") is not None, has_parent)]
+        return GRAPHS[(config.get("selection") is not None, has_parent, bool(config.get("export")) and not has_parent)]
 
     def data_check_config(self, config: Mapping[str, Any]) -> dict[str, Any] | None:
         return dict(config)

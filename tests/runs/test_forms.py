@@ -72,7 +72,7 @@ def non_default(path: str) -> Any:
 def generated_config(kind: str) -> dict[str, Any]:
     config: dict[str, Any] = {"kind": kind}
     for path in schema_leaf_paths():
-        if path == "kind" or path.startswith("sweep.") or (kind != "finetune" and (path.startswith(("training.", "selection.", "promotion."))
+        if path == "kind" or path.startswith("sweep.") or (kind != "finetune" and (path.startswith(("training.", "selection.", "promotion.", "export."))
                                                                                      or path == "datasets.train")):
             continue
         if kind == "finetune" and path == "evaluation.answers":

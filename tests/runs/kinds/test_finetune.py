@@ -31,11 +31,16 @@ def test_its_graph_trains_then_registers_beside_generation_and_gates_after_the_c
         ("score", "cpu", "evaluating", ("generate",)),
         ("compare", "cpu", "evaluating", ("score", "register")),
         ("promote", "cpu", "evaluating", ("compare",)),
+        ("export", "gpu", "evaluating", ()),  # on demand (runs/export.py): added by a request, also after completion
     ]
     assert [s.name for s in graph.ready([])] == ["finetune"]
+    assert [s.name for s in graph.steps if s.on_demand] == ["export"]
     assert {s.name: type(s.on_lost).__name__ for s in graph.steps} == {
         "finetune": "ResumeFromCheckpoint", "register": "Retry", "generate": "FailRun", "score": "Retry", "compare": "Retry", "promote": "Retry",
+        "export": "Retry",
     }
+    exporting = KIND.graph(validate_config(finetune_config(export={"merged": True, "gguf": "q8_0"})))
+    assert [(s.name, s.after, s.on_demand) for s in exporting.steps[-2:]] == [("export", (), True), ("export_at_end", ("promote",), False)]
 
 
 def test_a_trial_of_a_sweep_leaves_registration_and_promotion_to_its_parent():

@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('runs', '0004_jobs_parent_decisions_applied'),
+        ('runs', '0005_model_exports'),
     ]
 
     operations = [
