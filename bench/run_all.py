@@ -118,13 +118,13 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                      "ratio": None, "target": w["targets"]["overhead"]})
     if x := results.get("export"):
         for part, t in x["timings"].items():
-            rows.append({"benchmark": "7 export", "figure": f"{part} seconds, {x['model']} ({t['bytes'] / 1e6:.0f} MB written)", "ours": t["seconds"],
+            rows.append({"benchmark": "9 export", "figure": f"{part} seconds, {x['model']} ({t['bytes'] / 1e6:.0f} MB written)", "ours": t["seconds"],
                          "baseline": f"disk-bound {t['disk_seconds']} s at {t['disk_mb_s']} MB/s", "ratio": t["ratio_vs_disk"],
                          "target": "(distance to the disk's limit)"})
         for c in x["checks"].values():
             worst = ", ".join(f"{m} {v['delta']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}] {v['verdict']}"
                               for m, v in c["metrics"].items() if v["ci_low"] is not None and v["verdict"] != "equivalent")
-            rows.append({"benchmark": "7 export", "figure": f"{c['label']}: answers identical to the adapter's", "ours": f"{c['identical']}/{c['rows']}",
+            rows.append({"benchmark": "9 export", "figure": f"{c['label']}: answers identical to the adapter's", "ours": f"{c['identical']}/{c['rows']}",
                          "baseline": None, "ratio": c["identical_share"], "target": f"{c['verdict']}" + (f" ({worst})" if worst else "")})
     return rows
 
