@@ -13,6 +13,9 @@ fresh clone's requirement files are newer than the venv's stamp). The figure is
 wall seconds against the 6-minute budget (ratio = wall / 360; <= 1 meets it),
 with the time between the run's status changes (its events in the clone's
 SQLite database), so where the minutes go is printed beside the total.
+`--selection '{every: 5, rows: 0.1}'` also times `make run` with that checkpoint
+selection in the default config, in a second fresh clone of the same run: the
+figure that says whether selection can be on by default (issue 23).
 """
 
 from __future__ import annotations
@@ -52,43 +55,66 @@ def fresh_clone(target: Path) -> None:
     (target / ".venv").symlink_to(venv)
 
 
+def timed_make_run(clone: Path, selection: str | None = None) -> dict[str, Any]:
+    """`make run` in a fresh clone, timed; with `selection`, the clone's default config gets that `selection:` first."""
+    fresh_clone(clone)
+    if selection:
+        config = clone / "configs" / "finetune_rag_qa.yaml"
+        config.write_text(config.read_text() + f"\nselection: {selection}\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "MLFLOW_TRACKING_URI", "MLOPS_MODELS_DIR")}
+    started = time.monotonic()
+    proc = subprocess.run(["make", "-o", ".venv/.installed", "run"], cwd=clone, env=env, capture_output=True, text=True, check=False)
+    wall = time.monotonic() - started
+    output = proc.stdout + proc.stderr
+    (clone.parent / f"make-run{'-selection' if selection else ''}.log").write_text(output)
+    if proc.returncode != 0:
+        print(output[-4000:])
+        raise SystemExit(f"make run failed (exit {proc.returncode})")
+    trained = next((line.strip() for line in output.splitlines() if "trained " in line and " steps on " in line), None)
+    chosen = next((line.strip() for line in output.splitlines() if line.startswith("the adapter of step")), None)
+    return {"wall_seconds": round(wall, 1), "stages": stage_seconds(clone / "var" / "db.sqlite3"), "training_line": trained,
+            "selection": selection, "selection_line": chosen}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the clone (its var/ holds the run) and print where")
+    parser.add_argument("--selection", default=None, metavar="YAML",
+                        help="also time make run with this `selection:` in the default config (another fresh clone, same run), "
+                             "e.g. '{every: 5, rows: 0.1}'")
     args = parser.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-make-run-"))
-    clone = workdir / "clone"
     try:
-        fresh_clone(clone)
-        env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "MLFLOW_TRACKING_URI", "MLOPS_MODELS_DIR")}
         print(f"bench 6, make run: fresh clone of {subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip()} "
-              f"in {clone}, venv reused, embedded default (SQLite, inline, local MLflow store, model converted on first use)", flush=True)
-        started = time.monotonic()
-        proc = subprocess.run(["make", "-o", ".venv/.installed", "run"], cwd=clone, env=env, capture_output=True, text=True, check=False)
-        wall = time.monotonic() - started
-        output = proc.stdout + proc.stderr
-        (workdir / "make-run.log").write_text(output)
-        if proc.returncode != 0:
-            print(output[-4000:])
-            raise SystemExit(f"make run failed (exit {proc.returncode})")
-        stages = stage_seconds(clone / "var" / "db.sqlite3")
-        trained = next((line.strip() for line in output.splitlines() if "trained " in line and " steps on " in line), None)
+              f"in {workdir}, venv reused, embedded default (SQLite, inline, local MLflow store, model converted on first use)", flush=True)
+        run = timed_make_run(workdir / "clone")
+        wall = run["wall_seconds"]
         report = {
-            "wall_seconds": round(wall, 1), "budget_seconds": BUDGET_SECONDS, "ratio_to_budget": ratio(wall, BUDGET_SECONDS),
-            "stages": stages, "training_line": trained, "cpus": os.cpu_count(),
-            "load_average_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "wall_seconds": wall, "budget_seconds": BUDGET_SECONDS, "ratio_to_budget": ratio(wall, BUDGET_SECONDS),
+            "stages": run["stages"], "training_line": run["training_line"], "cpus": os.cpu_count(),
         }
         report["targets"] = {"wall": verdict(report["ratio_to_budget"], 1.0, at_least=False)}
-        print_table("make run on a fresh clone (venv built, model converted on first use)", [
-            ["make run, wall seconds", report["wall_seconds"], BUDGET_SECONDS, report["ratio_to_budget"], report["targets"]["wall"]],
-        ], ["figure", "ours", "budget", "ratio", "target (<= 1.0)"])
-        print("  where the time went (the run's status changes, from its events):")
-        for name, seconds in stages:
-            print(f"    {seconds:>7.1f}s  {name}")
-        if trained:
-            print(f"  {trained}")
+        rows = [["make run, wall seconds", wall, BUDGET_SECONDS, report["ratio_to_budget"], report["targets"]["wall"]]]
+        if args.selection:
+            print(f"  the same with selection: {args.selection} (another fresh clone)", flush=True)
+            sel = timed_make_run(workdir / "clone-selection", args.selection)
+            report["with_selection"] = {**sel, "ratio_to_budget": ratio(sel["wall_seconds"], BUDGET_SECONDS),
+                                        "ratio_to_without": ratio(sel["wall_seconds"], wall)}
+            report["targets"]["wall_with_selection"] = verdict(report["with_selection"]["ratio_to_budget"], 1.0, at_least=False)
+            rows.append([f"make run with selection {args.selection}", sel["wall_seconds"], BUDGET_SECONDS,
+                         report["with_selection"]["ratio_to_budget"], report["targets"]["wall_with_selection"]])
+        report["load_average_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+        print_table("make run on a fresh clone (venv built, model converted on first use)", rows,
+                    ["figure", "ours", "budget", "ratio", "target (<= 1.0)"])
+        for label, r in [("make run", run)] + ([("with selection", report["with_selection"])] if args.selection else []):
+            print(f"  where the time went, {label} (the run's status changes, from its events):")
+            for name, seconds in r["stages"]:
+                print(f"    {seconds:>7.1f}s  {name}")
+            for line in (r["training_line"], r.get("selection_line")):
+                if line:
+                    print(f"  {line}")
         write_json(args.json, report)
         return report
     finally:
