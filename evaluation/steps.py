@@ -31,12 +31,14 @@ class EvalSet:
 
 @dataclass
 class AnswerSet:
-    """Answers of one model variant to one eval set, in row order."""
+    """Answers of one model variant to one eval set, in row order; `cut_off[i]` when answer i used every
+    new token it was allowed without reaching a stop token (None: not recorded)."""
 
     dataset: str
     variant: str
     rows: list[dict[str, Any]]
     answers: list[str]
+    cut_off: list[bool] | None = None
 
 
 @dataclass
@@ -48,12 +50,14 @@ class Generated:
 
 @dataclass
 class ToScore:
-    """One (eval set, variant) to score: samples with their row indices."""
+    """One (eval set, variant) to score: samples with their row indices (and, where generation recorded it,
+    whether each answer was cut off by the token limit: carried to the scored rows, not scored)."""
 
     dataset: str
     variant: str
     indices: list[int]
     samples: list[Sample]
+    cut_off: list[bool | None] | None = None
 
 
 @dataclass
@@ -63,6 +67,7 @@ class ScoredSet:
     indices: list[int]
     samples: list[Sample]
     scored: ScoredSamples
+    cut_off: list[bool | None] | None = None
 
 
 class GenerateContext(Protocol):
@@ -95,7 +100,7 @@ def generate_step(ctx: GenerateContext) -> Generated:
     from training.local_models import local_model_info, resolve_model_path
     from training.precision import pick_device
 
-    from .generation import adapter_disabled, encode_eval_prompts, generate_answers
+    from .generation import adapter_disabled, encode_eval_prompts, generate_detailed
 
     config = ctx.config
     evaluation = config["evaluation"]
@@ -133,11 +138,13 @@ def generate_step(ctx: GenerateContext) -> Generated:
                     "prompt_format": prompt_format}
         if variant == "base" and "finetuned" in ctx.variants:
             with adapter_disabled(model):
-                answers = generate_answers(model, tokenizer, prompts, **settings)
+                generated = generate_detailed(model, tokenizer, prompts, **settings)
         else:
-            answers = generate_answers(model, tokenizer, prompts, **settings)
-        produced.append(AnswerSet(dataset=eval_set.name, variant=variant, rows=eval_set.rows, answers=answers))
-        ctx.log(f"generated {len(answers)} {variant} answers for {eval_set.name}")
+            generated = generate_detailed(model, tokenizer, prompts, **settings)
+        cut_off = [g.cut_off for g in generated]
+        produced.append(AnswerSet(dataset=eval_set.name, variant=variant, rows=eval_set.rows, answers=[g.text for g in generated], cut_off=cut_off))
+        ctx.log(f"generated {len(generated)} {variant} answers for {eval_set.name}"
+                + (f"; {sum(cut_off)} cut off at {evaluation['max_new_tokens']} new tokens" if any(cut_off) else ""))
     seconds = time.monotonic() - began
     answered = sum(len(a.answers) for a in produced)
     ctx.record_figures({"device": device, "dtype": str(dtype).removeprefix("torch."), "answers": answered,
@@ -162,7 +169,8 @@ def score_step(ctx: ScoreContext) -> list[ScoredSet]:
         ctx.check_cancelled()
         ctx.progress(number / len(groups), f"scoring {group.variant} answers for {group.dataset} ({len(group.samples)} samples)")
         scored = score_samples(group.samples, evaluation["metrics"], judge=judge, judge_api_key=api_key)
-        produced.append(ScoredSet(dataset=group.dataset, variant=group.variant, indices=group.indices, samples=group.samples, scored=scored))
+        produced.append(ScoredSet(dataset=group.dataset, variant=group.variant, indices=group.indices, samples=group.samples, scored=scored,
+                                  cut_off=group.cut_off))
         aggregates = scored.aggregate()
         summary = ", ".join(f"{m}={a['value']:.4f}" if a["value"] is not None else f"{m}=not measured" for m, a in aggregates.items())
         failed = {m: a["failure_reasons"] for m, a in aggregates.items() if a["n_failed"]}

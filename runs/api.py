@@ -363,10 +363,15 @@ class RunCancelApi(_RunActionApi):
 
 class SampleOutputSerializer(serializers.ModelSerializer):
     dataset = serializers.CharField(source="dataset.name", default=None, allow_null=True)
+    cut_off = serializers.BooleanField(
+        allow_null=True, read_only=True,
+        help_text="The answer used all evaluation.max_new_tokens without reaching a stop token: it may end mid-sentence "
+                  "(as base_cut_off/finetuned_cut_off in the playground). null where not recorded: answers from the dataset, runs from before.",
+    )
 
     class Meta:
         model = SampleResult
-        fields = ["index", "variant", "dataset", "question", "contexts", "ground_truth", "answer", "scores", "reasons"]
+        fields = ["index", "variant", "dataset", "question", "contexts", "ground_truth", "answer", "cut_off", "scores", "reasons"]
 
 
 class RunSamplesApi(generics.ListAPIView):

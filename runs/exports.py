@@ -45,24 +45,34 @@ def results_csv(run: PipelineRun) -> str:
     return _text([RESULTS_HEADER, *((run.pk, run.name, *row) for row in run_results_rows(run))])
 
 
+def cut_off_cell(value: bool | None) -> str:
+    """true / false, or empty where generation did not record it (answers from the dataset, runs from before)."""
+    return "" if value is None else str(value).lower()
+
+
 def samples_csv(run: PipelineRun) -> str:
-    """One line per (dataset, row): the question, the ground truth, each variant's answer and scores."""
+    """One line per (dataset, row): the question, the ground truth, each variant's answer and scores, then whether
+    the token limit cut each variant's answer off (last, so the earlier columns keep their places)."""
     samples = run_samples_table(run, dataset=None, sort=None, order="asc")
     metrics, variants = samples["metrics"], samples["variants"]
-    header = ["dataset", "index", "question", "ground_truth", *(f"answer_{v}" for v in variants), *(f"{m}_{v}" for v in variants for m in metrics)]
+    header = ["dataset", "index", "question", "ground_truth", *(f"answer_{v}" for v in variants), *(f"{m}_{v}" for v in variants for m in metrics),
+              *(f"cut_off_{v}" for v in variants)]
     lines: list[Sequence[object]] = [header]
     for row in samples["rows"]:
         cells: list[object] = [row["dataset"], row["index"], row["question"], row["ground_truth"], *(row["answers"].get(v, "") for v in variants)]
         cells += [("" if row["scores"].get(v, {}).get(m) is None else row["scores"][v][m]) for v in variants for m in metrics]
+        cells += [cut_off_cell(row["cut_off"].get(v)) for v in variants]
         lines.append(cells)
     return _text(lines)
 
 
 def write_scored_samples_csv(path: Path, *, samples: Iterable[dict[str, Any]], metrics: Sequence[str]) -> None:
-    """The per-sample artifact logged to MLflow for one (dataset, variant): scores and why a score is missing."""
-    header = ["index", "question", "ground_truth", "answer", *metrics, *(f"{m}_reason" for m in metrics)]
+    """The per-sample artifact logged to MLflow for one (dataset, variant): scores, why a score is missing, and
+    whether the token limit cut the answer off."""
+    header = ["index", "question", "ground_truth", "answer", *metrics, *(f"{m}_reason" for m in metrics), "cut_off"]
     rows = (
-        [s["index"], s["question"], s["ground_truth"], s["answer"], *(s["scores"].get(m) for m in metrics), *(s["reasons"].get(m, "") for m in metrics)]
+        [s["index"], s["question"], s["ground_truth"], s["answer"], *(s["scores"].get(m) for m in metrics), *(s["reasons"].get(m, "") for m in metrics),
+         cut_off_cell(s.get("cut_off"))]
         for s in samples
     )
     with open(path, "w", newline="", encoding="utf-8") as handle:

@@ -211,6 +211,11 @@ class SampleResult(models.Model):
     contexts = models.JSONField(default=list)
     ground_truth = models.TextField(blank=True)
     answer = models.TextField(blank=True)
+    cut_off = models.BooleanField(
+        null=True, blank=True,
+        help_text="The answer used all evaluation.max_new_tokens without reaching a stop token, so it may end mid-sentence; "
+                  "null where not recorded (answers from the dataset, runs from before).",
+    )
     # {metric: value or null}; reasons holds {metric: why} for every null.
     scores = models.JSONField(default=dict)
     reasons = models.JSONField(default=dict, blank=True)

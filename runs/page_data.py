@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from django.conf import settings
-from django.db.models import Case, DurationField, ExpressionWrapper, F, FloatField, Max, Prefetch, Q, Value, When
+from django.db.models import Case, Count, DurationField, ExpressionWrapper, F, FloatField, Max, Prefetch, Q, Value, When
 from django.db.models.fields.json import KeyTextTransform
 from django.db.models.functions import Cast
 from django.urls import reverse
@@ -379,7 +379,9 @@ def sample_rows(
     metrics = list((run.config.get("evaluation") or {}).get("metrics", []))
     if metric not in metrics:
         metric = next((m for m in metrics if m not in MODEL_INDEPENDENT_METRICS), metrics[0] if metrics else "")
-    present = set(samples.values_list("dataset__name", "variant").distinct())
+    counts = list(samples.values("dataset__name", "variant").annotate(
+        recorded=Count("pk", filter=Q(cut_off__isnull=False)), cut=Count("pk", filter=Q(cut_off=True))))
+    present = {(c["dataset__name"], c["variant"]) for c in counts}
     datasets = sorted({name for name, _ in present if name})
     variants = {v for name, v in present if not dataset or name == dataset}
     variant_list = ordered_variants(variants)
@@ -420,16 +422,30 @@ def sample_rows(
         "paired": paired, "main": main, "scored_variant": scored,
         "sorts": SAMPLE_SORTS if paired else {k: v for k, v in SAMPLE_SORTS.items() if k not in ("wins", "losses")},
         "filters": SAMPLE_FILTERS if paired else {"": "all samples", "unmeasured": "not measured"},
+        "max_new_tokens": (run.config.get("evaluation") or {}).get("max_new_tokens"), "cut_offs": cut_off_counts(run, counts),
     }
     if details:
         out["rows"] = sample_details(run, keys, out)
     return out
 
 
+def cut_off_counts(run: PipelineRun, counts: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """{eval dataset: [{"variant", "label", "cut", "of", "max_new_tokens"}]}: how many answers of each variant the token
+    limit cut off, out of those where generation recorded it (none for stored answers or runs from before)."""
+    max_new_tokens = (run.config.get("evaluation") or {}).get("max_new_tokens")
+    out: dict[str, list[dict[str, Any]]] = {}
+    for variant in ordered_variants({c["variant"] for c in counts}):
+        for c in sorted((c for c in counts if c["variant"] == variant and c["recorded"]), key=lambda c: c["dataset__name"] or ""):
+            out.setdefault(c["dataset__name"] or "", []).append(
+                {"variant": variant, "label": VARIANT_LABELS.get(variant, variant), "cut": c["cut"], "of": c["recorded"], "max_new_tokens": max_new_tokens})
+    return out
+
+
 def sample_details(run: PipelineRun, keys, samples: dict[str, Any]) -> list[dict[str, Any]]:
     """The rows of `keys` (some of `samples["rows"]`, from sample_rows) as the page shows them, in one query:
     dataset, index, difference, score, question, contexts, ground truth, and per variant (`columns`, in
-    `samples["variants"]` order) the answer with the ground truth's words marked and its scores."""
+    `samples["variants"]` order) the answer with the ground truth's words marked, its scores, and whether the token
+    limit cut it off (None: not recorded)."""
     rows = [{"dataset": key["dataset__name"] or "", "index": key["index"]} for key in keys]
     by_key = {(row["dataset"], row["index"]): row for row in rows}
     if not by_key:
@@ -447,7 +463,7 @@ def sample_details(run: PipelineRun, keys, samples: dict[str, Any]) -> list[dict
         row.setdefault("ground_truth", sample.ground_truth)
         pieces = highlight(sample.answer, sample.ground_truth)
         row.setdefault("answers", {})[sample.variant] = {
-            "text": sample.answer, "pieces": pieces, "marked": marked_html(pieces),
+            "text": sample.answer, "pieces": pieces, "marked": marked_html(pieces), "cut_off": sample.cut_off,
             "scores": [{"metric": m, "value": (sample.scores or {}).get(m), "reason": (sample.reasons or {}).get(m, "")} for m in metrics],
             "score": (sample.scores or {}).get(metric),
         }

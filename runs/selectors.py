@@ -195,9 +195,10 @@ def run_samples_table(run: PipelineRun, *, dataset: str | None, sort: str | None
         key = (sample.dataset.name if sample.dataset else "", sample.index)
         row = rows.setdefault(key, {
             "dataset": key[0], "index": sample.index, "question": sample.question, "contexts": sample.contexts,
-            "ground_truth": sample.ground_truth, "answers": {}, "scores": {}, "reasons": {},
+            "ground_truth": sample.ground_truth, "answers": {}, "scores": {}, "reasons": {}, "cut_off": {},
         })
         row["answers"][sample.variant] = sample.answer
+        row["cut_off"][sample.variant] = sample.cut_off
         row["scores"][sample.variant] = sample.scores
         row["reasons"][sample.variant] = sample.reasons
         if sample.variant not in variants:

@@ -243,6 +243,7 @@ class StepContext:
                     dataset=eval_set.name, variant=variant, indices=[s.index for s in mine],
                     samples=[Sample(question=s.question, contexts=s.contexts, ground_truth=s.ground_truth, answer=s.answer,
                                     reference_contexts=references[s.index]) for s in mine],
+                    cut_off=[s.cut_off for s in mine],
                 ))
         return groups
 
@@ -498,13 +499,14 @@ def publish_answers(ctx: StepContext, generated: Generated) -> None:
 
 
 def store_answers(ctx: StepContext, generated: Generated) -> None:
-    """The answers as samples of the run; the prompt of the first eval row to the run."""
+    """The answers as samples of the run (each with whether the token limit cut it off); the prompt of the first eval row to the run."""
     datasets = _dataset_ids(ctx.run)
     for answer_set in generated.answer_sets:
+        cut_off = answer_set.cut_off if answer_set.cut_off is not None else [None] * len(answer_set.answers)
         run_record_samples(run_id=ctx.run_id, samples=[
             {"dataset_id": datasets[answer_set.dataset], "variant": answer_set.variant, "index": i, "question": r["question"],
-             "contexts": r["contexts"], "ground_truth": r["ground_truth"], "answer": answer, "scores": {}, "reasons": {}}
-            for i, (r, answer) in enumerate(zip(answer_set.rows, answer_set.answers, strict=True))
+             "contexts": r["contexts"], "ground_truth": r["ground_truth"], "answer": answer, "cut_off": cut, "scores": {}, "reasons": {}}
+            for i, (r, answer, cut) in enumerate(zip(answer_set.rows, answer_set.answers, cut_off, strict=True))
         ])
     _store_base_model_build(ctx, generated.base_model_info)
     if generated.prompt_example:
@@ -528,11 +530,14 @@ def _publish_base_model_build(ctx: StepContext, info: dict[str, Any]) -> None:
 
 
 def _scored_rows(ctx: StepContext, scored_set: ScoredSet) -> list[dict[str, Any]]:
+    """The scored samples as rows of the run; they replace the generated ones, so generation's cut-off flag is carried over."""
     datasets = _dataset_ids(ctx.run)
+    cut_off = scored_set.cut_off if scored_set.cut_off is not None else [None] * len(scored_set.samples)
     return [
         {"dataset_id": datasets[scored_set.dataset], "variant": scored_set.variant, "index": index, "question": s.question,
-         "contexts": s.contexts, "ground_truth": s.ground_truth, "answer": s.answer, "scores": scores, "reasons": reasons}
-        for index, s, scores, reasons in zip(scored_set.indices, scored_set.samples, scored_set.scored.scores, scored_set.scored.reasons, strict=True)
+         "contexts": s.contexts, "ground_truth": s.ground_truth, "answer": s.answer, "cut_off": cut, "scores": scores, "reasons": reasons}
+        for index, s, cut, scores, reasons in zip(scored_set.indices, scored_set.samples, cut_off, scored_set.scored.scores,
+                                                  scored_set.scored.reasons, strict=True)
     ]
 
 

@@ -258,7 +258,8 @@ def store_winner(ctx: StepContext, winner: Winner) -> None:
     samples = SampleResult.objects.filter(run_id=winner.child_id)
     run_record_samples(run_id=ctx.run_id, samples=[
         {"dataset_id": s.dataset_id, "variant": s.variant, "index": s.index, "question": s.question, "contexts": s.contexts,
-         "ground_truth": s.ground_truth, "answer": s.answer, "scores": s.scores, "reasons": s.reasons} for s in samples
+         "ground_truth": s.ground_truth, "answer": s.answer, "cut_off": s.cut_off, "scores": s.scores, "reasons": s.reasons}
+        for s in samples
     ])
     run_record_results(run_id=ctx.run_id, results=[
         {"dataset_id": r.dataset_id, "variant": r.variant, "metric": r.metric, "value": r.value, "n_scored": r.n_scored,

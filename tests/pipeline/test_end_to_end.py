@@ -43,6 +43,7 @@ def test_inline_finetune_run_completes_with_results_samples_and_mlflow(tmp_path,
     assert {(r.variant, r.metric) for r in results} == {(v, m) for v in ("base", "finetuned") for m in SMALL_FINETUNE["evaluation"]["metrics"]}
     assert all(r.n_scored == 4 and r.n_failed == 0 and r.value is not None for r in results)
     assert SampleResult.objects.filter(run=run).count() == 8
+    assert not SampleResult.objects.filter(run=run, cut_off=None).exists()  # generation's cut-off flags outlive scoring
     assert len(run.train_history) == 4 and run.progress == 100
     assert run.reproducibility["datasets"]["rag_qa_train"] and run.reproducibility["seed"] == 7
     assert set(run.reproducibility["libraries"]) >= {"torch", "transformers", "peft", "ragas"}

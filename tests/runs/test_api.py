@@ -253,6 +253,20 @@ def test_samples_and_csv_export(api, user):
     assert rows[1][4].startswith("'=")  # neutralised against formula injection
 
 
+def test_each_sample_says_whether_the_token_limit_cut_its_answer_off_and_the_schema_documents_it(api, user):
+    run = make_run(user, status="completed")
+    dataset = Dataset.objects.get(name="ragas_eval")
+    for index, cut_off in enumerate([True, False, None]):  # None: not recorded (a run from before)
+        SampleResult.objects.create(run=run, dataset=dataset, variant="finetuned", index=index, question="q", contexts=["c"],
+                                    ground_truth="g", answer="an answer that goes on and", cut_off=cut_off)
+    samples = api.get(f"/api/runs/{run.pk}/samples/").json()["results"]
+    assert [s["cut_off"] for s in samples] == [True, False, None]
+    schema = api.get("/api/schema/", HTTP_ACCEPT="application/json").json()
+    field = schema["components"]["schemas"]["SampleOutput"]["properties"]["cut_off"]
+    assert field["type"] == "boolean" and field["nullable"] is True and field["readOnly"] is True
+    assert "max_new_tokens" in field["description"] and "null where not recorded" in field["description"]
+
+
 def test_schema_and_docs_are_served_to_users(api):
     schema = api.get("/api/schema/")
     assert schema.status_code == 200

@@ -45,3 +45,44 @@ def test_each_training_step_records_tokens_time_and_device_for_the_live_page_and
     ctx.record_figures({"peak_rss_bytes": 3 * 2**30, "rss_growth_bytes": 2**30})  # what the engine's pulse measured
     stats = run_live_stats(run.__class__.objects.get(pk=run.pk))
     assert stats["peak_memory_bytes"] == 3 * 2**30 and "resident memory while the training job ran" in stats["peak_memory_basis"]
+
+
+def test_whether_the_token_limit_cut_an_answer_off_is_stored_and_kept_when_scored_and_copied_to_a_sweep(user):
+    from types import SimpleNamespace
+
+    from datasets_app.models import Dataset
+    from evaluation.scoring import ScoredSamples
+    from evaluation.steps import AnswerSet, Generated, ScoredSet
+    from runs.models import SampleResult
+    from runs.step_io import store_answers, store_scores
+    from runs.sweeps import Winner, store_winner
+
+    run = make_run(user, status="evaluating")
+    run.eval_datasets.set([Dataset.objects.get(name="ragas_eval")])
+    ctx = step_context(run, "generate")
+    rows = ctx.eval_sets()[0].rows  # max_samples 3
+    store_answers(ctx, Generated(answer_sets=[
+        AnswerSet(dataset="ragas_eval", variant="finetuned", rows=rows, answers=["a", "b", "c"], cut_off=[True, False, True]),
+        AnswerSet(dataset="ragas_eval", variant="base", rows=rows, answers=["x", "y", "z"]),  # not recorded
+    ], prompt_example="", base_model_info={}))
+
+    def stored(of=run) -> dict[str, list[bool | None]]:
+        return {v: list(SampleResult.objects.filter(run=of, variant=v).order_by("index").values_list("cut_off", flat=True))
+                for v in ("finetuned", "base")}
+
+    assert stored() == {"finetuned": [True, False, True], "base": [None, None, None]}
+
+    scoring = step_context(run, "score")
+    groups = scoring.to_score()
+    assert {g.variant: g.cut_off for g in groups} == {"finetuned": [True, False, True], "base": [None, None, None]}
+    store_scores(scoring, [
+        ScoredSet(dataset=g.dataset, variant=g.variant, indices=g.indices, samples=g.samples, cut_off=g.cut_off,
+                  scored=ScoredSamples(scores=[{"rouge_score": 0.5}] * 3, reasons=[{}] * 3, metrics=["rouge_score"]))
+        for g in groups
+    ])
+    assert stored() == {"finetuned": [True, False, True], "base": [None, None, None]}
+    assert SampleResult.objects.get(run=run, variant="finetuned", index=0).scores == {"rouge_score": 0.5}
+
+    sweep = make_run(user, status="evaluating")
+    store_winner(SimpleNamespace(run_id=sweep.pk, output=None), Winner(child_id=run.pk, trial=0, params={}, score={}, reason="", trials=[]))
+    assert stored(sweep) == stored()

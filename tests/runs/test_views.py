@@ -22,7 +22,8 @@ def logged_in(client, user):
     return client
 
 
-def scored_run(owner, *, kind="finetune", status="completed"):
+def scored_run(owner, *, kind="finetune", status="completed", cut_off: dict[str, list[bool | None]] | None = None):
+    """Two samples per variant, scored; `cut_off`: {variant: [per sample]} where the token limit cut answers off (default: not recorded)."""
     run = make_run(owner, kind=kind, status=status)
     dataset = Dataset.objects.get(name="ragas_eval")
     run.eval_datasets.set([dataset])
@@ -34,7 +35,7 @@ def scored_run(owner, *, kind="finetune", status="completed"):
             SampleResult.objects.create(
                 run=run, dataset=dataset, variant=variant, index=index, question=f"question {index}", contexts=["ctx"],
                 ground_truth="truth", answer=f"=answer {variant} {index}", scores={"rouge_score": 0.1 * index + offset, "exact_match": None},
-                reasons={"exact_match": "timeout"},
+                reasons={"exact_match": "timeout"}, cut_off=(cut_off or {}).get(variant, [None, None])[index],
             )
     return run
 
@@ -170,8 +171,23 @@ def test_results_page_shows_difference_unmeasured_reasons_and_samples(logged_in,
     assert "+0.2000" in page and "delta-pos" not in page and "delta-neg" not in page
     assert "not measured" in page and "timeout ×2" in page
     assert "question 1" in page and "results-chart-data" in page
+    assert 'class="cut-off"' not in page  # the run did not record whether an answer was cut off: nothing said
     worst = logged_in.get(f"/runs/{run.pk}/results/?sort=rouge_score:finetuned&order=asc&worst=1").content.decode()
     assert "question 0" in worst and "question 1" not in worst
+
+
+def test_results_page_marks_each_answer_the_token_limit_cut_off_and_counts_them_per_variant(logged_in, user):
+    run = scored_run(user, cut_off={"finetuned": [False, True], "base": [True, True]})
+    page = logged_in.get(f"/runs/{run.pk}/results/").content.decode()
+    summary = page[page.index('id="cut-off-summary-ragas_eval"'):]
+    summary = summary[:summary.index("</p>")]
+    assert "1 of 2 fine-tuned answers cut off at 8 tokens; 2 of 2 base model answers cut off at 8 tokens." in summary
+    assert 'title="A cut-off answer used all evaluation.max_new_tokens new tokens without reaching a stop token' in summary
+    marks = [piece.split("</p>")[0] for piece in page.split('<p class="cut-off" title="It used all 8 new tokens')[1:]]
+    assert len(marks) == 3 and all(m.endswith("Cut off: it used all 8 new tokens without finishing.") for m in marks)
+    sample_0 = page[page.index('id="sample-ragas_eval-0"'):page.index('id="sample-ragas_eval-1"')]
+    assert sample_0.count('class="cut-off"') == 1  # its base answer, not its fine-tuned one
+    assert sample_0.index('class="cut-off"') > sample_0.index('<div class="answer base">')
 
 
 def csv_rows(response) -> list[list[str]]:
@@ -181,17 +197,18 @@ def csv_rows(response) -> list[list[str]]:
 
 
 def test_samples_csv_has_every_column_and_row_neutralised(logged_in, user):
-    run = scored_run(user)
+    run = scored_run(user, cut_off={"finetuned": [False, True]})
     response = logged_in.get(f"/runs/{run.pk}/samples.csv")
     assert response["Content-Disposition"] == f'attachment; filename="run-{run.pk}-samples.csv"'
     rows = csv_rows(response)
     assert len(rows) == 1 + 2  # the header, then one line per (dataset, index) with both variants side by side
     assert rows == [
         ["dataset", "index", "question", "ground_truth", "answer_finetuned", "answer_base",
-         "rouge_score_finetuned", "exact_match_finetuned", "rouge_score_base", "exact_match_base"],
+         "rouge_score_finetuned", "exact_match_finetuned", "rouge_score_base", "exact_match_base", "cut_off_finetuned", "cut_off_base"],
         # exact_match was not measured on any sample: empty cells, never 0. Answers starting with = are neutralised.
-        ["ragas_eval", "0", "question 0", "truth", "'=answer finetuned 0", "'=answer base 0", "0.2", "", "0.0", ""],
-        ["ragas_eval", "1", "question 1", "truth", "'=answer finetuned 1", "'=answer base 1", str(0.1 + 0.2), "", "0.1", ""],
+        # Whether the token limit cut an answer off: true or false, empty where not recorded.
+        ["ragas_eval", "0", "question 0", "truth", "'=answer finetuned 0", "'=answer base 0", "0.2", "", "0.0", "", "false", ""],
+        ["ragas_eval", "1", "question 1", "truth", "'=answer finetuned 1", "'=answer base 1", str(0.1 + 0.2), "", "0.1", "", "true", ""],
     ]
 
 
