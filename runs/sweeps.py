@@ -118,13 +118,27 @@ def study_name(run: PipelineRun) -> str:
     return f"sweep-{run.pk}-{run.created_at:%Y%m%d%H%M%S%f}"
 
 
-def open_study(run: PipelineRun):
+def preload_study_storage() -> None:
+    """Import Optuna and what its RDB storage loads on first use (SQLAlchemy, Alembic, the PostgreSQL dialect), by
+    opening a throwaway in-memory SQLite study storage: a worker calls this before it forks its jobs, which then
+    open the sweep's study in about 0.15 s instead of 1.3 s (measured). No connection to a real database is made."""
+    import optuna
+    import sqlalchemy.dialects.postgresql.psycopg  # noqa: F401 - the dialect served mode's storage URL names
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.storages.RDBStorage("sqlite://").engine.dispose()
+
+
+def open_study(run: PipelineRun, *, create: bool = False):
+    """The sweep's study. Only the plan step (`create`) creates Optuna's tables and checks their version; the
+    bookkeeping jobs after it open the study as it is."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sweep = run.config["sweep"]
     engine_kwargs = {"connect_args": {"timeout": 30}} if storage_url().startswith("sqlite") else {"pool_pre_ping": True}
-    storage = optuna.storages.RDBStorage(storage_url(), engine_kwargs=engine_kwargs)
+    storage = optuna.storages.RDBStorage(storage_url(), engine_kwargs=engine_kwargs,
+                                         skip_table_creation=not create, skip_compatibility_check=not create)
     study = optuna.create_study(study_name=study_name(run), storage=storage, direction="maximize", load_if_exists=True)
     # Each job opens the study afresh: a sampler seeded alike every time would draw the same point again, so the
     # seed moves on with the trials asked so far (the sequence stays reproducible from sweep.seed).
@@ -186,7 +200,7 @@ def _tell(study, number: int, value: float | None) -> None:
 
 def plan_step(ctx: StepContext) -> dict[str, Any]:
     """The study, and the first `parallel` trials."""
-    study = open_study(ctx.run)
+    study = open_study(ctx.run, create=True)
     first = min(ctx.config["sweep"]["parallel"], total_trials(ctx.config))
     started = [child for child in (_start_trial(ctx, study) for _ in range(first)) if child is not None]
     return {"study": study.study_name, "started": started, "trials": total_trials(ctx.config)}

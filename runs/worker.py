@@ -37,6 +37,9 @@ def preload() -> float:
     from evaluation.metrics import metric_classes
 
     metric_classes()  # the ragas metric classes (their modules import lazily)
+    from .sweeps import preload_study_storage
+
+    preload_study_storage()  # a sweep's bookkeeping jobs open its Optuna study: 1.3 s per forked job otherwise
     import torch
 
     if torch.cuda.is_initialized():  # pragma: no cover - a guard, never expected
