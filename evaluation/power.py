@@ -34,8 +34,8 @@ def minimal_detectable_difference(*, n: int, sd: float | None, alpha: float = AL
         return None
     if sd == 0:
         return 0.0
-    effect = TTestPower().solve_power(effect_size=None, nobs=n, alpha=alpha, power=power, alternative="two-sided")
-    return float(effect) * sd
+    effect = float(TTestPower().solve_power(effect_size=None, nobs=n, alpha=alpha, power=power, alternative="two-sided"))
+    return effect * sd if math.isfinite(effect) else None
 
 
 def rows_needed(*, target: float, sd: float | None, alpha: float = ALPHA, power: float = POWER) -> int | None:
@@ -44,8 +44,14 @@ def rows_needed(*, target: float, sd: float | None, alpha: float = ALPHA, power:
 
     if sd is None or sd == 0 or target <= 0:
         return None
-    n = TTestPower().solve_power(effect_size=target / sd, nobs=None, alpha=alpha, power=power, alternative="two-sided")
-    return math.ceil(float(n))
+    test = TTestPower()
+    smallest = float(test.power(effect_size=target / sd, nobs=2, alpha=alpha, alternative="two-sided"))
+    if math.isnan(smallest) or smallest >= power:
+        # The differences hardly vary: two pairs already see the target (the noncentral t overflows to NaN only
+        # for such huge effects), and the solver finds no root below that.
+        return 2
+    n = float(test.solve_power(effect_size=target / sd, nobs=None, alpha=alpha, power=power, alternative="two-sided"))
+    return math.ceil(n) if math.isfinite(n) else None
 
 
 def power_report(*, n: int, sd: float | None, targets: Sequence[float] = (0.01, 0.02, 0.05)) -> dict[str, Any]:
