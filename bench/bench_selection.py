@@ -33,6 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import ROOT, print_table, ratio, verdict, write_json  # noqa: E402
+from bench.bench_orchestration import _environment as environment  # noqa: E402
 from bench.bench_orchestration import start_worker, stop, wait_for_workers  # noqa: E402
 
 DEFAULT_DB = "postgres://postgres@127.0.0.1:5432/mlops_bench_sel"
@@ -50,17 +51,6 @@ def config(model: str, *, selection: bool, steps: int, every: int) -> dict[str, 
     if selection:
         out["selection"] = {"metric": "rouge_score", "every": every, "patience": None, "rows": 0.1, "max_rows": 16}
     return out
-
-
-def environment(args: argparse.Namespace, var_dir: Path) -> dict[str, str]:
-    return {
-        "DJANGO_SETTINGS_MODULE": "mlops_site.settings", "DATABASE_URL": args.database_url, "REDIS_URL": args.redis_url,
-        "MLOPS_VAR_DIR": str(var_dir), "MLOPS_MODELS_DIR": str(ROOT / "var" / "models"),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{var_dir / 'mlflow.db'}", "MLFLOW_ARTIFACT_ROOT": (var_dir / "mlartifacts").as_uri(),
-        "SECRET_KEY": "bench-only-secret-key-not-used-anywhere-else-0123456789", "ALLOWED_HOSTS": "testserver,127.0.0.1",
-        "LOG_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAGAS_DO_NOT_TRACK": "true",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
 
 
 def start_mlflow_server(var_dir: Path) -> tuple[subprocess.Popen, str]:
