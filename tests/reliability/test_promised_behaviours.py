@@ -106,8 +106,9 @@ def test_run_pipeline_enqueue_wait_completes_the_shipped_eval_only_config_on_wor
 @pytest.mark.parametrize("name", ["finetune_rag_qa.yaml", "multi_dataset.yaml"])
 def test_run_pipeline_enqueue_wait_completes_the_shipped_finetune_configs_on_workers(workers, redis_url, tiny_model, smollm2_model, name):
     config = ROOT / "configs" / name
-    # The shipped file as it is, only shorter: a few steps and answers (`make run` runs it whole).
-    result = enqueue_and_wait(config, redis_url, workers, 2300, "training.max_steps=3", "evaluation.max_samples=4")
+    # The shipped file as it is, only shorter: a few steps, answers and tokens (`make run` runs it whole).
+    result = enqueue_and_wait(config, redis_url, workers, 2300, "training.max_steps=3", "evaluation.max_samples=4",
+                              "evaluation.max_new_tokens=16")
     assert_completed_with_every_metric(config, result.stdout)
 
 
