@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -65,18 +64,9 @@ def start_mlflow_server(var_dir: Path) -> tuple[subprocess.Popen, str]:
          "--artifacts-destination", str(var_dir / "mlflow-artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         stdout=log, stderr=subprocess.STDOUT, cwd=var_dir, start_new_session=True,
     )
-    atexit.register(stop_process, server)
+    atexit.register(stop, server)
     wait_for_port(port, timeout=120)
     return server, f"http://127.0.0.1:{port}"
-
-
-def stop_process(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
 
 
 def served_bench(args: argparse.Namespace, name: str, model: str) -> tuple[dict[str, str], Any]:
